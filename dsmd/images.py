@@ -1,0 +1,84 @@
+"""Opening images safely: corrupt, truncated, non-image files and decompression bombs.
+
+Every stage opens images through `open_image`, so a bad file means the same thing
+everywhere: a `BadImage` with a reason, which long jobs count in a `SkipReport` and go on.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+# Images larger than this are refused before they are decoded (a 20k x 20k PNG is 1.2 GB of RGB).
+MAX_PIXELS = 64_000_000
+
+
+class BadImage(ValueError):
+    """An image that cannot be used; the message says why."""
+
+
+def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode an image file or bytes into an RGB PIL image, EXIF orientation applied.
+
+    GIFs and other animations give their first frame.
+
+    Raises:
+        BadImage: unreadable, truncated, not an image, or more than `max_pixels` pixels.
+    """
+    name = "upload" if isinstance(source, bytes) else str(source)
+    try:
+        fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+    except OSError as e:
+        raise BadImage(f"{name}: cannot read ({e.strerror})") from None
+    with fp:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(fp)
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise BadImage(f"{name}: {w}x{h} pixels is over the limit of {max_pixels:,}")
+                img.seek(0)
+                img.load()
+        except BadImage:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise BadImage(f"{name}: refused as a decompression bomb ({e})") from None
+        except Image.UnidentifiedImageError:
+            raise BadImage(f"{name}: not an image file") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise BadImage(f"{name}: corrupt or truncated image ({e})") from None
+        img = ImageOps.exif_transpose(img)
+        return img.convert("RGB")
+
+
+@dataclass
+class SkipReport:
+    """Images skipped by a long job, with the reason for each; safe to share across threads."""
+
+    skipped: dict[str, str] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, key: str, reason: str) -> None:
+        with self._lock:
+            self.skipped[key] = reason
+
+    def __len__(self) -> int:
+        return len(self.skipped)
+
+    def summary(self, n: int = 5) -> str:
+        if not self.skipped:
+            return "no images skipped"
+        lines = [f"{len(self.skipped)} images skipped:"]
+        lines += [f"  {reason}" for reason in list(self.skipped.values())[:n]]
+        if len(self.skipped) > n:
+            lines.append(f"  … and {len(self.skipped) - n} more")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"count": len(self.skipped), "skipped": self.skipped}
