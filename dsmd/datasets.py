@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsmd.artifacts import sha256_json
+from dsmd.errors import UserError
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"restval": "train", "dev": "val", "validation": "val"}
 _SHOW = 5  # how many examples of each problem a message lists
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A data set that cannot be used; the message lists every problem found."""
 
 

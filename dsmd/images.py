@@ -54,7 +54,17 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Imag
         except (OSError, SyntaxError, ValueError) as e:
             raise BadImage(f"{name}: corrupt or truncated image ({e})") from None
         img = ImageOps.exif_transpose(img)
-        return img.convert("RGB")
+        return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, with transparent pixels laid on white (as Hugging Face's processors do),
+    not on whatever colour they happen to store."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 @dataclass

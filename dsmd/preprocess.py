@@ -61,7 +61,8 @@ def resize_image(img: Image.Image, cfg: PreprocessCfg) -> Image.Image:
         return img.resize((cfg.size, cfg.size), resample)
     w, h = img.size
     scale = cfg.size / min(w, h)
-    nw, nh = max(cfg.size, round(w * scale)), max(cfg.size, round(h * scale))
+    # int() (floor) as Hugging Face's and torchvision's resizers do, so CLIP inputs match exactly
+    nw, nh = max(cfg.size, int(w * scale)), max(cfg.size, int(h * scale))
     img = img.resize((nw, nh), resample)
     left, top = (nw - cfg.size) // 2, (nh - cfg.size) // 2
     return img.crop((left, top, left + cfg.size, top + cfg.size))

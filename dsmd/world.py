@@ -42,12 +42,12 @@ COLOURS = {  # canonical name -> (RGB, synonyms)
     "white": ((245, 245, 245), ["white"]),
     "black": ((25, 25, 25), ["black", "dark"]),
 }
-SIZES = {"small": (0.11, ["small", "little", "tiny"]), "large": (0.19, ["large", "big"])}
+SIZES = {"small": (0.09, ["small", "little", "tiny"]), "large": (0.16, ["large", "big"])}
 ROW_WORDS = ["top", "middle", "bottom"]
 COL_WORDS = ["left", "centre", "right"]
 STOPWORDS = {"a", "an", "the", "and", "is", "there", "of", "to", "in", "on", "at", "with", "that", "sits",
              "picture", "image", "shows", "we", "see", "one", "shape", "shapes", "two", "three", "objects",
-             "it", "its", "which", "corner", "side", "next", "also", "plus", "sign", "has", "are", "some"}
+             "it", "its", "which", "corner", "side", "next", "also", "has", "are", "some"}
 SPLIT_SIZES = {"train": 8000, "val": 500, "test": 1000}
 CAPTIONS_PER_IMAGE = 5
 
@@ -127,9 +127,9 @@ def render(scene: list[Obj], size: int, rng: np.random.Generator) -> Image.Image
     """Draw a scene on a noisy background, with jitter in place, size and colour."""
     scale = 4  # draw large, then downsample: smooth edges at small sizes
     big = size * scale
-    base = rng.integers(90, 170, size=3)
-    bg = np.clip(base + rng.normal(0, 10, size=(big, big, 3)), 0, 255).astype(np.uint8)
-    img = Image.fromarray(bg, "RGB")
+    grey = rng.integers(95, 165)
+    tint = tuple(int(grey + t) for t in rng.integers(-12, 13, size=3))  # low-saturation backgrounds
+    img = Image.new("RGB", (big, big), tint)
     draw = ImageDraw.Draw(img)
     cell = big / 3
     for o in scene:
@@ -139,7 +139,9 @@ def render(scene: list[Obj], size: int, rng: np.random.Generator) -> Image.Image
         cx = (o.col + 0.5) * cell + rng.uniform(-0.12, 0.12) * cell
         cy = (o.row + 0.5) * cell + rng.uniform(-0.12, 0.12) * cell
         _draw_shape(draw, o.shape, cx, cy, r, rgb, rng.uniform(-0.25, 0.25))
-    return img.resize((size, size), Image.Resampling.BOX)
+    small = np.asarray(img.resize((size, size), Image.Resampling.BOX), dtype=np.float32)
+    noisy = np.clip(small + rng.normal(0, 6, size=small.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(noisy, "RGB")
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, rgb, rot: float) -> None:
@@ -260,7 +262,7 @@ def _one_caption(scene: list[Obj], rng: np.random.Generator) -> str:
         core = f"the picture shows a {_noun(a, rng, ws)} {rel} a {_noun(b, rng, ws)}"
     if len(scene) == 3:
         c = scene[order[2]]
-        tail = _pick(rng, ["and a", "plus a", "with a", "; also a"])
+        tail = _pick(rng, ["and a", "with a", "; also a", "next to a"])
         core = f"{core} {tail} {_noun(c, rng, ws)} {_place(c, rng)}"
     return core
 
@@ -275,7 +277,7 @@ _SYNONYM.update({"middle": "centre", "over": "above", "under": "below", "beneath
 
 def bag_of_words(text: str) -> list[str]:
     """Canonical content words of a caption: synonyms merged, stop-words dropped."""
-    words = re.findall(r"[a-z]+", text.lower())
+    words = re.findall(r"[a-z]+", text.lower().replace("plus sign", "cross"))
     return [_SYNONYM.get(w, w) for w in words if w not in STOPWORDS]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from distill.teachers.base import Teacher
+from dsmd.errors import UserError
 
 _KINDS = {
     "demo": "the demo world's small dual encoder: a folder written by `dsmd train-teacher`",
@@ -44,4 +45,4 @@ def load_teacher(kind: str, path: str | Path, device: str = "cpu", **options) ->
         from distill.teachers.hf import HFTeacher
 
         return HFTeacher.load(path, kind=kind, device=device)
-    raise ValueError(f"unknown teacher kind {kind!r}; choose one of: {', '.join(_KINDS)}")
+    raise UserError(f"unknown teacher kind {kind!r}; choose one of: {', '.join(_KINDS)}")

@@ -1,0 +1,54 @@
+# The commands people type. Each target installs what it needs into .venv on first use.
+# Artifacts are cached: a second `make demo` only redoes what is missing.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+
+WORLD    := data/world
+TEACHER  := artifacts/teacher
+FEATURES := artifacts/features
+
+.PHONY: help install test demo world teacher features recall clean
+
+help:
+	@echo "make demo   - generate the demo world, train its teacher, extract features, print recall"
+	@echo "make test   - run the test suite"
+	@echo "make clean  - remove generated data and artifacts (keeps .venv)"
+	@echo "Everything else: $(BIN)/dsmd --help"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[test]'
+	# BEiT-3's reference implementation, for the parity tests only; its own pins are too old for --deps.
+	$(BIN)/pip install -q --no-deps torchscale==0.3.0 fairscale==0.4.0
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+$(WORLD)/dataset_world.json: | $(STAMP)
+	$(BIN)/dsmd generate --out $(WORLD)
+
+$(TEACHER)/manifest.json: $(WORLD)/dataset_world.json | $(STAMP)
+	$(BIN)/dsmd train-teacher --data $(WORLD) --out $(TEACHER)
+
+# A finished store older than the teacher is stale: remove it. An unfinished one resumes.
+$(FEATURES)/manifest.json: $(TEACHER)/manifest.json | $(STAMP)
+	if [ -f $@ ]; then rm -rf $(FEATURES); fi
+	$(BIN)/dsmd features --teacher demo --teacher-path $(TEACHER) --data $(WORLD) --out $(FEATURES)
+
+world: $(WORLD)/dataset_world.json
+teacher: $(TEACHER)/manifest.json
+features: $(FEATURES)/manifest.json
+
+recall: $(FEATURES)/manifest.json
+	$(BIN)/dsmd recall $(FEATURES) --split test
+
+demo: recall
+
+clean:
+	rm -rf data artifacts

@@ -1,0 +1,183 @@
+"""The `dsmd` command: one sub-command per step of the pipeline.
+
+    dsmd generate        write the demo world (a captioned-image data set, Karpathy format)
+    dsmd check-data      validate a data set and print its splits
+    dsmd teachers        list the teacher kinds and what path each takes
+    dsmd train-teacher   train the demo teacher on the demo world
+    dsmd features        run a teacher over a data set into a feature store (resumable)
+    dsmd recall          the recall table of a feature store's split
+
+Heavy libraries (torch) are imported inside the commands that need them, so `dsmd --help`
+and the torch-free commands start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _generate(a: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from dsmd.world import generate
+
+    sizes = {"train": a.train, "val": a.val, "test": a.test}
+    with tqdm(total=sum(sizes.values()), desc="generate", unit="img") as bar:
+        path = generate(a.out, seed=a.seed, image_size=a.image_size, split_sizes=sizes, progress=bar.update)
+    print(f"wrote {path} ({sizes['train']} train / {sizes['val']} val / {sizes['test']} test images, 5 captions each)")
+    return 0
+
+
+def _check_data(a: argparse.Namespace) -> int:
+    from dsmd.datasets import load_dataset
+
+    ds = load_dataset(a.data, images=a.images)
+    print(f"{ds.name}: {ds.source} (images under {ds.meta['image_root']})")
+    for split, c in ds.counts().items():
+        print(f"  {split:5s}  {c['images']:7d} images  {c['captions']:8d} captions")
+    print(f"  fingerprint {ds.fingerprint()[:16]}")
+    return 0
+
+
+def _teachers(a: argparse.Namespace) -> int:
+    from distill.teachers import list_teachers
+
+    for kind, what in list_teachers().items():
+        print(f"  {kind:7s} {what}")
+    return 0
+
+
+def _train_teacher(a: argparse.Namespace) -> int:
+    from distill.train_teacher import TeacherTrainCfg, is_trained, train_teacher
+
+    if is_trained(a.out) and not a.force:
+        print(f"{a.out} already holds a trained demo teacher (use --force to train again)")
+        return 0
+    cfg = TeacherTrainCfg(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, bf16=not a.no_bf16)
+    r = train_teacher(a.data, a.out, cfg)
+    print(f"saved the demo teacher to {a.out}: val RSUM {r.rsum:.1f}")
+    return 0
+
+
+def _features(a: argparse.Namespace) -> int:
+    import torch
+
+    from distill.features import extract
+    from distill.teachers import load_teacher
+    from dsmd.datasets import load_dataset
+
+    device = a.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        import os
+
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    options = {"tokenizer": a.tokenizer} if a.tokenizer else {}
+    teacher = load_teacher(a.teacher, a.teacher_path, device=device, **options)
+    ds = load_dataset(a.data, images=a.images)
+    precision = a.precision if a.precision != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
+    manifest = extract(teacher, ds, a.out, splits=a.splits, chunk=a.batch_size, workers=a.workers,
+                       precision=precision)
+    for split, c in manifest["splits"].items():
+        extra = f", {c['skipped_images']} unreadable images skipped" if c["skipped_images"] else ""
+        print(f"  {split:5s} {c['images']:7d} images {c['captions']:8d} captions{extra}")
+    print(f"feature store ready: {a.out} ({teacher.name}, dim {teacher.dim})")
+    return 0
+
+
+def _recall(a: argparse.Namespace) -> int:
+    from distill.features import FeatureStore
+    from dsmd.artifacts import write_json
+    from dsmd.retrieval import evaluate, format_table
+
+    store = FeatureStore(a.store)
+    f = store.split(a.split)
+    r = evaluate(f.image_emb, f.caption_emb, f.caption_image)
+    name = store.manifest["teacher"]["name"]
+    print(f"{store.manifest['dataset']['name']} {a.split}: {r.n_images} images, {r.n_captions} captions")
+    print(format_table({name: r}))
+    print(f"median rank: image→text {r.i2t_medr:g}, text→image {r.t2i_medr:g}")
+    out = Path(a.json) if a.json else store.path / f"recall_{a.split}.json"
+    write_json(out, {"task": "zeroshot_retrieval", "model": name, "dataset": store.manifest["dataset"]["name"],
+                     "split": a.split, "metrics": r.to_json()["clip_benchmark"], "dsmd": r.to_json()})
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dsmd",
+        description="Distil a big image-text model into a small one and search images with it. "
+        "Start with `make demo`, which runs these steps on the generated demo world.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    g = sub.add_parser("generate", help="write the demo world (captioned images, Karpathy format)")
+    g.add_argument("--out", default="data/world", help="output folder (default: data/world)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--image-size", type=int, default=64, help="image side in pixels (default: 64)")
+    g.add_argument("--train", type=int, default=8000, help="train images (even: scenes come in pairs)")
+    g.add_argument("--val", type=int, default=500)
+    g.add_argument("--test", type=int, default=1000)
+    g.set_defaults(run=_generate)
+
+    c = sub.add_parser("check-data", help="validate a data set (Karpathy JSON or JSONL) and print its splits")
+    c.add_argument("data", help="dataset_*.json, a .jsonl file, or a folder holding one")
+    c.add_argument("--images", help="image root (default: beside the annotation file)")
+    c.set_defaults(run=_check_data)
+
+    t = sub.add_parser("teachers", help="list the teacher kinds and what path each takes")
+    t.set_defaults(run=_teachers)
+
+    tt = sub.add_parser("train-teacher", help="train the demo teacher on the demo world")
+    tt.add_argument("--data", default="data/world", help="data set (default: data/world)")
+    tt.add_argument("--out", default="artifacts/teacher", help="output folder (default: artifacts/teacher)")
+    tt.add_argument("--epochs", type=int, default=20)
+    tt.add_argument("--batch-size", type=int, default=128)
+    tt.add_argument("--lr", type=float, default=2e-3)
+    tt.add_argument("--seed", type=int, default=0)
+    tt.add_argument("--no-bf16", action="store_true", help="train in fp32 even where the CPU has bf16")
+    tt.add_argument("--force", action="store_true", help="train again even if --out holds a teacher")
+    tt.set_defaults(run=_train_teacher)
+
+    f = sub.add_parser("features", help="run a teacher over a data set into a feature store (resumable; torchrun shards it)")
+    f.add_argument("--teacher", default="demo", help="teacher kind: demo, beit3, clip, siglip (see `dsmd teachers`)")
+    f.add_argument("--teacher-path", default="artifacts/teacher", help="checkpoint file or folder of the teacher")
+    f.add_argument("--tokenizer", help="beit3 only: the sentencepiece model (default: beit3.spm beside the .pth)")
+    f.add_argument("--data", default="data/world", help="data set (default: data/world)")
+    f.add_argument("--images", help="image root (default: beside the annotation file)")
+    f.add_argument("--out", default="artifacts/features", help="store folder (default: artifacts/features)")
+    f.add_argument("--splits", nargs="+", choices=["train", "val", "test"], help="default: every non-empty split")
+    f.add_argument("--batch-size", type=int, default=64, help="items per chunk (the unit of resume)")
+    f.add_argument("--workers", type=int, default=2, help="image-decoding processes")
+    f.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    f.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast for the teacher (auto: fp16 on GPU as BEiT-3's own evaluation, fp32 on CPU)")
+    f.set_defaults(run=_features)
+
+    r = sub.add_parser("recall", help="print the recall table of a feature store's split")
+    r.add_argument("store", nargs="?", default="artifacts/features", help="feature store (default: artifacts/features)")
+    r.add_argument("--split", default="test")
+    r.add_argument("--json", help="where to write the metrics JSON (default: STORE/recall_SPLIT.json)")
+    r.set_defaults(run=_recall)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dsmd.errors import UserError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (UserError, FileNotFoundError) as e:
+        # Problems with the user's input: say what is wrong, without a traceback.
+        print(f"dsmd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

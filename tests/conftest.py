@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny demo world and a tiny demo teacher, made once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # keep test output readable
+
+TINY_SPLITS = {"train": 96, "val": 24, "test": 24}
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Path:
+    """A 144-image demo world (folder holding dataset_world.json and images/)."""
+    from dsmd.world import generate
+
+    out = tmp_path_factory.mktemp("world")
+    generate(out, seed=7, image_size=32, split_sizes=TINY_SPLITS)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tiny_world, tmp_path_factory) -> Path:
+    """A demo teacher trained for a few steps on the tiny world (quality is not the point)."""
+    from distill.train_teacher import TeacherTrainCfg, train_teacher
+
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = TeacherTrainCfg(epochs=2, batch_size=32, warmup_steps=2, eval_every=1, threads=1)
+    train_teacher(tiny_world, out, cfg, model_cfg={"image_size": 32, "channels": (8, 16), "image_hidden": 32,
+                                                    "text_width": 32, "text_layers": 1, "dim": 16})
+    return out
