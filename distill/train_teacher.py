@@ -32,7 +32,7 @@ from dsmd.retrieval import Recall, evaluate
 class TeacherTrainCfg:
     """Settings of `dsmd train-teacher` (saved in the teacher's manifest)."""
 
-    epochs: int = 30
+    epochs: int = 20
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -102,8 +102,8 @@ def train_teacher(data: str | Path, out: str | Path, cfg: TeacherTrainCfg | None
         print(skips.summary())
 
     model = demo.DemoDualEncoder(mcfg).train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     blocks = len(train) // 2

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dsmd.errors import UserError
+
 SHAPES = {  # canonical name -> synonyms used in captions
     "circle": ["circle", "disc", "dot"],
     "square": ["square", "box", "block"],
@@ -326,7 +328,7 @@ def generate(
     """
     sizes = dict(split_sizes or SPLIT_SIZES)
     if any(n % 2 for n in sizes.values()):
-        raise ValueError(f"split sizes must be even (scenes come in sibling pairs): {sizes}")
+        raise UserError(f"split sizes must be even (scenes come in sibling pairs): {sizes}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     images, sent_id, img_id = [], 0, 0

@@ -30,5 +30,5 @@ def tiny_teacher(tiny_world, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("teacher")
     cfg = TeacherTrainCfg(epochs=2, batch_size=32, warmup_steps=2, eval_every=1, threads=1)
     train_teacher(tiny_world, out, cfg, model_cfg={"image_size": 32, "channels": (8, 16), "image_hidden": 32,
-                                                    "text_width": 32, "text_layers": 1, "dim": 16})
+                                                    "text_width": 32, "text_dilations": (1, 2), "dim": 16})
     return out

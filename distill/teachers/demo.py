@@ -38,9 +38,8 @@ class DemoTeacherConfig:
     channels: tuple[int, ...] = (32, 64, 128)  # CNN widths at strides 2, 4, 8
     blocks_per_stage: int = 2
     image_hidden: int = 512
-    text_width: int = 128
-    text_layers: int = 2
-    text_heads: int = 4
+    text_width: int = 256
+    text_dilations: tuple[int, ...] = (1, 2, 4)
     max_tokens: int = 40
     preprocess: dict = field(default_factory=dict)
 
@@ -73,21 +72,34 @@ class ImageTower(nn.Module):
 
 
 class TextTower(nn.Module):
+    """Dilated 1-D convolutions over word embeddings, then max- and mean-pooling.
+
+    Convolutions see words in order, so "red circle" and "blue square" become features of
+    their own. Measured on the demo world: with the same budget, a 2-layer Transformer read
+    at [CLS] (and a BiGRU) still embedded "a red circle left of a blue square" and "a blue
+    circle left of a red square" at cosine 0.998; this tower learnt the binding in ~300 steps.
+    Dilations 1, 2, 4 give a 15-word receptive field, enough for "A left of B".
+    """
+
     def __init__(self, cfg: DemoTeacherConfig):
         super().__init__()
-        self.tok = nn.Embedding(cfg.vocab_size, cfg.text_width)
-        self.pos = nn.Parameter(torch.randn(cfg.max_tokens, cfg.text_width) * 0.02)
-        layer = nn.TransformerEncoderLayer(cfg.text_width, cfg.text_heads, 4 * cfg.text_width, dropout=0.0,
-                                           activation="gelu", batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(cfg.text_width)
-        self.proj = nn.Linear(cfg.text_width, cfg.dim)
+        w = cfg.text_width
+        self.tok = nn.Embedding(cfg.vocab_size, w, padding_idx=0)
+        self.convs = nn.ModuleList(nn.Conv1d(w, w, 3, padding=d, dilation=d) for d in cfg.text_dilations)
+        self.norms = nn.ModuleList(nn.LayerNorm(w) for _ in cfg.text_dilations)
+        self.proj = nn.Linear(2 * w, cfg.dim)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ids, mask: (B, T); mask is 1 for real tokens (Hugging Face convention)."""
-        x = self.tok(ids) + self.pos[: ids.shape[1]]
-        x = self.encoder(x, src_key_padding_mask=mask == 0)
-        return self.proj(self.norm(x[:, 0]))
+        m = mask.unsqueeze(-1).to(self.tok.weight.dtype)
+        x = self.tok(ids) * m
+        for conv, norm in zip(self.convs, self.norms):
+            # padded positions stay exactly zero, so an embedding does not depend on how much
+            # padding its batch has (export and serving encode one text at a time)
+            x = x + torch.relu(conv((norm(x) * m).transpose(1, 2))).transpose(1, 2) * m
+        top = x.masked_fill(m == 0, -1e4).max(dim=1).values
+        mean = (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
+        return self.proj(torch.cat([top, mean], dim=-1))
 
 
 class DemoDualEncoder(nn.Module):
@@ -158,7 +170,8 @@ def load(folder: Path, device: str | torch.device = "cpu") -> tuple[DemoDualEnco
                 f"{folder} is not a demo teacher: {name} is missing (train one with `dsmd train-teacher`)"
             )
     raw = json.loads((folder / "config.json").read_text())
-    cfg = DemoTeacherConfig(**{**raw, "channels": tuple(raw["channels"])})
+    cfg = DemoTeacherConfig(**{**raw, "channels": tuple(raw["channels"]),
+                               "text_dilations": tuple(raw["text_dilations"])})
     model = DemoDualEncoder(cfg)
     state = load_file(str(folder / "model.safetensors"))
     result = model.load_state_dict(state, strict=False)

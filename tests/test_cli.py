@@ -1,0 +1,46 @@
+"""The command line: help a newcomer can follow, clear errors, exit codes."""
+
+import subprocess
+import sys
+
+import pytest
+
+from dsmd.cli import build_parser, main
+
+
+def test_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "dsmd.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for cmd in ("generate", "check-data", "teachers", "train-teacher", "features", "recall"):
+        assert cmd in out
+    assert "make demo" in out
+
+
+def test_each_command_has_help():
+    parser = build_parser()
+    for cmd in ("generate", "check-data", "teachers", "train-teacher", "features", "recall"):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args([cmd, "--help"])
+        assert e.value.code == 0
+
+
+def test_generate_and_check_data(tmp_path, capsys):
+    assert main(["generate", "--out", str(tmp_path / "w"), "--train", "4", "--val", "2", "--test", "2",
+                 "--image-size", "16"]) == 0
+    assert main(["check-data", str(tmp_path / "w")]) == 0
+    out = capsys.readouterr().out
+    assert "train        4 images" in out and "fingerprint" in out
+
+
+def test_user_errors_are_one_line_not_a_traceback(tmp_path, capsys):
+    assert main(["check-data", str(tmp_path / "missing.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsmd check-data: error:") and "does not exist" in err and "Traceback" not in err
+    assert main(["recall", str(tmp_path)]) == 2
+    assert "not a complete feature store" in capsys.readouterr().err
+    assert main(["features", "--teacher", "demo", "--teacher-path", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_odd_split_sizes_are_refused(tmp_path, capsys):
+    assert main(["generate", "--out", str(tmp_path / "w"), "--train", "3"]) == 2
+    assert "even" in capsys.readouterr().err
