@@ -18,10 +18,11 @@ help:
 	@echo "make clean  - remove generated data and artifacts (keeps .venv)"
 	@echo "Everything else: $(BIN)/dsmd --help"
 
+# torchscale/fairscale: BEiT-3's reference implementation, for the parity tests only; their own
+# pins are too old to install with dependencies.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[test]'
-	# BEiT-3's reference implementation, for the parity tests only; its own pins are too old for --deps.
 	$(BIN)/pip install -q --no-deps torchscale==0.3.0 fairscale==0.4.0
 	rm -f $(VENV)/.installed-* && touch $@
 

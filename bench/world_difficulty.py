@@ -21,17 +21,33 @@ from dsmd.retrieval import Recall, evaluate, format_table
 from dsmd.world import bow_scores
 
 
-def bow_recall(data: Path, split: str) -> Recall:
+def world_images(data: Path, split: str) -> list[dict]:
     path = data / "dataset_world.json" if data.is_dir() else data
-    images = [im for im in json.loads(path.read_text())["images"] if im["split"] == split]
+    return [im for im in json.loads(path.read_text())["images"] if im["split"] == split]
+
+
+def sibling_accuracy(scores: np.ndarray, owner: np.ndarray, image_ids: np.ndarray, pair: dict[int, int]) -> float:
+    """Share of captions that score their own image above its sibling (0.5 = cannot bind)."""
+    row = {int(i): r for r, i in enumerate(image_ids)}
+    by_pair: dict[int, list[int]] = {}
+    for i in image_ids:
+        by_pair.setdefault(pair[int(i)], []).append(int(i))
+    sib = np.array([row[next(j for j in by_pair[pair[int(image_ids[o])]] if j != int(image_ids[o]))] for o in owner])
+    idx = np.arange(len(owner))
+    return float((scores[idx, owner] > scores[idx, sib]).mean())
+
+
+def bow_recall(images: list[dict]) -> tuple[Recall, float]:
     captions = [s["raw"] for im in images for s in im["sentences"]]
     owner = np.array([i for i, im in enumerate(images) for _ in im["sentences"]])
     scores = bow_scores(captions, [im["scene"] for im in images]).astype(np.float32)
     # Bags tie often; our protocol counts ties against the query, which would understate the
     # baseline. Break ties at random instead (a fair guess among equals), seeded.
     scores += np.random.default_rng(0).uniform(0, 1e-4, scores.shape).astype(np.float32)
+    ids = np.array([im["imgid"] for im in images])
+    pair = {im["imgid"]: im["pair"] for im in images}
     # evaluate() scores with dot products: one-hot "image embeddings" pick the BoW score columns
-    return evaluate(np.eye(len(images), dtype=np.float32), scores, owner)
+    return evaluate(np.eye(len(images), dtype=np.float32), scores, owner), sibling_accuracy(scores, owner, ids, pair)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,14 +56,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--features", type=Path, help="a feature store of the world (adds the teacher's row)")
     p.add_argument("--split", default="test")
     a = p.parse_args(argv)
-    rows = {"bag of words (oracle objects, unbound)": bow_recall(a.data, a.split)}
+    images = world_images(a.data, a.split)
+    bow, bow_sib = bow_recall(images)
+    rows, sib = {"bag of words (oracle objects, unbound)": bow}, {"bag of words (oracle objects, unbound)": bow_sib}
     if a.features:
         from distill.features import FeatureStore
 
         store = FeatureStore(a.features)
         f = store.split(a.split)
-        rows[f"teacher ({store.manifest['teacher']['name']})"] = evaluate(f.image_emb, f.caption_emb, f.caption_image)
+        name = f"teacher ({store.manifest['teacher']['name']})"
+        rows[name] = evaluate(f.image_emb, f.caption_emb, f.caption_image)
+        scores = f.caption_emb.astype(np.float32) @ f.image_emb.astype(np.float32).T
+        sib[name] = sibling_accuracy(scores, f.caption_image, f.image_ids, {im["imgid"]: im["pair"] for im in images})
     print(format_table(rows))
+    print("\nsibling-pair accuracy (caption scores its own image above its sibling; 0.5 = no binding):")
+    for name, acc in sib.items():
+        print(f"  {name}: {acc:.3f}")
 
 
 if __name__ == "__main__":

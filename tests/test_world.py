@@ -59,3 +59,13 @@ def test_bag_of_words_cannot_tell_siblings_apart(tiny_world):
     assert r.t2i[5] > 60
     assert r.t2i[1] < 65
     assert scene_words(test[0]["scene"])  # words an unbound detector would report
+
+
+def test_world_difficulty_bench_runs_on_a_small_world(tiny_world):
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "bench"))
+    from world_difficulty import bow_recall, world_images
+
+    recall, sibling = bow_recall(world_images(tiny_world, "test"))
+    assert recall.n_images == 24 and 0.3 < sibling < 0.8

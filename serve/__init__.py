@@ -1,0 +1,4 @@
+"""serve: the HTTP search server and its web page, without torch.
+
+Not built yet (issue 6).
+"""
