@@ -46,6 +46,27 @@ class StoreMismatch(UserError):
     """The store folder holds features of another teacher or data set."""
 
 
+class IdIndex:
+    """Rows of ids, by binary search over the ids sorted once (training looks up every batch)."""
+
+    def __init__(self, ids: np.ndarray, what: str):
+        self.ids, self.what = np.asarray(ids), what
+        self.order = np.argsort(self.ids, kind="stable")
+        self.sorted = self.ids[self.order]
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of the given ids (KeyError for an id that is not there)."""
+        ids = np.asarray(ids)
+        if len(self.sorted) == 0:
+            raise KeyError(f"no {self.what} ids in the store")
+        pos = np.clip(np.searchsorted(self.sorted, ids), 0, len(self.sorted) - 1)
+        rows = self.order[pos]
+        bad = self.ids[rows] != ids
+        if bad.any():
+            raise KeyError(f"{int(bad.sum())} {self.what} ids are not in the store (first: {ids[bad][:5].tolist()})")
+        return rows
+
+
 @dataclass
 class SplitFeatures:
     """Teacher embeddings of one split; images that failed to decode are left out."""
@@ -56,23 +77,16 @@ class SplitFeatures:
     caption_ids: np.ndarray
     caption_image: np.ndarray  # row in image_emb of each caption's image
 
+    def __post_init__(self):
+        self._images = IdIndex(self.image_ids, "image")
+        self._captions = IdIndex(self.caption_ids, "caption")
+
     def image_rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows of the given image ids (KeyError for an id not in the split)."""
-        return _rows_of(self.image_ids, ids, "image")
+        return self._images.rows(ids)
 
     def caption_rows(self, ids: np.ndarray) -> np.ndarray:
-        return _rows_of(self.caption_ids, ids, "caption")
-
-
-def _rows_of(all_ids: np.ndarray, ids: np.ndarray, what: str) -> np.ndarray:
-    order = np.argsort(all_ids, kind="stable")
-    pos = np.searchsorted(all_ids[order], ids)
-    pos = np.clip(pos, 0, len(order) - 1)
-    rows = order[pos]
-    bad = all_ids[rows] != ids
-    if bad.any():
-        raise KeyError(f"{int(bad.sum())} {what} ids are not in the store (first: {np.asarray(ids)[bad][:5].tolist()})")
-    return rows
+        return self._captions.rows(ids)
 
 
 class FeatureStore:
