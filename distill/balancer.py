@@ -1,0 +1,106 @@
+"""The dynamic self-adaptive loss balancer (METHOD.md §3, Eq. 15-18) and its variants.
+
+Per step, with raw losses L_m:
+  1. magnitude scaling  s_m = max_j L_j / L_m   (detached; see the guard below)
+  2. rate of each loss  r_m = L̄_m(t-1) / L̄_m(t-2), on *smoothed* raw losses. DWA uses epoch
+     means; we smooth per step with an exponential moving average (factor `ema`), so the
+     weights follow the losses within an epoch too.
+  3. weights            w_m = K · softmax(r / T)_m
+  4. objective          L = Σ w_m · s_m · L_m       (weights and scales are constants for autograd)
+
+Guard (METHOD.md §7): with margin 0 the triplet loss can sit at exactly 0, and s_m grows
+without bound (~800x was measured), dragging the student to collapse. The denominator is
+floored at `eps` and the factor capped at `max_scale` (default 100).
+
+Variants (`mode`):
+  dsmd       the paper, as above (default)
+  reference  the released prototype: rates from the already-scaled losses, which are all
+             equal, so the weights stay K/M and only the magnitude scaling acts
+  none       plain sum Σ L_m
+  fixed      Σ w_m L_m with the given `fixed` weights (no scaling)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+MODES = ("dsmd", "reference", "none", "fixed")
+
+
+@dataclass
+class BalancerCfg:
+    mode: str = "dsmd"
+    temperature: float = 1.0  # T
+    total: float | None = None  # K, the sum of the weights; None = number of losses
+    ema: float = 0.9  # smoothing of the raw losses for the rates
+    max_scale: float = 100.0  # cap on the magnitude-scaling factor
+    eps: float = 1e-8  # floor on a loss in the scaling denominator
+    fixed: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"balancer mode must be one of {MODES}, not {self.mode!r}")
+
+
+class Balancer:
+    """Combines named losses into one objective and reports the weights it used."""
+
+    def __init__(self, names: list[str], cfg: BalancerCfg | None = None):
+        self.names = list(names)
+        self.cfg = cfg or BalancerCfg()
+        if self.cfg.mode == "fixed" and set(self.cfg.fixed) != set(self.names):
+            raise ValueError(f"fixed weights must name exactly {self.names}, got {sorted(self.cfg.fixed)}")
+        self.smoothed: list[dict[str, float]] = []  # L̄(t-2), L̄(t-1): at most two entries
+
+    def __call__(self, losses: dict[str, torch.Tensor],
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The weighted objective and, per loss, the effective factor w_m · s_m it was given.
+
+        `reduce` (e.g. an all-reduce mean across ranks) makes every rank compute the same weights.
+        """
+        values = torch.stack([losses[n].detach().float() for n in self.names])
+        if reduce is not None:
+            values = reduce(values)
+        raw = dict(zip(self.names, values.tolist()))
+        mode = self.cfg.mode
+        if mode == "none":
+            factors = {n: 1.0 for n in self.names}
+        elif mode == "fixed":
+            factors = dict(self.cfg.fixed)
+        else:
+            scales = self._scales(raw)
+            tracked = raw if mode == "dsmd" else {n: scales[n] * raw[n] for n in self.names}
+            weights = self._weights(tracked)
+            factors = {n: weights[n] * scales[n] for n in self.names}
+        total = sum(factors[n] * losses[n] for n in self.names)
+        return total, factors
+
+    def _scales(self, raw: dict[str, float]) -> dict[str, float]:
+        top = max(raw.values())
+        return {n: min(self.cfg.max_scale, top / max(v, self.cfg.eps)) for n, v in raw.items()}
+
+    def _weights(self, tracked: dict[str, float]) -> dict[str, float]:
+        """Softmax of the loss rates; updates the smoothed history with this step's values."""
+        if len(self.smoothed) == 2:
+            older, newer = self.smoothed
+            rates = {n: newer[n] / max(older[n], self.cfg.eps) for n in self.names}
+        else:
+            rates = {n: 1.0 for n in self.names}
+        k = self.cfg.total if self.cfg.total is not None else len(self.names)
+        exps = {n: math.exp(rates[n] / self.cfg.temperature) for n in self.names}
+        z = sum(exps.values())
+        weights = {n: k * exps[n] / z for n in self.names}
+        prev = self.smoothed[-1] if self.smoothed else tracked
+        beta = self.cfg.ema
+        self.smoothed = (self.smoothed + [{n: beta * prev[n] + (1 - beta) * tracked[n] for n in self.names}])[-2:]
+        return weights
+
+    def state_dict(self) -> dict:
+        return {"smoothed": [dict(s) for s in self.smoothed]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.smoothed = [dict(s) for s in state["smoothed"]]
