@@ -23,7 +23,9 @@ Under `torchrun`, rank r takes chunks r, r + W, r + 2W, ... of every split.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ from dsmd.artifacts import read_json, read_manifest, versions, write_json
 from dsmd.datasets import SPLITS, Dataset, Item
 from dsmd.errors import UserError
 from dsmd.images import BadImage, open_image
+from dsmd.preprocess import PreprocessCfg, image_to_array
 
 DTYPE = np.float16
 
@@ -141,21 +144,30 @@ def _init_distributed() -> _Dist:
     if world == 1:
         return _Dist()
     if not torch.distributed.is_initialized():
+        if torch.cuda.is_available():  # one GPU per rank: NCCL must not see two ranks on cuda:0
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return _Dist(torch.distributed.get_rank(), world)
 
 
-def _job(teacher: Teacher, ds: Dataset, splits: list[str], chunk: int) -> dict:
+def _job(teacher: Teacher, ds: Dataset, splits: list[str], chunk: int, precision: str) -> dict:
     return {"teacher": teacher.describe(), "dataset": {"name": ds.name, "fingerprint": ds.fingerprint(),
-            "source": str(ds.source)}, "splits": splits, "chunk": chunk, "dtype": np.dtype(DTYPE).name}
+            "source": str(ds.source)}, "splits": splits, "chunk": chunk, "precision": precision,
+            "dtype": np.dtype(DTYPE).name}
 
 
 def _check_same_job(path: Path, job: dict) -> None:
     old = read_json(path / "job.json")
     problems = []
-    if old["teacher"]["checkpoint_hash"] != job["teacher"]["checkpoint_hash"] or old["teacher"]["kind"] != job["teacher"]["kind"]:
+    new = json.loads(json.dumps(job["teacher"]))  # as it would read back from job.json (tuples → lists)
+    # weights, preprocessing, tokenizer: everything that shapes the embeddings but the display name
+    same_teacher = {k: v for k, v in old["teacher"].items() if k != "name"} == {
+        k: v for k, v in new.items() if k != "name"}
+    if not same_teacher:
         problems.append(f"teacher {old['teacher']['name']} ({old['teacher']['checkpoint_hash'][:12]}) "
                         f"vs {job['teacher']['name']} ({job['teacher']['checkpoint_hash'][:12]})")
+    if old.get("precision") != job["precision"]:
+        problems.append(f"precision {old.get('precision')} vs {job['precision']}")
     if old["dataset"]["fingerprint"] != job["dataset"]["fingerprint"]:
         problems.append(f"data set {old['dataset']['name']} ({old['dataset']['fingerprint'][:12]}) "
                         f"vs {job['dataset']['name']} ({job['dataset']['fingerprint'][:12]})")
@@ -184,11 +196,14 @@ def _create_split(d: Path, items: list[Item], dim: int, chunk: int) -> None:
 
 
 class _ImageChunks(torch.utils.data.Dataset):
-    """Decodes and preprocesses one chunk of images per item, in loader workers."""
+    """Decodes and preprocesses one chunk of images per item, in loader workers.
 
-    def __init__(self, teacher: Teacher, items: list[Item], chunks: list[int], chunk: int):
-        self.transform, self.items, self.chunks, self.chunk = teacher.transform, items, chunks, chunk
-        self.shape = (3, teacher.preprocess.size, teacher.preprocess.size)
+    Holds the preprocessing spec, not the teacher, so that spawned workers do not receive
+    a copy of the model."""
+
+    def __init__(self, preprocess: PreprocessCfg, items: list[Item], chunks: list[int], chunk: int):
+        self.preprocess, self.items, self.chunks, self.chunk = preprocess, items, chunks, chunk
+        self.shape = (3, preprocess.size, preprocess.size)
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -201,7 +216,7 @@ class _ImageChunks(torch.utils.data.Dataset):
         errors = []
         for i, it in enumerate(items):
             try:
-                pixels[i] = self.transform(open_image(it.path))
+                pixels[i] = image_to_array(open_image(it.path), self.preprocess)
             except BadImage as e:
                 ok[i] = False
                 errors.append(str(e))
@@ -223,35 +238,35 @@ def extract(
     """
     out = Path(out)
     splits = splits or [s for s in SPLITS if ds.split(s)]
-    job = _job(teacher, ds, splits, chunk)
+    job = _job(teacher, ds, splits, chunk, precision)
     dist = _init_distributed()
     if (out / "job.json").exists():
-        _check_same_job(out, job)
+        _check_same_job(out, job)  # on every rank, so that no rank waits for one that failed
+    elif out.exists() and any(out.iterdir()):
+        raise StoreMismatch(f"{out} exists and is not a feature store; choose an empty --out folder")
     elif dist.rank == 0:
-        if out.exists() and any(out.iterdir()):
-            raise StoreMismatch(f"{out} exists and is not a feature store; choose an empty --out folder")
-        out.mkdir(parents=True, exist_ok=True)
+        # Allocate beside, then rename into place: a kill here leaves no half-made store.
+        tmp = out.parent / f".{out.name}.allocating"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         for s in splits:
-            _create_split(out / s, ds.split(s), teacher.dim, chunk)
-        write_json(out / "job.json", job)  # written after the arrays: its presence means they exist
+            _create_split(tmp / s, ds.split(s), teacher.dim, chunk)
+        write_json(tmp / "job.json", job)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
     dist.barrier()
     if read_manifest(out) is not None:
         return read_manifest(out)
 
     t0 = time.time()
-    skipped: dict[str, list[str]] = {}
     amp = _autocast(precision, teacher.device)
     for s in splits:
-        items = ds.split(s)
-        skipped[s] = _extract_split(teacher, items, out / s, chunk, workers, dist, amp, s)
+        _extract_split(teacher, ds.split(s), out / s, chunk, workers, dist, amp, s)
     dist.barrier()
-    if dist.world > 1:  # gather the skip lists on rank 0
-        lists = [None] * dist.world
-        torch.distributed.all_gather_object(lists, skipped)
-        skipped = {s: [e for part in lists for e in part[s]] for s in splits}
     manifest = None
     if dist.rank == 0:
-        manifest = _finish(out, job, ds, splits, skipped, time.time() - t0, dist.world)
+        manifest = _finish(out, job, ds, splits, time.time() - t0, dist.world)
     dist.barrier()
     return manifest or read_manifest(out)
 
@@ -263,7 +278,7 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _extract_split(teacher, items, d: Path, chunk, workers, dist: _Dist, amp, split: str) -> list[str]:
+def _extract_split(teacher, items, d: Path, chunk, workers, dist: _Dist, amp, split: str) -> None:
     img_emb = np.load(d / "image_emb.npy", mmap_mode="r+")
     img_ok = np.load(d / "image_ok.npy", mmap_mode="r+")
     img_done = np.load(d / "image_done.npy", mmap_mode="r+")
@@ -271,9 +286,8 @@ def _extract_split(teacher, items, d: Path, chunk, workers, dist: _Dist, amp, sp
     cap_done = np.load(d / "caption_done.npy", mmap_mode="r+")
     mine = lambda done: [c for c in range(len(done)) if c % dist.world == dist.rank and not done[c]]  # noqa: E731
 
-    errors: list[str] = []
     todo = mine(img_done)
-    loader = torch.utils.data.DataLoader(_ImageChunks(teacher, items, todo, chunk), batch_size=None,
+    loader = torch.utils.data.DataLoader(_ImageChunks(teacher.preprocess, items, todo, chunk), batch_size=None,
                                          num_workers=workers if len(todo) > 1 else 0)
     show = dist.rank == 0
     with tqdm(total=len(items), initial=max(0, len(items) - len(todo) * chunk * dist.world), desc=f"{split} images",
@@ -288,9 +302,11 @@ def _extract_split(teacher, items, d: Path, chunk, workers, dist: _Dist, amp, sp
             img_ok[c * chunk:c * chunk + len(ok)] = ok.numpy()
             img_emb.flush()
             img_ok.flush()
+            if errs:  # reasons kept on disk, so a resumed run still reports them
+                with open(d / f"skipped.rank{dist.rank}.jsonl", "a", encoding="utf-8") as f:
+                    f.write("".join(json.dumps({"chunk": int(c), "reason": e}) + "\n" for e in errs))
             img_done[c] = 1  # only after the rows are on disk
             img_done.flush()
-            errors += errs
             bar.update(len(ok) * dist.world)
 
     captions = [t for it in items for t in it.captions]
@@ -306,11 +322,21 @@ def _extract_split(teacher, items, d: Path, chunk, workers, dist: _Dist, amp, sp
             cap_done[c] = 1
             cap_done.flush()
             bar.update(len(texts) * dist.world)
-    return errors
 
 
-def _finish(out: Path, job: dict, ds: Dataset, splits: list[str], skipped: dict, seconds: float, world: int) -> dict:
-    counts = {}
+def _skip_reasons(d: Path) -> list[str]:
+    """Reasons recorded for skipped images, one per chunk and image (a chunk redone after a
+    kill may have written its reasons twice)."""
+    seen: dict[tuple, None] = {}
+    for path in sorted(d.glob("skipped.rank*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            seen[(rec["chunk"], rec["reason"])] = None
+    return [reason for _, reason in sorted(seen)]
+
+
+def _finish(out: Path, job: dict, ds: Dataset, splits: list[str], seconds: float, world: int) -> dict:
+    counts, skipped = {}, {}
     for s in splits:
         d = out / s
         for what in ("image", "caption"):
@@ -320,6 +346,8 @@ def _finish(out: Path, job: dict, ds: Dataset, splits: list[str], skipped: dict,
         ok = np.load(d / "image_ok.npy")
         cap_img = np.load(d / "caption_image.npy")
         counts[s] = {"images": int(ok.sum()), "captions": int(ok[cap_img].sum()), "skipped_images": int((~ok).sum())}
+        if reasons := _skip_reasons(d):
+            skipped[s] = reasons
     manifest = {
         "artifact": "feature-store",
         "teacher": job["teacher"],
@@ -327,7 +355,7 @@ def _finish(out: Path, job: dict, ds: Dataset, splits: list[str], skipped: dict,
         "dtype": job["dtype"],
         "chunk": job["chunk"],
         "splits": counts,
-        "skipped": {s: v for s, v in skipped.items() if v},
+        "skipped": skipped,
         "seconds": round(seconds, 1),
         "world_size": world,
         "versions": versions(),

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from distill.teachers import demo
 from dsmd.artifacts import read_manifest, sha256_file, versions, write_json
 from dsmd.datasets import Dataset, Item, load_dataset
+from dsmd.errors import UserError
 from dsmd.images import BadImage, SkipReport, open_image
 from dsmd.preprocess import PreprocessCfg, image_to_array
 from dsmd.retrieval import Recall, evaluate
@@ -87,9 +88,10 @@ def train_teacher(data: str | Path, out: str | Path, cfg: TeacherTrainCfg | None
     ds: Dataset = load_dataset(data)
     train, val = ds.split("train"), ds.split("val")
     if not train or not val:
-        raise ValueError(f"{ds.source} needs train and val splits to train a teacher (has {ds.counts()})")
+        raise UserError(f"{ds.source} needs train and val splits to train a teacher (has {ds.counts()})")
 
-    tok = demo.build_tokenizer([c for it in train for c in it.captions], max_tokens=40)
+    max_tokens = (model_cfg or {}).get("max_tokens", demo.DemoTeacherConfig.max_tokens)
+    tok = demo.build_tokenizer([c for it in train for c in it.captions], max_tokens=max_tokens)
     mcfg = demo.DemoTeacherConfig(vocab_size=tok.get_vocab_size(), **(model_cfg or {}))
     pre = mcfg.preprocess_cfg()
     mcfg.preprocess = pre.to_json()
@@ -98,6 +100,8 @@ def train_teacher(data: str | Path, out: str | Path, cfg: TeacherTrainCfg | None
     bad = {Path(p) for p in skips.skipped}
     keep = np.array([it.path not in bad for it in train])
     train_px, train = train_px[keep], [it for it, k in zip(train, keep) if k]
+    keep = np.array([it.path not in bad for it in val])
+    val_px, val = val_px[keep], [it for it, k in zip(val, keep) if k]
     if skips:
         print(skips.summary())
 

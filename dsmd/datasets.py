@@ -100,8 +100,8 @@ def load_dataset(path: str | Path, images: str | Path | None = None, check_files
         path = found[0]
     if not path.exists():
         raise DatasetError(f"data set file {path} does not exist")
-    if images is None:
-        images = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
+    if images is None:  # JSONL paths are relative to the file; Karpathy files to images/ when present
+        images = path.parent / "images" if path.suffix != ".jsonl" and (path.parent / "images").is_dir() else path.parent
     root = Path(images)
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist; pass the folder holding the images with --images")
@@ -170,6 +170,11 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _build(rows: list[dict], name: str, source: Path, root: Path, check_files: bool) -> Dataset:
     problems: list[str] = []
+    mistyped = [r["line"] for r in rows if not _well_typed(r)]
+    if mistyped:
+        raise DatasetError(f"data set {source}: {len(mistyped)} entries have fields of the wrong type (entries "
+                           f"{_few(mistyped)}): image must be a string, captions a list of strings, split a "
+                           "string, id an integer")
     no_file = [r["line"] for r in rows if not r["file"]]
     bad_split = Counter(str(r["split"]) for r in rows if _SPLIT_ALIASES.get(r["split"], r["split"]) not in SPLITS)
     no_caps = [r["line"] for r in rows if not r["captions"]]
@@ -228,6 +233,16 @@ def _build(rows: list[dict], name: str, source: Path, root: Path, check_files: b
         for r in rows
     ]
     return Dataset(name=name, source=source, items=items, meta={"image_root": str(root)})
+
+
+def _well_typed(r: dict) -> bool:
+    return (
+        (r["file"] is None or isinstance(r["file"], str))
+        and (r["split"] is None or isinstance(r["split"], str))
+        and isinstance(r["captions"], list)
+        and isinstance(r["id"], (int, str, float)) and not isinstance(r["id"], bool)
+        and all(c is None or isinstance(c, (int, str, float)) for c in r["caption_ids"])
+    )
 
 
 def _few(values: list, n: int = _SHOW) -> str:

@@ -6,8 +6,8 @@
 - R@1/5/10 in percent, RSUM (the sum of the six), and the median rank (1 = first).
 
 Ties count against the query: a positive's rank is 1 + the number of *negatives* scoring at
-least as high as it. A collapsed model whose scores are all equal therefore gets chance
-recall, not 100%, and the result does not depend on the order of the gallery.
+least as high as it. A collapsed model whose scores are all equal therefore gets the worst
+recall (R@1 = 0), not 100%, and the result does not depend on the order of the gallery.
 
 Scores are computed in chunks of queries so that MSCOCO 5K (5,000 x 25,000) and larger fit
 in a bounded amount of memory; nothing here needs torch.

@@ -74,6 +74,15 @@ def test_reads_jsonl(tmp_path):
     assert [it.image_id for it in ds.items] == [0, 1, 2]
 
 
+def test_jsonl_paths_are_relative_to_the_file_and_types_are_checked(tmp_path):
+    _jpeg(tmp_path / "images" / "a.jpg")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "images/a.jpg", "captions": ["x"], "split": "test"}) + "\n")
+    assert load_dataset(tmp_path / "d.jsonl").items[0].path == tmp_path / "images" / "a.jpg"
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "images/a.jpg", "captions": "x", "split": ["test"]}) + "\n")
+    with pytest.raises(DatasetError, match="wrong type"):
+        load_dataset(tmp_path / "d.jsonl")
+
+
 def test_all_problems_reported_in_one_message(tmp_path):
     root = tmp_path / "imgs"
     root.mkdir()

@@ -147,6 +147,13 @@ def test_a_store_never_mixes_teachers_or_data_sets(reference_store, tiny_world, 
     with pytest.raises(StoreMismatch, match="data set"):
         extract(load_teacher("demo", tiny_teacher), load_dataset(world2), store)
 
+    with pytest.raises(StoreMismatch, match="precision"):
+        extract(load_teacher("demo", tiny_teacher), load_dataset(tiny_world), store, precision="bf16")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(StoreMismatch, match="not a feature store"):
+        extract(load_teacher("demo", tiny_teacher), load_dataset(tiny_world), tmp_path / "other")
+
     # the command line says the same without a traceback
     assert dsmd(["features", "--teacher-path", str(other_teacher), "--data", str(tiny_world),
                  "--out", str(store)]) == 2
@@ -161,6 +168,8 @@ def test_a_corrupt_image_is_skipped_and_counted(tiny_world, tiny_teacher, tmp_pa
     manifest = extract(load_teacher("demo", tiny_teacher), ds, tmp_path / "store", chunk=8, workers=0)
     assert manifest["splits"]["test"] == {"images": 23, "captions": 115, "skipped_images": 1}
     assert str(victim.path) in manifest["skipped"]["test"][0]
+    # the reason is kept on disk, so a run that resumes (here: finds the store done) still has it
+    assert list((tmp_path / "store" / "test").glob("skipped.rank*.jsonl"))
     test = FeatureStore(tmp_path / "store").split("test")
     assert victim.image_id not in test.image_ids
     assert len(test.caption_emb) == 115 and test.caption_image.max() == 22

@@ -6,7 +6,7 @@ manifest.json), and loaded through the same `Teacher` interface as the real ones
 
 Image side: a small CNN whose last feature map is flattened, not pooled, so the embedding
 keeps *where* things are ("left of" must survive). Text side: a word-level tokenizer (the
-`tokenizers` library, saved as tokenizer.json) and a small pre-LN Transformer read at [CLS].
+`tokenizers` library, saved as tokenizer.json) and dilated 1-D convolutions (`TextTower`).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from distill.teachers.base import Teacher
 from dsmd.artifacts import sha256_file
+from dsmd.errors import UserError
 from dsmd.preprocess import PreprocessCfg
 
 KINDS = ("clip", "siglip")
@@ -64,7 +65,7 @@ _WEIGHT_FORMATS = (("model.safetensors", "model.safetensors.index.json"),
 def read_hf_config(folder: Path, kind: str) -> dict[str, Any]:
     """config.json of `folder`, checked to describe a full `kind` model (both towers)."""
     if kind not in KINDS:
-        raise ValueError(f"HF teacher kind must be one of {KINDS}, not {kind!r}")
+        raise UserError(f"HF teacher kind must be one of {KINDS}, not {kind!r}")
     path = folder / "config.json"
     if not path.is_file():
         raise FileNotFoundError(
@@ -78,7 +79,7 @@ def read_hf_config(folder: Path, kind: str) -> dict[str, Any]:
             hint = f" It is a {found} model: load it with kind {found!r}."
         elif found in (f"{kind}_vision_model", f"{kind}_text_model"):
             hint = f" It holds only one tower; the teacher needs the full {kind} model (both towers)."
-        raise ValueError(f"{folder}/config.json has model_type {found!r}, but a {kind} teacher needs model_type "
+        raise UserError(f"{folder}/config.json has model_type {found!r}, but a {kind} teacher needs model_type "
                          f"{kind!r} (a full {'CLIPModel' if kind == 'clip' else 'SiglipModel'} checkpoint).{hint}")
     return config
 
@@ -126,10 +127,10 @@ def _square(value: Any, what: str, where: str) -> int:
         return value
     if isinstance(value, dict) and "height" in value and "width" in value:
         if value["height"] != value["width"]:
-            raise ValueError(f"{where}: {what} is {value['height']}x{value['width']}; dsmd preprocessing only "
+            raise UserError(f"{where}: {what} is {value['height']}x{value['width']}; dsmd preprocessing only "
                              "makes square images")
         return int(value["height"])
-    raise ValueError(f"{where}: cannot read {what} {value!r} (expected an int or {{'height', 'width'}})")
+    raise UserError(f"{where}: cannot read {what} {value!r} (expected an int or {{'height', 'width'}})")
 
 
 def _interpolation(resample: Any, where: str) -> str:
@@ -139,7 +140,7 @@ def _interpolation(resample: Any, where: str) -> str:
     else:
         name = _PIL_RESAMPLE.get(int(resample)) or _PIL_RESAMPLE_NAMES.get(int(resample), str(resample))
     if name not in _PIL_RESAMPLE.values():
-        raise ValueError(f"{where}: resample {resample!r} ({name}) is not supported by dsmd preprocessing; "
+        raise UserError(f"{where}: resample {resample!r} ({name}) is not supported by dsmd preprocessing; "
                          f"use one of {sorted(_PIL_RESAMPLE.values())} (PIL codes {sorted(_PIL_RESAMPLE)})")
     return name
 
@@ -156,7 +157,7 @@ def preprocess_from_hf(kind: str, processor: dict[str, Any] | None, image_size: 
     defaults = _PROCESSOR_DEFAULTS[kind]
     p = dict(processor or {})
     if not p.get("do_resize", True):
-        raise ValueError(f"{where}: do_resize is false; dsmd always resizes images to the model's input size")
+        raise UserError(f"{where}: do_resize is false; dsmd always resizes images to the model's input size")
 
     size = p.get("size", image_size)
     if isinstance(size, dict) and "shortest_edge" in size:
@@ -169,17 +170,17 @@ def preprocess_from_hf(kind: str, processor: dict[str, Any] | None, image_size: 
     if p.get("do_center_crop", defaults["do_center_crop"]):
         crop = _square(p.get("crop_size", side), "crop_size", where)
         if crop != side:
-            raise ValueError(f"{where}: resizes to {side} px and then centre-crops {crop} px; dsmd preprocessing "
+            raise UserError(f"{where}: resizes to {side} px and then centre-crops {crop} px; dsmd preprocessing "
                              f"can only crop to the resize size. Use a processor config with size == crop_size.")
     elif resize == "shortest_crop":
-        raise ValueError(f"{where}: resizes the shortest edge to {side} px without a centre crop, which gives "
+        raise UserError(f"{where}: resizes the shortest edge to {side} px without a centre crop, which gives "
                          "non-square images; dsmd preprocessing needs square model input")
     if side != image_size:
-        raise ValueError(f"{where} makes {side} px images but the model was built for {image_size} px "
+        raise UserError(f"{where} makes {side} px images but the model was built for {image_size} px "
                          "(vision_config.image_size); fix the processor config")
 
     if p.get("do_rescale", True) is False or abs(float(p.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-8:
-        raise ValueError(f"{where}: dsmd preprocessing scales pixels to [0, 1] (rescale_factor 1/255); this "
+        raise UserError(f"{where}: dsmd preprocessing scales pixels to [0, 1] (rescale_factor 1/255); this "
                          f"config has do_rescale={p.get('do_rescale')} rescale_factor={p.get('rescale_factor')}")
     if p.get("do_normalize", True):
         # Early SigLIP processor configs spelled these "mean" / "std".
@@ -192,7 +193,7 @@ def preprocess_from_hf(kind: str, processor: dict[str, Any] | None, image_size: 
     else:
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"{where}: image_mean / image_std must have 3 values (RGB), got {mean} / {std}")
+        raise UserError(f"{where}: image_mean / image_std must have 3 values (RGB), got {mean} / {std}")
 
     return PreprocessCfg(size=side, resize=resize, interpolation=_interpolation(p.get("resample", defaults["resample"]),
                                                                                   where),
@@ -237,7 +238,7 @@ class HFTeacher(Teacher):
 
         folder = Path(folder)
         if not folder.is_dir():
-            raise NotADirectoryError(f"a {kind} teacher is a Hugging Face model folder; {folder} is not a folder")
+            raise UserError(f"a {kind} teacher is a Hugging Face model folder; {folder} is not a folder")
         config = read_hf_config(folder, kind)
         files = weight_files(folder)  # fail on missing weights before the slow model build
         if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
@@ -247,7 +248,7 @@ class HFTeacher(Teacher):
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         except Exception as e:  # transformers raises many types here; re-raise with the folder and a hint
-            raise RuntimeError(f"{folder}: could not load the {kind} tokenizer ({type(e).__name__}: {e}). Check "
+            raise UserError(f"{folder}: could not load the {kind} tokenizer ({type(e).__name__}: {e}). Check "
                                "the tokenizer files are complete; SigLIP's spiece.model needs sentencepiece and "
                                "protobuf installed.") from e
 
@@ -268,7 +269,7 @@ class HFTeacher(Teacher):
                                                 output_loading_info=True)
         missing = sorted(info.get("missing_keys") or [])
         if missing:
-            raise ValueError(f"{folder}: the weights in {[f.name for f in files]} lack {len(missing)} tensors of "
+            raise UserError(f"{folder}: the weights in {[f.name for f in files]} lack {len(missing)} tensors of "
                              f"the {model_cls.__name__} (e.g. {missing[:3]}); they would be random. Is this a "
                              "complete checkpoint?")
         model = model.to(device).eval().requires_grad_(False)
@@ -278,12 +279,12 @@ class HFTeacher(Teacher):
             dim = int(model.config.projection_dim)
         else:
             if not getattr(vision_cfg, "vision_use_head", True):
-                raise ValueError(f"{folder}: this SigLIP vision tower has no pooling head (vision_use_head=false), "
+                raise UserError(f"{folder}: this SigLIP vision tower has no pooling head (vision_use_head=false), "
                                  "so it has no image embedding")
             dim = int(vision_cfg.hidden_size)
             text_dim = int(getattr(text_cfg, "projection_size", None) or text_cfg.hidden_size)
             if text_dim != dim:
-                raise ValueError(f"{folder}: SigLIP image embeddings have {dim} dims but text embeddings "
+                raise UserError(f"{folder}: SigLIP image embeddings have {dim} dims but text embeddings "
                                  f"{text_dim}; they must match")
 
         return cls(model, tokenizer, kind=kind, name=teacher_name(folder, config), dim=dim, preprocess=preprocess,
