@@ -10,7 +10,10 @@ Per step, with raw losses L_m:
 
 Guard (METHOD.md §7): with margin 0 the triplet loss can sit at exactly 0, and s_m grows
 without bound (~800x was measured), dragging the student to collapse. The denominator is
-floored at `eps` and the factor capped at `max_scale` (default 100).
+floored at `eps` and the factor capped at `max_scale` (default 1000: on the demo world
+the cosine loss sits ~400x below the contrastive one in normal training, so a lower cap would
+bend the method where nothing is wrong). A loss whose smoothed
+value two steps back is below `eps` gets rate 1 (a rate from zero is not a rate).
 
 Variants (`mode`):
   dsmd       the paper, as above (default)
@@ -37,7 +40,7 @@ class BalancerCfg:
     temperature: float = 1.0  # T
     total: float | None = None  # K, the sum of the weights; None = number of losses
     ema: float = 0.9  # smoothing of the raw losses for the rates
-    max_scale: float = 100.0  # cap on the magnitude-scaling factor
+    max_scale: float = 1000.0  # cap on the magnitude-scaling factor
     eps: float = 1e-8  # floor on a loss in the scaling denominator
     fixed: dict[str, float] = field(default_factory=dict)
 
@@ -87,11 +90,13 @@ class Balancer:
         """Softmax of the loss rates; updates the smoothed history with this step's values."""
         if len(self.smoothed) == 2:
             older, newer = self.smoothed
-            rates = {n: newer[n] / max(older[n], self.cfg.eps) for n in self.names}
+            # a loss that was (near) zero has no meaningful rate: treat it as steady
+            rates = {n: newer[n] / older[n] if older[n] > self.cfg.eps else 1.0 for n in self.names}
         else:
             rates = {n: 1.0 for n in self.names}
         k = self.cfg.total if self.cfg.total is not None else len(self.names)
-        exps = {n: math.exp(rates[n] / self.cfg.temperature) for n in self.names}
+        top = max(rates.values())  # a stable softmax: subtract the largest rate
+        exps = {n: math.exp((rates[n] - top) / self.cfg.temperature) for n in self.names}
         z = sum(exps.values())
         weights = {n: k * exps[n] / z for n in self.names}
         prev = self.smoothed[-1] if self.smoothed else tracked

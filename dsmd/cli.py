@@ -6,6 +6,9 @@
     dsmd train-teacher   train the demo teacher on the demo world
     dsmd features        run a teacher over a data set into a feature store (resumable)
     dsmd recall          the recall table of a feature store's split
+    dsmd students        list the student presets and their sizes
+    dsmd distill         train a student from a feature store (DSMD; resumable; torchrun for many GPUs)
+    dsmd evaluate        recall of a student beside its teacher's, on one split
 
 Heavy libraries (torch) are imported inside the commands that need them, so `dsmd --help`
 and the torch-free commands start fast.
@@ -108,6 +111,45 @@ def _recall(a: argparse.Namespace) -> int:
     return 0
 
 
+def _students(a: argparse.Namespace) -> int:
+    from distill.student import PRESETS, preset_config
+
+    for name in PRESETS:
+        c = preset_config(name, dim=0)
+        print(f"  {name:5s} ViT {c.image_depth}x{c.image_width} (patch {c.patch_size}, {c.image_size}px) + "
+              f"BERT {c.text_depth}x{c.text_width} (vocab {c.vocab_size}, {c.max_tokens} tokens)")
+    return 0
+
+
+def _distill(a: argparse.Namespace) -> int:
+    from distill.config import load_config
+    from distill.train import train
+
+    sets = list(a.set or [])
+    for flag, key in ((a.data, "data.dataset"), (a.features, "data.features"), (a.preset, "student.preset")):
+        if flag:
+            sets.append(f"{key}={flag}")
+    cfg = load_config(a.config, sets)
+    manifest = train(cfg, a.out, restart=a.restart)
+    best = manifest["best"]
+    if best.get("epoch"):
+        print(f"best val RSUM {best['rsum']:.1f} at epoch {best['epoch']}: {Path(a.out) / 'best'}")
+    return 0
+
+
+def _evaluate(a: argparse.Namespace) -> int:
+    from distill.train import evaluate_student, side_by_side
+    from dsmd.artifacts import write_json
+
+    teacher, student = evaluate_student(a.student, a.data, a.features, a.split, images=a.images, device=a.device)
+    print(f"{a.split}: {student.n_images} images, {student.n_captions} captions")
+    print(side_by_side(teacher, student))
+    if a.json:
+        write_json(Path(a.json), {"split": a.split, "teacher": teacher.to_json(), "student": student.to_json()})
+        print(f"wrote {a.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dsmd",
@@ -164,6 +206,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--split", default="test")
     r.add_argument("--json", help="where to write the metrics JSON (default: STORE/recall_SPLIT.json)")
     r.set_defaults(run=_recall)
+
+    s = sub.add_parser("students", help="list the student presets")
+    s.set_defaults(run=_students)
+
+    d = sub.add_parser("distill", help="train a student on a teacher's feature store (resumes a killed run)")
+    d.add_argument("--config", help="a JSON config (see configs/); default: the paper's recipe")
+    d.add_argument("--out", default="runs/student", help="run folder (default: runs/student)")
+    d.add_argument("--data", help="override data.dataset")
+    d.add_argument("--features", help="override data.features")
+    d.add_argument("--preset", help="override student.preset (base, demo, tiny)")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any setting, e.g. --set optim.lr=5e-4 --set loss.use=[\"fd\",\"sd\"]")
+    d.add_argument("--restart", action="store_true", help="delete the run folder and start over")
+    d.set_defaults(run=_distill)
+
+    e = sub.add_parser("evaluate", help="recall of a student beside its teacher's (from the feature store)")
+    e.add_argument("student", help="a student checkpoint folder, or a run folder (uses its best/)")
+    e.add_argument("--data", default="data/world")
+    e.add_argument("--images", help="image root (default: beside the annotation file)")
+    e.add_argument("--features", default="artifacts/features")
+    e.add_argument("--split", default="test")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", help="also write both recall tables to this file")
+    e.set_defaults(run=_evaluate)
     return p
 
 

@@ -15,6 +15,7 @@ in a bounded amount of memory; nothing here needs torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,3 +133,19 @@ def evaluate(image_emb: np.ndarray, caption_emb: np.ndarray, caption_image: np.n
         n_images=n,
         n_captions=m,
     )
+
+
+def chance_rsum(n_images: int, captions_per_image: list[int]) -> float:
+    """Expected RSUM of random embeddings (percentages), to tell a collapsed model at a glance.
+
+    Text→image R@K is K/N; image→text R@K is the chance that at least one of an image's c
+    captions lands in the top K of all captions: 1 - C(M-c, K) / C(M, K), averaged over images.
+    """
+    m = sum(captions_per_image)
+    t2i = sum(min(k, n_images) / n_images for k in KS)
+    i2t = 0.0
+    for k in KS:
+        miss = [math.prod((m - c - j) / (m - j) for j in range(min(k, m))) if m - c >= k else 0.0
+                for c in captions_per_image]
+        i2t += 1 - sum(miss) / len(miss)
+    return 100 * (t2i + i2t)

@@ -1,0 +1,123 @@
+"""Training pairs, their order, and the images of a batch.
+
+One epoch visits every (image, caption) pair of the training split once, as the paper does,
+in an order drawn from (seed, epoch). A global batch is cut into micro-batches by rank and
+accumulation step, so the order does not depend on how many processes train. Augmentation
+draws from a generator seeded by (seed, epoch, pair), so a resumed run sees exactly the
+pixels the uninterrupted one would have seen, whatever the number of decoding workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer
+
+from distill.config import AugmentCfg
+from distill.student import tokenize
+from dsmd.datasets import Item
+from dsmd.images import BadImage, open_image
+from dsmd.preprocess import PreprocessCfg, image_to_array
+
+
+@dataclass
+class Pairs:
+    """Every (image, caption) pair of a split: item index and caption index, one row each."""
+
+    items: list[Item]
+    item: np.ndarray
+    caption: np.ndarray
+
+    @classmethod
+    def of(cls, items: list[Item]) -> "Pairs":
+        item = np.array([i for i, it in enumerate(items) for _ in it.captions], dtype=np.int64)
+        caption = np.array([c for it in items for c in range(len(it.captions))], dtype=np.int64)
+        return cls(items, item, caption)
+
+    def __len__(self) -> int:
+        return len(self.item)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def micro_batch(order: np.ndarray, step: int, batch: int, accum: int, rank: int, world: int, micro: int) -> np.ndarray:
+    """Pair indices of micro-batch `micro` (0..accum-1) of rank `rank` in global step `step`."""
+    per = batch // (accum * world)
+    start = step * batch + (micro * world + rank) * per
+    return order[start:start + per]
+
+
+def random_crop_box(w: int, h: int, rng: np.random.Generator, scale: tuple[float, float],
+                    ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """A random resized crop's box (torchvision's rule: 10 tries, then the whole image)."""
+    area = w * h
+    log_ratio = np.log(ratio)
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = float(np.exp(rng.uniform(*log_ratio)))
+        cw, ch = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return left, top, left + cw, top + ch
+    return 0, 0, w, h
+
+
+def train_pixels(img: Image.Image, pre: PreprocessCfg, aug: AugmentCfg, rng: np.random.Generator) -> np.ndarray:
+    """Augmented model input: a random resized crop (and flip, if on), then the preprocessing spec."""
+    img = img.convert("RGB")
+    img = img.crop(random_crop_box(*img.size, rng, tuple(aug.crop_scale), tuple(aug.crop_ratio)))
+    if aug.hflip and rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    # the crop is resized straight to the model's size: a crop already chose the framing
+    return image_to_array(img, PreprocessCfg(**{**pre.to_json(), "resize": "squash"}))
+
+
+class TrainBatches(torch.utils.data.Dataset):
+    """Micro-batches of one rank for the steps [start, stop) of an epoch (DataLoader, batch_size=None)."""
+
+    def __init__(self, pairs: Pairs, order: np.ndarray, steps: range, *, batch: int, accum: int, rank: int,
+                 world: int, pre: PreprocessCfg, aug: AugmentCfg, tok: Tokenizer, seed: int, epoch: int):
+        self.pairs, self.order, self.steps = pairs, order, steps
+        self.batch, self.accum, self.rank, self.world = batch, accum, rank, world
+        self.pre, self.aug, self.tok, self.seed, self.epoch = pre, aug, tok, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.steps) * self.accum
+
+    def __getitem__(self, k: int) -> dict:
+        step, micro = self.steps[k // self.accum], k % self.accum
+        idx = micro_batch(self.order, step, self.batch, self.accum, self.rank, self.world, micro)
+        items = [self.pairs.items[i] for i in self.pairs.item[idx]]
+        pixels = np.stack([self._pixels(it, int(p)) for it, p in zip(items, idx)])
+        texts = [it.captions[c] for it, c in zip(items, self.pairs.caption[idx])]
+        ids, mask = tokenize(self.tok, texts)
+        return {
+            "pixels": torch.from_numpy(pixels), "input_ids": ids, "attention_mask": mask,
+            "image_ids": torch.tensor([it.image_id for it in items]),
+            "caption_ids": torch.tensor([it.caption_ids[c] for it, c in zip(items, self.pairs.caption[idx])]),
+        }
+
+    def _pixels(self, item: Item, pair: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.epoch, pair])
+        try:
+            return train_pixels(open_image(item.path), self.pre, self.aug, rng)
+        except BadImage as e:  # the feature store read it; it changed on disk since
+            raise BadImage(f"{item.path} became unreadable since the feature store was built: {e}") from e
+
+
+class EvalImages(torch.utils.data.Dataset):
+    """Images of a split with the plain preprocessing spec (no augmentation)."""
+
+    def __init__(self, items: list[Item], pre: PreprocessCfg):
+        self.items, self.pre = items, pre
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(image_to_array(open_image(self.items[i].path), self.pre))

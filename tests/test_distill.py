@@ -1,0 +1,321 @@
+"""The student, the trainer's parts, and whole training runs on the tiny world (real processes,
+a real SIGKILL, real torchrun with two gloo processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distill.config import DistillConfig, load_config
+from distill.data import Pairs, epoch_order, micro_batch, random_crop_box
+from distill.student import create_student, load_student, save_student, tokenize
+from distill.train import CollapsedError, Queue, evaluate_student, lr_at, train
+from dsmd.errors import UserError
+from dsmd.retrieval import chance_rsum, evaluate
+
+CAPTIONS = ["a red circle left of a blue square", "a small green triangle above a big yellow star",
+            "two circles", "a big blue square"] * 5
+
+
+def quiet(*a, **k):
+    pass
+
+
+# ---------------------------------------------------------------- the student
+
+
+def test_base_preset_is_the_papers_197m_student():
+    model, _ = create_student("base", 768, captions=CAPTIONS, log=quiet)
+    counts = model.parameter_counts()
+    assert 196e6 < counts["total"] < 198e6  # ViT-B/16 + BERT-base + two 768x768 projections
+    assert model.cfg.image_size == 224 and model.cfg.patch_size == 16
+
+
+def test_student_outputs_unit_vectors_of_the_teacher_dim(tmp_path):
+    model, tok = create_student("tiny", 24, captions=CAPTIONS, log=quiet)
+    model.eval()
+    ids, mask = tokenize(tok, CAPTIONS[:3] + [""])
+    img, txt = model(torch.randn(4, 3, 32, 32), ids, mask)
+    assert img.shape == (4, 24) and txt.shape == (4, 24)
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close(txt.norm(dim=-1), torch.ones(4))
+    save_student(model, tok, tmp_path)
+    again, tok2 = load_student(tmp_path)
+    torch.testing.assert_close(again.encode_text(ids, mask), txt)
+    assert tok2.encode("a red circle").ids == tok.encode("a red circle").ids
+
+
+def test_projections_are_xavier_normal_with_gain_1_414():
+    model, _ = create_student("base", 768, captions=CAPTIONS, log=quiet)
+    w = model.image_proj.weight
+    expected_std = 1.414 * (2 / (w.shape[0] + w.shape[1])) ** 0.5
+    assert w.std().item() == pytest.approx(expected_std, rel=0.01)
+    assert model.image_proj.bias.abs().max() == 0
+
+
+def test_random_initialisation_is_announced():
+    lines = []
+    create_student("tiny", 16, captions=CAPTIONS, log=lines.append)
+    assert any("image encoder: random initialisation" in line for line in lines)
+    assert any("text encoder: random initialisation" in line for line in lines)
+
+
+def test_pretrained_towers_load_from_local_files(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+    from transformers import BertConfig, BertForMaskedLM
+
+    # a timm checkpoint *with* its classifier head, at another image size (position embeddings resampled)
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10, img_size=48, patch_size=8,
+                            embed_dim=32, depth=2, num_heads=2)
+    save_file(vit.state_dict(), str(tmp_path / "vit.safetensors"))
+    # an HF BERT directory as `save_pretrained` writes it, with a vocab.txt
+    bert_dir = tmp_path / "bert"
+    bert = BertForMaskedLM(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64))
+    bert.save_pretrained(bert_dir)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle", "left", "of", "blue", "square"]
+    (bert_dir / "vocab.txt").write_text("\n".join(words + [f"w{i}" for i in range(40 - len(words))]) + "\n")
+
+    lines = []
+    model, tok = create_student("tiny", 16, image_init=tmp_path / "vit.safetensors", text_init=bert_dir,
+                                log=lines.append)
+    torch.testing.assert_close(model.vision.blocks[1].mlp.fc1.weight, vit.blocks[1].mlp.fc1.weight)
+    torch.testing.assert_close(model.text.encoder.layer[1].output.dense.weight,
+                               bert.bert.encoder.layer[1].output.dense.weight)
+    assert model.cfg.vocab_size == 40 and model.cfg.init["text"] == str(bert_dir)
+    assert tok.encode("A red circle").tokens == ["[CLS]", "a", "red", "circle", "[SEP]"]
+    assert any("pretrained weights from" in line for line in lines)
+
+    wrong = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
+                              embed_dim=64, depth=2, num_heads=2)
+    save_file(wrong.state_dict(), str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(UserError, match="does not fit the student's encoder.*wrong shape"):
+        create_student("tiny", 16, image_init=tmp_path / "wrong.safetensors", captions=CAPTIONS, log=quiet)
+    with pytest.raises(UserError, match="does not exist"):
+        create_student("tiny", 16, image_init=tmp_path / "nope.pth", captions=CAPTIONS, log=quiet)
+
+
+# ---------------------------------------------------------------- config, data order, schedule, queue
+
+
+def test_config_file_and_overrides(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"_comment": "x", "student": {"preset": "demo"}, "optim": {"lr": 5e-4}}))
+    cfg = load_config(f, ["loss.margin=0.2", 'loss.use=["fd","sd"]', "balancer.mode=none", "data.dataset=/d"])
+    assert cfg.student.preset == "demo" and cfg.optim.lr == 5e-4 and cfg.optim.epochs == 20
+    assert cfg.loss.margin == 0.2 and cfg.loss.use == ["fd", "sd"] and cfg.balancer.mode == "none"
+    assert cfg.data.dataset == "/d"
+    assert DistillConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+    with pytest.raises(UserError, match="unknown setting 'lrr'"):
+        load_config(None, ["optim.lrr=1"])
+    with pytest.raises(UserError, match="unknown key"):
+        f.write_text(json.dumps({"optim": {"learning_rate": 1}}))
+        load_config(f)
+    with pytest.raises(UserError, match="balancer.*mode"):
+        load_config(None, ["balancer.mode=magic"])
+    with pytest.raises(UserError, match="loss.use"):
+        load_config(None, ['loss.use=["cd","xx"]'])
+
+
+def test_micro_batches_partition_the_global_batch_for_any_world_and_accumulation():
+    order = epoch_order(200, seed=3, epoch=1)
+    for world, accum in [(1, 1), (2, 1), (1, 4), (2, 2), (4, 2)]:
+        for step in (0, 2):
+            parts = [micro_batch(order, step, 16, accum, r, world, m) for m in range(accum) for r in range(world)]
+            assert np.array_equal(np.sort(np.concatenate(parts)), np.sort(order[step * 16:(step + 1) * 16]))
+    assert not np.array_equal(epoch_order(200, 3, 1), epoch_order(200, 3, 2))
+    assert np.array_equal(epoch_order(200, 3, 1), epoch_order(200, 3, 1))
+
+
+def test_random_crop_boxes_stay_inside_and_are_reproducible():
+    for seed in range(50):
+        box = random_crop_box(64, 48, np.random.default_rng(seed), (0.5, 1.0), (0.75, 1.333))
+        assert 0 <= box[0] < box[2] <= 64 and 0 <= box[1] < box[3] <= 48
+        assert (box[2] - box[0]) * (box[3] - box[1]) >= 0.45 * 64 * 48
+        assert box == random_crop_box(64, 48, np.random.default_rng(seed), (0.5, 1.0), (0.75, 1.333))
+
+
+def test_step_decay_schedule_of_the_paper():
+    o = DistillConfig().optim  # lr 1e-4, x0.1 at epoch 10 of 20
+    assert lr_at(0, 100, o) == pytest.approx(1e-4)
+    assert lr_at(999, 100, o) == pytest.approx(1e-4)
+    assert lr_at(1000, 100, o) == pytest.approx(1e-5)
+    o.warmup_steps = 10
+    assert lr_at(4, 100, o) == pytest.approx(5e-5)
+
+
+def test_queue_is_a_fifo_that_wraps():
+    q = Queue(5, 2, torch.device("cpu"))
+    assert (q.ids == -1).all()
+    q.push(torch.ones(3, 2), torch.tensor([1, 2, 3]))
+    q.push(2 * torch.ones(3, 2), torch.tensor([4, 5, 6]))
+    assert q.ids.tolist() == [6, 2, 3, 4, 5] and q.ptr == 1
+    assert q.emb[0].tolist() == [2.0, 2.0] and q.emb[1].tolist() == [1.0, 1.0]
+    q.push(torch.arange(14.0).reshape(7, 2), torch.arange(10, 17))  # more than fits: the newest 5 stay
+    assert sorted(q.ids.tolist()) == [12, 13, 14, 15, 16]
+
+
+def test_chance_rsum_matches_random_embeddings():
+    rng = np.random.default_rng(0)
+    runs = [evaluate(rng.normal(size=(40, 8)), rng.normal(size=(200, 8)), np.repeat(np.arange(40), 5)).rsum
+            for _ in range(30)]
+    assert np.mean(runs) == pytest.approx(chance_rsum(40, [5] * 40), rel=0.1)
+
+
+# ---------------------------------------------------------------- whole runs on the tiny world
+
+
+def tiny_cfg(world: Path, features: Path, **over) -> DistillConfig:
+    sets = [f"data.dataset={world}", f"data.features={features}", "student.preset=tiny", "optim.epochs=3",
+            "optim.batch_size=16", "optim.lr=1e-3", "loss.queue_size=64", "loss.margin=0.2", "run.workers=0",
+            "run.threads=1", "run.checkpoint_every=7", "run.stop_at_chance_after=0"]
+    return load_config(None, sets + [f"{k}={v}" for k, v in over.items()])
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tiny_world, tiny_teacher, tmp_path_factory) -> Path:
+    from distill.features import extract
+    from distill.teachers import load_teacher
+    from dsmd.datasets import load_dataset
+
+    out = tmp_path_factory.mktemp("store")
+    extract(load_teacher("demo", tiny_teacher), load_dataset(tiny_world), out, chunk=32, workers=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_world, tiny_store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    train(tiny_cfg(tiny_world, tiny_store), out)
+    return out
+
+
+def test_a_run_writes_best_checkpoint_logs_and_plot(finished_run):
+    out = finished_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["artifact"] == "student" and manifest["steps"] == 90  # 480 pairs / 16 x 3 epochs
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert manifest["best"]["rsum"] == max(m["rsum"] for m in metrics)
+    assert json.loads((out / "best" / "best.json").read_text())["epoch"] == manifest["best"]["epoch"]
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(1, 91))
+    assert set(steps[0]["factor"]) == {"cd", "fd", "sd", "hnd"}  # every weight, every step
+    assert json.loads((out / "config.json").read_text()) == json.loads((out / "best" / "config.json").read_text())
+    assert (out / "plot.png").stat().st_size > 10_000
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tb")).Reload()
+    assert {"loss/cd", "weight/hnd", "val/rsum"} <= set(acc.Tags()["scalars"])
+    assert len(acc.Scalars("weight/fd")) == 90
+
+
+def test_evaluate_prints_teacher_and_student_from_the_same_split(finished_run, tiny_world, tiny_store):
+    from distill.features import FeatureStore
+
+    teacher, student = evaluate_student(finished_run, tiny_world, tiny_store, "test", device="cpu")
+    f = FeatureStore(tiny_store).split("test")
+    assert teacher.rsum == pytest.approx(evaluate(f.image_emb, f.caption_emb, f.caption_image).rsum)
+    assert student.n_images == teacher.n_images == 24 and student.n_captions == 120
+    from dsmd.cli import main
+
+    assert main(["evaluate", str(finished_run), "--data", str(tiny_world), "--features", str(tiny_store),
+                 "--split", "val", "--device", "cpu"]) == 0
+
+
+def test_a_finished_run_is_not_trained_again_and_another_config_is_refused(finished_run, tiny_world, tiny_store):
+    again = train(tiny_cfg(tiny_world, tiny_store), finished_run)
+    assert again["steps"] == 90
+    with pytest.raises(UserError, match="another config.*optim.lr"):
+        train(tiny_cfg(tiny_world, tiny_store, **{"optim.lr": 5e-4}), finished_run)
+
+
+def test_a_store_of_another_data_set_is_refused(tiny_store, tmp_path):
+    from dsmd.world import generate
+
+    other = tmp_path / "other"
+    generate(other, seed=8, image_size=32, split_sizes={"train": 96, "val": 24, "test": 24})
+    with pytest.raises(UserError, match="another data set"):
+        train(tiny_cfg(other, tiny_store), tmp_path / "run")
+
+
+def test_training_stops_with_advice_when_recall_sits_at_chance(tiny_world, tiny_store, tmp_path):
+    cfg = tiny_cfg(tiny_world, tiny_store, **{"optim.lr": 0.0, "run.stop_at_chance_after": 1, "optim.epochs": 2})
+    with pytest.raises(CollapsedError, match="at chance.*loss.margin=0.2"):
+        train(cfg, tmp_path / "run")
+
+
+def test_direct_clip_training_baseline_runs(tiny_world, tiny_store, tmp_path):
+    manifest = train(tiny_cfg(tiny_world, tiny_store, method="clip", **{"optim.epochs": 1, "optim.accum_steps": 2}),
+                     tmp_path / "run")
+    assert manifest["steps"] == 30
+    steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert set(steps[-1]["loss"]) == {"clip"}
+    load_student(tmp_path / "run" / "best")  # the baseline's student is an ordinary student
+
+
+def _cli(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "dsmd.cli", "distill", *args]
+
+
+def _cli_args(world, store, out, extra=()) -> list[str]:
+    cfg = tiny_cfg(world, store)
+    sets = [f"{s}.{k}={json.dumps(v)}" for s, sec in cfg.to_json().items() if isinstance(sec, dict)
+            for k, v in sec.items() if not isinstance(v, dict)]
+    return ["--out", str(out), *[a for s in sets + list(extra) for a in ("--set", s)]]
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tiny_world, tiny_store, finished_run, tmp_path):
+    """SIGKILL mid-epoch, start again: same final weights as the uninterrupted run."""
+    out = tmp_path / "killed"
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen(_cli(_cli_args(tiny_world, tiny_store, out)), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        state = out / "state.json"
+        if state.exists() and 35 <= json.loads(state.read_text())["step"] < 60:  # mid-epoch 2
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    killed_at = json.loads((out / "state.json").read_text())["step"]
+    assert killed_at % 30, "killed exactly at an epoch end: not the mid-epoch case"
+
+    done = subprocess.run(_cli(_cli_args(tiny_world, tiny_store, out)), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resuming {out} at step {killed_at}" in done.stdout
+    a = load_file(str(finished_run / "checkpoints" / "step-00000090" / "model.safetensors"))
+    b = load_file(str(out / "checkpoints" / "step-00000090" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    rec = lambda p: [json.loads(line)["rsum"] for line in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert rec(out) == pytest.approx(rec(finished_run))
+    assert len((out / "steps.jsonl").read_text().splitlines()) == 90  # no step logged twice
+
+
+def test_two_process_torchrun_training_gathers_queues(tiny_world, tiny_store, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dsmd.cli",
+           "distill", *_cli_args(tiny_world, tiny_store, out), "--set", "optim.epochs=1"]
+    done = subprocess.run(cmd, env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["steps"] == 30
+    state = torch.load(out / "checkpoints" / "step-00000030" / "train_state.pt", weights_only=True)
+    # 30 steps x 16 pairs from both ranks went through a queue of 64: full, pointer at 480 mod 64
+    assert state["queues"]["image"]["ptr"] == 480 % 64 and (state["queues"]["text"]["ids"] >= 0).all()
+    assert "1 process" not in done.stdout and "2 process(es) x 1 accumulation x 8" in done.stdout
