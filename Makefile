@@ -9,12 +9,20 @@ STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 WORLD    := data/world
 TEACHER  := artifacts/teacher
 FEATURES := artifacts/features
+STUDENT  := artifacts/student
 
-.PHONY: help install test demo world teacher features recall clean
+# make distill CONFIG=configs/paper.json OUT=runs/f30k ARGS="--set data.features=..."
+CONFIG ?= configs/demo.json
+OUT    ?= runs/student
+ARGS   ?=
+
+.PHONY: help install test demo world teacher features recall student distill evaluate clean
 
 help:
-	@echo "make demo   - generate the demo world, train its teacher, extract features, print recall"
-	@echo "make test   - run the test suite"
+	@echo "make demo    - generate the demo world, train its teacher, extract features, distil the student,"
+	@echo "               print teacher and student recall"
+	@echo "make distill - train a student: CONFIG=configs/demo.json OUT=runs/student ARGS='--set key=value ...'"
+	@echo "make test    - run the test suite"
 	@echo "make clean  - remove generated data and artifacts (keeps .venv)"
 	@echo "Everything else: $(BIN)/dsmd --help"
 
@@ -49,7 +57,22 @@ features: $(FEATURES)/manifest.json
 recall: $(FEATURES)/manifest.json
 	$(BIN)/dsmd recall $(FEATURES) --split test
 
-demo: recall
+# The demo student. A finished run older than the features or the config is stale; an
+# unfinished one resumes where it was killed.
+$(STUDENT)/manifest.json: $(FEATURES)/manifest.json configs/demo.json | $(STAMP)
+	if [ -f $@ ]; then rm -rf $(STUDENT); fi
+	$(BIN)/dsmd distill --config configs/demo.json --out $(STUDENT)
+
+student: $(STUDENT)/manifest.json
+
+evaluate: $(STUDENT)/manifest.json
+	$(BIN)/dsmd evaluate $(STUDENT) --data $(WORLD) --features $(FEATURES) --split test --json $(STUDENT)/test_recall.json
+
+# Trains from CONFIG; the demo config's features are built first.
+distill: $(if $(filter configs/demo.json,$(CONFIG)),$(FEATURES)/manifest.json) | $(STAMP)
+	$(BIN)/dsmd distill --config $(CONFIG) --out $(OUT) $(ARGS)
+
+demo: evaluate
 
 clean:
 	rm -rf data artifacts

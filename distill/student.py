@@ -78,8 +78,11 @@ class StudentConfig:
 
 PRESETS: dict[str, dict] = {
     "base": {},
-    "demo": dict(image_size=64, patch_size=8, image_width=192, image_depth=4, image_heads=3,
-                 vocab_size=512, text_width=192, text_depth=4, text_heads=3, text_mlp=768, max_tokens=40,
+    # 16-px patches (a 4x4 grid over the 3x3 scene grid) and width 128: on two cores this ran
+    # 2.3x the steps/s of 8-px patches at width 192 (val RSUM 389 after 2 epochs in 3.6 min,
+    # against 418 after 1 epoch in 6 min)
+    "demo": dict(image_size=64, patch_size=16, image_width=128, image_depth=4, image_heads=4,
+                 vocab_size=512, text_width=128, text_depth=4, text_heads=4, text_mlp=512, max_tokens=40,
                  interpolation="bilinear"),
     "tiny": dict(image_size=32, patch_size=8, image_width=32, image_depth=2, image_heads=2,
                  vocab_size=256, text_width=32, text_depth=2, text_heads=2, text_mlp=64, max_tokens=24,

@@ -1,0 +1,167 @@
+"""The ablation benchmark: the paper's Tables 4 and 5 on the demo world.
+
+Trains the same student at the same budget (the demo config's steps) in each variant:
+DSMD with all four losses; the same student trained directly on image-caption pairs with
+CLIP's contrastive loss (no teacher); each loss removed; the triplet alone; the peers'
+similarity-KL loss alone (open_clip's distiller, TinyCLIP); the balancer's `none` and
+`reference` variants; and the paper's exact margin 0. Every run is evaluated on the test
+split beside the teacher. Results: a JSON file, a Markdown table and a bar chart.
+
+    .venv/bin/python bench/ablation.py                       # all variants, seed 0
+    .venv/bin/python bench/ablation.py --seeds 0 1 --only dsmd clip
+    .venv/bin/python bench/ablation.py --set optim.epochs=1  # a shorter budget for every variant
+
+Runs already finished in --out are reused, so an interrupted benchmark continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "dsmd": ("DSMD: CD+FD+SD+HND, dynamic balancer", []),
+    "clip": ("direct training, CLIP loss (no teacher)", ["method=clip"]),
+    "no-cd": ("w/o CD", ['loss.use=["fd","sd","hnd"]']),
+    "no-fd": ("w/o FD", ['loss.use=["cd","sd","hnd"]']),
+    "no-sd": ("w/o SD", ['loss.use=["cd","fd","hnd"]']),
+    "no-hnd": ("w/o HND", ['loss.use=["cd","fd","sd"]']),
+    "hnd-only": ("HND alone", ['loss.use=["hnd"]']),
+    "kl-only": ("similarity KL alone (open_clip/TinyCLIP distiller)", ['loss.use=["kl"]']),
+    "bal-none": ("balancer none (plain sum)", ["balancer.mode=none"]),
+    "bal-reference": ("balancer reference (released prototype)", ["balancer.mode=reference"]),
+    "margin-0": ("paper's margin 0", ["loss.margin=0.0"]),
+}
+
+
+def run_variant(name: str, seed: int, args) -> dict:
+    out = Path(args.out) / f"{name}-s{seed}"
+    result = out / "test_recall.json"
+    if result.exists():
+        return json.loads(result.read_text())
+    sets = VARIANTS[name][1] + [f"run.seed={seed}"] + list(args.set or [])
+    cmd = [sys.executable, "-m", "dsmd.cli", "distill", "--config", args.config, "--out", str(out)]
+    for s in sets:
+        cmd += ["--set", s]
+    t0 = time.time()
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    seconds = time.time() - t0
+    (Path(args.out) / f"{name}-s{seed}.log").write_text(done.stdout + done.stderr)
+    record = {"variant": name, "seed": seed, "seconds": round(seconds, 1), "returncode": done.returncode}
+    if (out / "best" / "student.json").exists():
+        from distill.config import load_config
+        from distill.train import evaluate_student
+
+        cfg = load_config(args.config, args.set)
+        teacher, student = evaluate_student(out, cfg.data.dataset, cfg.data.features, "test", device="cpu")
+        record.update({"teacher": teacher.to_json(), "student": student.to_json(),
+                       "stopped": done.returncode != 0})
+    else:
+        record["error"] = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no checkpoint"
+    out.mkdir(parents=True, exist_ok=True)
+    result.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def table(records: list[dict]) -> str:
+    """Markdown: one row per variant (mean over seeds), test split."""
+    by: dict[str, list[dict]] = {}
+    for r in records:
+        by.setdefault(r["variant"], []).append(r)
+    teacher = next(r["teacher"] for r in records if "teacher" in r)
+    direct = by.get("clip")
+    direct_rsum = _mean([r["student"]["rsum"] for r in direct if "student" in r]) if direct else None
+    lines = ["| variant | seeds | i→t R@1 | R@5 | R@10 | t→i R@1 | R@5 | R@10 | RSUM | % of teacher | vs direct |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+             _row("teacher (demo CNN, 2.2M)", [teacher], teacher["rsum"], None, "—")]
+    for name, rs in by.items():
+        ok = [r["student"] for r in rs if "student" in r]
+        if not ok:
+            lines.append(f"| {VARIANTS[name][0]} | {len(rs)} | failed: {rs[0].get('error', '')} ||||||||")
+            continue
+        note = " (stopped at chance)" if any(r.get("stopped") for r in rs) else ""
+        spread = f" ± {(max(x['rsum'] for x in ok) - min(x['rsum'] for x in ok)) / 2:.1f}" if len(ok) > 1 else ""
+        lines.append(_row(VARIANTS[name][0] + note, ok, teacher["rsum"], direct_rsum, spread, len(rs)))
+    return "\n".join(lines)
+
+
+def _row(label, recs, teacher_rsum, direct_rsum, spread, n=1) -> str:
+    m = {k: _mean([r[k] for r in recs]) for k in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5",
+                                                  "t2i_R@10", "rsum")}
+    vs = f"{m['rsum'] - direct_rsum:+.1f}" if direct_rsum is not None else ""
+    spread = "" if spread == "—" else spread
+    return (f"| {label} | {n} | {m['i2t_R@1']:.1f} | {m['i2t_R@5']:.1f} | {m['i2t_R@10']:.1f} | {m['t2i_R@1']:.1f} "
+            f"| {m['t2i_R@5']:.1f} | {m['t2i_R@10']:.1f} | {m['rsum']:.1f}{spread} | "
+            f"{100 * m['rsum'] / teacher_rsum:.1f}% | {vs} |")
+
+
+def _mean(v: list[float]) -> float:
+    return sum(v) / len(v)
+
+
+def chart(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["variant"] for r in records))
+    teacher = next(r["teacher"]["rsum"] for r in records if "teacher" in r)
+    vals, errs = [], []
+    for n in names:
+        xs = [r["student"]["rsum"] for r in records if r["variant"] == n and "student" in r] or [0.0]
+        vals.append(_mean(xs))
+        errs.append((max(xs) - min(xs)) / 2)
+    colours = ["tab:green" if n == "dsmd" else "tab:red" if n == "clip" else "tab:blue" for n in names]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    ax.barh([VARIANTS[n][0] for n in names], vals, xerr=errs, color=colours)
+    ax.axvline(teacher, color="black", linestyle="--", label=f"teacher {teacher:.1f}")
+    ax.axvline(600, color="grey", linewidth=0.5)
+    ax.set(xlabel="test RSUM (max 600)", title="Ablation on the demo world, same student and budget")
+    ax.invert_yaxis()
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/demo.json")
+    p.add_argument("--out", default="bench/results/ablation")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--only", nargs="+", choices=list(VARIANTS), help="variants to run (default: all)")
+    p.add_argument("--set", action="append", help="override for every variant, e.g. optim.epochs=1")
+    args = p.parse_args()
+    os.chdir(ROOT)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    records = []
+    for seed in args.seeds:
+        for name in args.only or VARIANTS:
+            r = run_variant(name, seed, args)
+            records.append(r)
+            rsum = r["student"]["rsum"] if "student" in r else float("nan")
+            print(f"{name:14s} seed {seed}: test RSUM {rsum:6.1f}  ({r['seconds']:.0f} s)", flush=True)
+    md = table(records)
+    header = (f"Command: `.venv/bin/python bench/ablation.py {' '.join(sys.argv[1:])}`  \n"
+              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+              f"date {time.strftime('%Y-%m-%d')}; config {args.config} {' '.join(args.set or [])}\n\n")
+    (Path(args.out) / "table.md").write_text(header + md + "\n")
+    (Path(args.out) / "results.json").write_text(json.dumps(records, indent=2))
+    chart(records, Path(args.out) / "ablation.png")
+    print(md)
+    print(f"wrote {args.out}/table.md, results.json, ablation.png")
+
+
+if __name__ == "__main__":
+    main()
