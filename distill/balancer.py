@@ -99,6 +99,8 @@ class Balancer:
         exps = {n: math.exp((rates[n] - top) / self.cfg.temperature) for n in self.names}
         z = sum(exps.values())
         weights = {n: k * exps[n] / z for n in self.names}
+        if not all(math.isfinite(v) for v in tracked.values()):
+            return weights  # a non-finite step (fp16 overflow, skipped by the scaler) must not poison the history
         prev = self.smoothed[-1] if self.smoothed else tracked
         beta = self.cfg.ema
         self.smoothed = (self.smoothed + [{n: beta * prev[n] + (1 - beta) * tracked[n] for n in self.names}])[-2:]

@@ -52,6 +52,7 @@ class LossCfg:
         bad = [n for n in self.use if n not in LOSSES]
         if bad or not self.use:
             raise UserError(f"loss.use must list some of {', '.join(LOSSES)} (got {self.use})")
+        _positive("loss", tau=self.tau, queue_size=self.queue_size, kl_temperature=self.kl_temperature)
 
 
 @dataclass
@@ -65,6 +66,11 @@ class OptimCfg:
     batch_size: int = 64  # pairs per optimiser step, over all ranks and accumulation steps
     accum_steps: int = 1  # gradient accumulation: micro-batch = batch_size / (ranks x accum_steps)
     clip_grad: float = 0.0  # max gradient norm; 0 = off
+
+    def __post_init__(self):
+        _positive("optim", epochs=self.epochs, batch_size=self.batch_size, accum_steps=self.accum_steps)
+        if self.lr < 0 or self.weight_decay < 0 or self.warmup_steps < 0:
+            raise UserError("optim.lr, optim.weight_decay and optim.warmup_steps must not be negative")
 
 
 @dataclass
@@ -92,6 +98,25 @@ class RunCfg:
     stop_at_chance_after: int = 2  # stop if val recall is at chance after this many epochs; 0 = never
     eval_batch: int = 256
 
+    def __post_init__(self):
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UserError(f"run.device must be auto, cpu or cuda, not {self.device!r} "
+                            f"(under torchrun each process takes the GPU of its LOCAL_RANK)")
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise UserError(f"run.amp must be auto, bf16, fp16 or off, not {self.amp!r}")
+        _positive("run", eval_every=self.eval_every, checkpoint_every=self.checkpoint_every,
+                  eval_batch=self.eval_batch)
+
+
+# Settings that may change between a run and its resume: they do not change what is learnt.
+RESUMABLE_CHANGES = ("run.workers", "run.threads", "run.eval_batch", "run.checkpoint_every")
+
+
+def _positive(section: str, **values) -> None:
+    bad = [k for k, v in values.items() if not v > 0]
+    if bad:
+        raise UserError(f"{', '.join(f'{section}.{k}' for k in bad)} must be positive")
+
 
 @dataclass
 class DistillConfig:
@@ -107,6 +132,10 @@ class DistillConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise UserError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        _positive("balancer", temperature=self.balancer.temperature, max_scale=self.balancer.max_scale)
+        if self.balancer.mode == "fixed" and set(self.balancer.fixed) != set(self.loss.use):
+            raise UserError(f"balancer.fixed must give a weight to each of loss.use {self.loss.use}, "
+                            f"got {sorted(self.balancer.fixed)}")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -126,15 +155,34 @@ def _build(cls, d: Any, where: str):
                         f"(known: {', '.join(known)})")
     kwargs = {}
     for name, value in d.items():
-        default = known[name].default_factory() if callable(known[name].default_factory) else None
+        f = known[name]
+        default = f.default_factory() if callable(f.default_factory) else f.default
         if is_dataclass(default):
             kwargs[name] = _build(type(default), value, f"{where}{name}.")
-        else:
-            kwargs[name] = value
+            continue
+        _check_type(f"{where}{name}", value, default)
+        kwargs[name] = float(value) if isinstance(default, float) and isinstance(value, int) else value
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise UserError(f"config {where.rstrip('.') or 'file'}: {e}") from e
+
+
+def _check_type(key: str, value: Any, default: Any) -> None:
+    """A value must have its default's type (ints pass for floats; None-defaults take str or None)."""
+    if default is None:  # optional paths and numbers
+        ok = value is None or (isinstance(value, (str, int, float)) and not isinstance(value, bool))
+    elif isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        want = "a string, a number or null" if default is None else type(default).__name__
+        raise UserError(f"config {key}: expected {want}, got {value!r}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DistillConfig:
@@ -181,12 +229,12 @@ def _merge(base: dict, new: dict, where: str) -> None:
 
 
 def config_diff(a: dict, b: dict, where: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config dicts."""
+    """Dotted keys whose values differ between two config dicts (RESUMABLE_CHANGES left out)."""
     out = []
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
+        if isinstance(va, dict) and isinstance(vb, dict) and k not in ("overrides", "fixed"):
             out += config_diff(va, vb, f"{where}{k}.")
-        elif va != vb:
+        elif va != vb and f"{where}{k}" not in RESUMABLE_CHANGES:
             out.append(f"{where}{k}")
     return out

@@ -150,19 +150,31 @@ class Student(nn.Module):
 
 
 def build_tokenizer(texts: list[str], vocab_size: int, max_tokens: int) -> Tokenizer:
-    """A BERT-style uncased WordPiece tokenizer learnt from the training captions.
+    """A BERT-style uncased WordPiece tokenizer for the training captions, when no pretrained
+    text encoder (with its own vocabulary) is given.
 
-    Used when no pretrained text encoder (with its own vocabulary) is given.
+    The vocabulary is every character (alone and as a "##" continuation) plus the most
+    frequent words, ties broken alphabetically, so the same captions always give the same
+    ids (the `tokenizers` WordPiece trainer does not: its merges and ids change from run to
+    run). Rarer words are spelt out in pieces.
     """
-    from tokenizers import normalizers, pre_tokenizers, processors, trainers
+    from collections import Counter
+
+    from tokenizers import normalizers, pre_tokenizers
     from tokenizers.models import WordPiece
 
-    tok = Tokenizer(WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]",
-                                                                               "[MASK]"])
-    tok.train_from_iterator(texts, trainer)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    norm, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts = Counter(w for t in texts for w, _ in pre.pre_tokenize_str(norm.normalize_str(t)))
+    chars = sorted({c for w in counts for c in w})
+    pieces = chars + ["##" + c for c in chars]
+    room = vocab_size - len(specials) - len(pieces)
+    if room < 0:
+        raise UserError(f"the captions use {len(chars)} distinct characters: a vocabulary of {vocab_size} cannot "
+                        f"hold them (raise vocab_size)")
+    words = [w for w, _ in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0])) if len(w) > 1][:room]
+    tok = Tokenizer(WordPiece({t: i for i, t in enumerate(specials + pieces + words)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = norm, pre
     return _finish_tokenizer(tok, max_tokens)
 
 
@@ -233,12 +245,7 @@ def create_student(preset: str, dim: int, image_init: str | Path | None = None, 
                       text_mlp=hf["intermediate_size"])
         init["text"] = str(text_init)
     if tokenizer is None:
-        if text_init is not None:
-            tokenizer = tokenizer_from_hf(text_init, cfg.max_tokens)
-        elif captions:
-            tokenizer = build_tokenizer(captions, cfg.vocab_size, cfg.max_tokens)
-        else:
-            raise UserError("no tokenizer: give --text-init (a BERT directory) or training captions to learn one")
+        tokenizer = make_tokenizer(text_init, captions, cfg.vocab_size, cfg.max_tokens)
     if tokenizer.get_vocab_size() > cfg.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, more than the text encoder's "
                         f"{cfg.vocab_size}")
@@ -258,6 +265,16 @@ def create_student(preset: str, dim: int, image_init: str | Path | None = None, 
         log("text encoder: random initialisation (give --text-init with a Hugging Face BERT directory to start "
             "pretrained)")
     return model, tokenizer
+
+
+def make_tokenizer(text_init: str | Path | None, captions: list[str] | None, vocab_size: int,
+                   max_tokens: int) -> Tokenizer:
+    """The pretrained text encoder's tokenizer, or a WordPiece vocabulary learnt from the captions."""
+    if text_init is not None:
+        return tokenizer_from_hf(Path(text_init), max_tokens)
+    if captions:
+        return build_tokenizer(captions, vocab_size, max_tokens)
+    raise UserError("no tokenizer: give a pretrained text encoder (student.text_init) or training captions")
 
 
 def _existing(path: str | Path, what: str) -> Path:

@@ -17,7 +17,14 @@ Run folder:
 
 Exact resume: the data order and augmentation are functions of (seed, epoch, pair), and the
 torch RNG (dropout) is re-seeded from (seed, step, rank) every step, so no RNG state needs
-saving and a killed run continues exactly where its last checkpoint was taken.
+saving and a killed run continues exactly where its last checkpoint was taken (bit for bit on
+CPU; on GPUs within the non-determinism of their kernels).
+
+Several processes (torchrun) and gradient accumulation split each global batch into
+micro-batches. The queues enqueue the teacher rows of every process (gathered, as MoCo
+does), but the in-batch losses (the hardest-negative triplet, the KL and CLIP baselines) see
+their own micro-batch only, and the balancer's loss history advances once per micro-batch
+(with the losses averaged over processes, so every process uses the same weights).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from distill import losses as L
@@ -41,7 +49,8 @@ from distill.balancer import Balancer
 from distill.config import DistillConfig, config_diff
 from distill.data import EvalImages, Pairs, TrainBatches, epoch_order
 from distill.features import FeatureStore, SplitFeatures, StoreMismatch
-from distill.student import Student, create_student, load_student, save_student, tokenize
+from distill.student import (Student, create_student, load_student, make_tokenizer, preset_config, save_student,
+                             tokenize)
 from distill.train_teacher import cpu_has_bf16
 from dsmd.artifacts import read_json, read_manifest, sha256_file, versions, write_json
 from dsmd.datasets import Dataset, Item, load_dataset
@@ -91,6 +100,18 @@ class Dist:
         t = torch.tensor([int(flag)], device=device)
         torch_dist.broadcast(t, 0)
         return bool(t.item())
+
+    def on_main(self, fn, device: torch.device):
+        """Run `fn` on rank 0 only; if it raises, every rank raises (instead of waiting forever)."""
+        result, error = None, None
+        if self.main:
+            try:
+                result = fn()
+            except BaseException as e:  # noqa: BLE001 - re-raised below, on every rank
+                error = e
+        if self.broadcast_flag(error is not None, device):
+            raise error if error is not None else RuntimeError("rank 0 failed; its log says why")
+        return result
 
 
 def init_dist(device_kind: str) -> Dist:
@@ -177,7 +198,7 @@ def open_store(cfg: DistillConfig, ds: Dataset) -> FeatureStore:
     try:
         store = FeatureStore(cfg.data.features)
     except FileNotFoundError as e:
-        raise UserError(f"{e}. Build it first: dsmd features --data {cfg.data.dataset} --out {cfg.data.features} "
+        raise UserError(f"{e}. Build it first: dsmd features --data {ds.source} --out {cfg.data.features} "
                         f"--teacher ...") from e
     theirs = store.manifest["dataset"]["fingerprint"]
     if theirs != ds.fingerprint():
@@ -259,9 +280,16 @@ def save_best(out: Path, model: Student, tok, cfg: DistillConfig, info: dict) ->
 
 
 def _truncate_jsonl(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint we resume from (they will be written again)."""
+    """Drop records written after the checkpoint we resume from (they will be written again),
+    and a last line half-written when the run was killed."""
     if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
         path.write_text("".join(line + "\n" for line in keep))
 
 
@@ -295,10 +323,13 @@ def _train(cfg: DistillConfig, out: Path, restart: bool, dist: Dist, device_kind
     micro = o.batch_size // (dist.world * o.accum_steps)
 
     # -- the run folder: fresh, or resumed with the same config
-    _recover_dir(out / "best")
     resume = None
-    if restart and dist.main and out.exists():
-        shutil.rmtree(out)
+    if dist.main:
+        if restart and out.exists():
+            shutil.rmtree(out)
+        _recover_dir(out / "best")
+        for tmp in list(out.glob(".*.tmp")) + list((out / "checkpoints").glob(".*.tmp")):
+            shutil.rmtree(tmp, ignore_errors=True)  # a checkpoint being written when the run was killed
     dist.barrier()
     if (out / "config.json").exists():
         saved = read_json(out / "config.json")
@@ -328,17 +359,24 @@ def _train(cfg: DistillConfig, out: Path, restart: bool, dist: Dist, device_kind
     total_steps = o.epochs * steps_per_epoch
 
     # -- student
-    quiet = lambda *a: None  # noqa: E731
     if resume is not None:
         model, tok = load_student(resume)
         model = model.train()
         if cfg.method == "clip":
             model, tok = _with_logit_scale(model, tok)
     else:
+        # rank 0 learns the vocabulary; every rank then reads that one file
+        shared = out / "tokenizer.json"
+        if dist.main:
+            sizes = preset_config(cfg.student.preset, store.dim, **cfg.student.overrides)
+            tok = make_tokenizer(cfg.student.text_init, [c for it in train_items for c in it.captions],
+                                 sizes.vocab_size, sizes.max_tokens)
+            tok.save(str(shared))
+        dist.barrier()
         torch.manual_seed(cfg.run.seed)  # the initial weights are a function of the seed too
         model, tok = create_student(cfg.student.preset, store.dim, cfg.student.image_init, cfg.student.text_init,
-                                    captions=[c for it in train_items for c in it.captions],
-                                    log=log, logit_scale=cfg.method == "clip", **cfg.student.overrides)
+                                    tokenizer=Tokenizer.from_file(str(shared)), log=log,
+                                    logit_scale=cfg.method == "clip", **cfg.student.overrides)
     model.to(device).train()
     counts = model.parameter_counts()
     log(f"student {cfg.student.preset}: {counts['total'] / 1e6:.1f}M parameters (image {counts['image'] / 1e6:.1f}M, "
@@ -363,6 +401,9 @@ def _train(cfg: DistillConfig, out: Path, restart: bool, dist: Dist, device_kind
             q.load_state_dict(state["queues"][m])
         balancer.load_state_dict(state["balancer"])
         step, best = state["step"], state["best"]
+        if state.get("teacher") != store.manifest["teacher"]:
+            raise StoreMismatch(f"{out} was trained on features of another teacher ({state.get('teacher')}); "
+                                f"{store.path} now holds {store.manifest['teacher']}: use --restart")
         if cfg.method == "clip":
             model.logit_scale.data.fill_(state["logit_scale"])
         log(f"resuming {out} at step {step} (epoch {step // steps_per_epoch + 1}, "
@@ -433,20 +474,18 @@ def _train(cfg: DistillConfig, out: Path, restart: bool, dist: Dist, device_kind
                                 pairs_s=f"{rate:.0f}")
             end_of_epoch = step % steps_per_epoch == 0
             if end_of_epoch and ((epoch + 1) % cfg.run.eval_every == 0 or step == total_steps):
-                stop = _evaluate_epoch(out, model, tok, cfg, val_items, val_feats, device, amp, dist, epoch, step,
-                                       best, writer, bar)
+                stop = _evaluate_epoch(out, model, tok, cfg, val_items, device, amp, dist, epoch, step, best,
+                                       writer, bar)
                 if stop:
                     bar.close()
                     raise CollapsedError(stop)
             if end_of_epoch or step % cfg.run.checkpoint_every == 0:
-                if dist.main:
-                    save_checkpoint(out, model, tok, cfg, {
+                dist.on_main(lambda: save_checkpoint(out, model, tok, cfg, {
                         "step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                         "queues": {m: q.state_dict() for m, q in queues.items()},
-                        "balancer": balancer.state_dict(), "best": best,
+                        "balancer": balancer.state_dict(), "best": best, "teacher": store.manifest["teacher"],
                         "logit_scale": float(model.logit_scale.detach()) if cfg.method == "clip" else 0.0,
-                    })
-                dist.barrier()
+                    }), device)
         del it, loader
     bar.close()
     if step_log is not None:
@@ -529,37 +568,44 @@ def _enqueue(queues: dict[str, Queue], rows, dist: Dist) -> None:
         queues["text"].push(dist.gather(t_txt), all_ids)
 
 
-def _evaluate_epoch(out: Path, model: Student, tok, cfg: DistillConfig, items: list[Item], feats: SplitFeatures,
-                    device, amp, dist: Dist, epoch: int, step: int, best: dict, writer, bar) -> str | None:
-    """Val recall on rank 0, best checkpoint, metrics, plot; returns a message if training must stop."""
-    stop = None
-    if dist.main:
-        r = evaluate(*encode_split(model, tok, items, device, cfg.run.eval_batch, amp=amp))
-        rec = {"step": step, "epoch": epoch + 1, "val": r.to_json(), "rsum": r.rsum, "time": time.time()}
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        improved = r.rsum > best["rsum"]
-        if improved:
-            best.update({"rsum": r.rsum, "epoch": epoch + 1, "step": step, "val": r.to_json()})
-            save_best(out, model, tok, cfg, dict(best))
-        if writer is not None:
-            writer.add_scalar("val/rsum", r.rsum, step)
-            for k, v in r.to_json().items():
-                if isinstance(v, (int, float)) and k.startswith(("i2t", "t2i")):
-                    writer.add_scalar(f"val/{k}", v, step)
-            writer.flush()
-        chance = chance_rsum(len(items), [len(it.captions) for it in items])
-        bar.write(f"epoch {epoch + 1}: val RSUM {r.rsum:.1f} (i2t R@1 {r.i2t[1]:.1f}, t2i R@1 {r.t2i[1]:.1f})"
-                  f"{'  best' if improved else ''}  [chance {chance:.1f}]")
-        plot_run(out)
-        after = cfg.run.stop_at_chance_after
-        if after and epoch + 1 >= after and r.rsum <= 2 * chance:
-            stop = (f"val RSUM {r.rsum:.1f} after {epoch + 1} epochs is at chance ({chance:.1f}): the student is not "
-                    f"learning. With margin 0 the magnitude scaling of a vanishing triplet loss can collapse "
-                    f"training (METHOD.md §7): try --set loss.margin=0.2 or --set balancer.mode=none; a higher "
-                    f"optim.lr helps students trained from scratch. (run.stop_at_chance_after=0 disables this stop.)")
+def _evaluate_epoch(out: Path, model: Student, tok, cfg: DistillConfig, items: list[Item], device, amp, dist: Dist,
+                    epoch: int, step: int, best: dict, writer, bar) -> str | None:
+    """Val recall on rank 0 (best checkpoint, metrics, plot); a message on every rank if training must stop."""
+    stop = dist.on_main(lambda: _evaluate_on_main(out, model, tok, cfg, items, device, amp, epoch, step, best,
+                                                  writer, bar), device)
     if dist.broadcast_flag(stop is not None, device) and stop is None:
         stop = "stopped by rank 0: val recall at chance"
+    return stop
+
+
+def _evaluate_on_main(out: Path, model: Student, tok, cfg: DistillConfig, items: list[Item], device, amp,
+                      epoch: int, step: int, best: dict, writer, bar) -> str | None:
+    stop = None
+    r = evaluate(*encode_split(model, tok, items, device, cfg.run.eval_batch, amp=amp))
+    rec = {"step": step, "epoch": epoch + 1, "val": r.to_json(), "rsum": r.rsum, "time": time.time()}
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    improved = r.rsum > best["rsum"]
+    if improved:
+        best.update({"rsum": r.rsum, "epoch": epoch + 1, "step": step, "val": r.to_json()})
+        save_best(out, model, tok, cfg, dict(best))
+    if writer is not None:
+        writer.add_scalar("val/rsum", r.rsum, step)
+        for k, v in r.to_json().items():
+            if isinstance(v, (int, float)) and k.startswith(("i2t", "t2i")):
+                writer.add_scalar(f"val/{k}", v, step)
+        writer.flush()
+    chance = chance_rsum(len(items), [len(it.captions) for it in items])
+    bar.write(f"epoch {epoch + 1}: val RSUM {r.rsum:.1f} (i2t R@1 {r.i2t[1]:.1f}, t2i R@1 {r.t2i[1]:.1f})"
+              f"{'  best' if improved else ''}  [chance {chance:.1f}]")
+    plot_run(out)
+    after = cfg.run.stop_at_chance_after
+    if after and epoch + 1 >= after and r.rsum <= 1.5 * chance:
+        stop = (f"val RSUM {r.rsum:.1f} after {epoch + 1} epochs is at chance ({chance:.1f}): the student is not "
+                f"learning. With margin 0 the magnitude scaling of a vanishing triplet loss can collapse "
+                f"training (METHOD.md §7): try --set loss.margin=0.2 or --set balancer.mode=none; a higher "
+                f"optim.lr helps students trained from scratch; start over with --restart or a new --out. "
+                f"(run.stop_at_chance_after=0 disables this stop.)")
     return stop
 
 

@@ -63,6 +63,13 @@ def test_projections_are_xavier_normal_with_gain_1_414():
     assert model.image_proj.bias.abs().max() == 0
 
 
+def test_learnt_vocabulary_is_the_same_every_time():
+    from distill.student import build_tokenizer
+
+    vocabs = {tuple(sorted(build_tokenizer(CAPTIONS, 64, 16).get_vocab().items())) for _ in range(5)}
+    assert len(vocabs) == 1
+
+
 def test_random_initialisation_is_announced():
     lines = []
     create_student("tiny", 16, captions=CAPTIONS, log=lines.append)
@@ -126,6 +133,15 @@ def test_config_file_and_overrides(tmp_path):
         load_config(None, ["balancer.mode=magic"])
     with pytest.raises(UserError, match="loss.use"):
         load_config(None, ['loss.use=["cd","xx"]'])
+    with pytest.raises(UserError, match="optim.epochs: expected int, got 'two'"):
+        load_config(None, ["optim.epochs=two"])
+    with pytest.raises(UserError, match="run.device must be auto, cpu or cuda"):
+        load_config(None, ["run.device=gpu"])
+    with pytest.raises(UserError, match="optim.accum_steps must be positive"):
+        load_config(None, ["optim.accum_steps=0"])
+    with pytest.raises(UserError, match="balancer.fixed must give a weight"):
+        load_config(None, ["balancer.mode=fixed", 'balancer.fixed={"cd": 1}'])
+    assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0  # an int is a fine float
 
 
 def test_micro_batches_partition_the_global_batch_for_any_world_and_accumulation():
@@ -239,6 +255,33 @@ def test_a_finished_run_is_not_trained_again_and_another_config_is_refused(finis
     assert again["steps"] == 90
     with pytest.raises(UserError, match="another config.*optim.lr"):
         train(tiny_cfg(tiny_world, tiny_store, **{"optim.lr": 5e-4}), finished_run)
+
+
+def test_resume_refuses_features_of_another_teacher_but_takes_harmless_changes(finished_run, tiny_world, tiny_store,
+                                                                              tmp_path):
+    import shutil
+
+    from distill.features import StoreMismatch
+
+    run, store = tmp_path / "run", tmp_path / "store"
+    shutil.copytree(finished_run, run)
+    shutil.copytree(tiny_store, store)
+    (run / "manifest.json").unlink()  # as if killed after its last checkpoint
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["teacher"]["checkpoint_hash"] = "0" * 64
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    cfg = tiny_cfg(tiny_world, tiny_store)
+    cfg.data.features = str(store)
+    config = json.loads((run / "config.json").read_text())
+    config["data"]["features"] = str(store)
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(StoreMismatch, match="another teacher"):
+        train(cfg, run)
+    cfg.data.features = str(tiny_store)
+    config["data"]["features"] = str(tiny_store)
+    (run / "config.json").write_text(json.dumps(config))
+    cfg.run.workers, cfg.run.checkpoint_every = 1, 5  # do not change what is learnt: accepted
+    assert train(cfg, run)["steps"] == 90
 
 
 def test_a_store_of_another_data_set_is_refused(tiny_store, tmp_path):
