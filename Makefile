@@ -57,10 +57,11 @@ features: $(FEATURES)/manifest.json
 recall: $(FEATURES)/manifest.json
 	$(BIN)/dsmd recall $(FEATURES) --split test
 
-# The demo student. A finished run older than the features or the config is stale; an
-# unfinished one resumes where it was killed.
+# The demo student. A finished run, or one started before the features or the config last
+# changed, is stale; an unfinished one resumes where it was killed.
 $(STUDENT)/manifest.json: $(FEATURES)/manifest.json configs/demo.json | $(STAMP)
-	if [ -f $@ ]; then rm -rf $(STUDENT); fi
+	if [ -f $@ ] || [ $(FEATURES)/manifest.json -nt $(STUDENT)/config.json ] \
+		|| [ configs/demo.json -nt $(STUDENT)/config.json ]; then rm -rf $(STUDENT); fi
 	$(BIN)/dsmd distill --config configs/demo.json --out $(STUDENT)
 
 student: $(STUDENT)/manifest.json

@@ -11,7 +11,8 @@ split beside the teacher. Results: a JSON file, a Markdown table and a bar chart
     .venv/bin/python bench/ablation.py --seeds 0 1 --only dsmd clip
     .venv/bin/python bench/ablation.py --set optim.epochs=1  # a shorter budget for every variant
 
-Runs already finished in --out are reused, so an interrupted benchmark continues.
+Runs already finished in --out are reused, so an interrupted benchmark continues, and the
+table covers every finished run in --out (add seeds with a second invocation).
 """
 
 from __future__ import annotations
@@ -152,6 +153,9 @@ def main() -> None:
             records.append(r)
             rsum = r["student"]["rsum"] if "student" in r else float("nan")
             print(f"{name:14s} seed {seed}: test RSUM {rsum:6.1f}  ({r['seconds']:.0f} s)", flush=True)
+    # the table covers every finished run in --out, so seeds can be added by later invocations
+    found = [json.loads(f.read_text()) for f in Path(args.out).glob("*-s*/test_recall.json")]
+    records = sorted(found, key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"]))
     md = table(records)
     header = (f"Command: `.venv/bin/python bench/ablation.py {' '.join(sys.argv[1:])}`  \n"
               f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
