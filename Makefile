@@ -10,18 +10,20 @@ WORLD    := data/world
 TEACHER  := artifacts/teacher
 FEATURES := artifacts/features
 STUDENT  := artifacts/student
+BUNDLE   := artifacts/bundle
 
 # make distill CONFIG=configs/paper.json OUT=runs/f30k ARGS="--set data.features=..."
 CONFIG ?= configs/demo.json
 OUT    ?= runs/student
 ARGS   ?=
 
-.PHONY: help install test demo world teacher features recall student distill evaluate clean
+.PHONY: help install test demo world teacher features recall student distill evaluate export clean
 
 help:
 	@echo "make demo    - generate the demo world, train its teacher, extract features, distil the student,"
 	@echo "               print teacher and student recall"
 	@echo "make distill - train a student: CONFIG=configs/demo.json OUT=runs/student ARGS='--set key=value ...'"
+	@echo "make export  - export the demo student to an ONNX bundle (others: dsmd export student RUN --out DIR --data DATA)"
 	@echo "make test    - run the test suite"
 	@echo "make clean  - remove generated data and artifacts (keeps .venv)"
 	@echo "Everything else: $(BIN)/dsmd --help"
@@ -73,7 +75,13 @@ evaluate: $(STUDENT)/manifest.json
 distill: $(if $(filter configs/demo.json,$(CONFIG)),$(FEATURES)/manifest.json) | $(STAMP)
 	$(BIN)/dsmd distill --config $(CONFIG) --out $(OUT) $(ARGS)
 
-demo: evaluate
+# The bundle is checked against the PyTorch student on the test split while it is exported.
+$(BUNDLE)/manifest.json: $(STUDENT)/manifest.json | $(STAMP)
+	$(BIN)/dsmd export student $(STUDENT) --out $(BUNDLE) --data $(WORLD) --split test
+
+export: $(BUNDLE)/manifest.json
+
+demo: evaluate export
 
 clean:
 	rm -rf data artifacts

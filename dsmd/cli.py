@@ -9,6 +9,7 @@
     dsmd students        list the student presets and their sizes
     dsmd distill         train a student from a feature store (DSMD; resumable; torchrun for many GPUs)
     dsmd evaluate        recall of a student beside its teacher's, on one split
+    dsmd export          student|teacher: write an ONNX encoder bundle; verify: check one
 
 Heavy libraries (torch) are imported inside the commands that need them, so `dsmd --help`
 and the torch-free commands start fast.
@@ -150,6 +151,24 @@ def _evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _export(a: argparse.Namespace) -> int:
+    if a.what == "verify":
+        from dsmd.bundle import verify
+
+        for variant, info in verify(a.source).items():
+            print(f"  {variant:5s} ok: files match the manifest, smoke encode gives unit vectors of dim {info['dim']}")
+        print(f"{a.source} verified")
+        return 0
+    from export.onnx import ExportCfg, demo_teacher_encoders, export, student_encoders
+
+    enc = student_encoders(a.source) if a.what == "student" else demo_teacher_encoders(a.source)
+    cfg = ExportCfg(int8=not a.no_int8, max_drop=a.max_drop, split=a.split)
+    m = export(enc, a.out, data=a.data, images=a.images, cfg=cfg)
+    print(f"wrote {a.out}: {m['name']}, dim {m['dim']}, variants {', '.join(m['variants'])}"
+          + (f" (refused: {', '.join(m['refused'])})" if m.get("refused") else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dsmd",
@@ -230,6 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--json", help="also write both recall tables to this file")
     e.set_defaults(run=_evaluate)
+
+    x = sub.add_parser("export", help="write an ONNX encoder bundle of a student or the demo teacher; verify one")
+    x.add_argument("what", choices=["student", "teacher", "verify"],
+                   help="student: a student checkpoint or run folder; teacher: a demo-teacher folder; verify: a bundle")
+    x.add_argument("source", help="the checkpoint, run or teacher folder (or the bundle, for verify)")
+    x.add_argument("--out", default="artifacts/bundle", help="bundle folder (default: artifacts/bundle)")
+    x.add_argument("--data", help="data set whose split checks recall (PyTorch vs ONNX, and the INT8 variant)")
+    x.add_argument("--images", help="image root (default: beside the annotation file)")
+    x.add_argument("--split", default="val")
+    x.add_argument("--no-int8", action="store_true", help="do not build the INT8 variant")
+    x.add_argument("--max-drop", type=float, default=2.0,
+                   help="largest RSUM loss a variant may cost to be shipped (default: 2.0 of 600)")
+    x.set_defaults(run=_export)
     return p
 
 

@@ -32,3 +32,29 @@ def tiny_teacher(tiny_world, tmp_path_factory) -> Path:
     train_teacher(tiny_world, out, cfg, model_cfg={"image_size": 32, "channels": (8, 16), "image_hidden": 32,
                                                     "text_width": 32, "text_dilations": (1, 2), "dim": 16})
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_world, tiny_teacher, tmp_path_factory) -> Path:
+    """The tiny teacher's feature store of the tiny world."""
+    from distill.features import extract
+    from distill.teachers import load_teacher
+    from dsmd.datasets import load_dataset
+
+    out = tmp_path_factory.mktemp("store")
+    extract(load_teacher("demo", tiny_teacher), load_dataset(tiny_world), out, chunk=32, workers=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tiny_world, tiny_store, tmp_path_factory) -> Path:
+    """A run folder of the tiny student distilled for two epochs (its best/ is the checkpoint)."""
+    from distill.config import load_config
+    from distill.train import train
+
+    out = tmp_path_factory.mktemp("student")
+    cfg = load_config(None, [f"data.dataset={tiny_world}", f"data.features={tiny_store}", "student.preset=tiny",
+                             "optim.epochs=2", "optim.batch_size=16", "optim.lr=1e-3", "loss.queue_size=64",
+                             "loss.margin=0.2", "run.workers=0", "run.threads=1", "run.stop_at_chance_after=0"])
+    train(cfg, out)
+    return out

@@ -200,17 +200,6 @@ def tiny_cfg(world: Path, features: Path, **over) -> DistillConfig:
 
 
 @pytest.fixture(scope="module")
-def tiny_store(tiny_world, tiny_teacher, tmp_path_factory) -> Path:
-    from distill.features import extract
-    from distill.teachers import load_teacher
-    from dsmd.datasets import load_dataset
-
-    out = tmp_path_factory.mktemp("store")
-    extract(load_teacher("demo", tiny_teacher), load_dataset(tiny_world), out, chunk=32, workers=0)
-    return out
-
-
-@pytest.fixture(scope="module")
 def finished_run(tiny_world, tiny_store, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
     train(tiny_cfg(tiny_world, tiny_store), out)

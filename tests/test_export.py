@@ -1,0 +1,128 @@
+"""The encoder bundle: export, parity and recall checks, INT8 variant, verification, and the
+runtime without torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dsmd.bundle import Bundle, BundleError, verify
+from dsmd.datasets import load_dataset
+from dsmd.errors import UserError
+from dsmd.images import BadImage
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_student, tiny_world, tmp_path_factory) -> Path:
+    from export.onnx import ExportCfg, export, student_encoders
+
+    out = tmp_path_factory.mktemp("b") / "bundle"
+    export(student_encoders(tiny_student), out, data=tiny_world, cfg=ExportCfg(max_drop=600.0), log=lambda *a: None)
+    return out
+
+
+def test_bundle_reproduces_the_pytorch_student(bundle, tiny_student, tiny_world):
+    import torch
+
+    from distill.student import load_student
+    from distill.train import encode_split
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["dim"] == 16 and set(m["variants"]) == {"fp32", "int8"}
+    assert m["figures"]["parity"]["min_cosine_image"] >= 0.9999
+    assert m["figures"]["parity"]["min_cosine_text"] >= 0.9999
+    rec = m["figures"]["recall"]
+    assert abs(rec["fp32"]["rsum"] - rec["torch"]["rsum"]) <= 0.1
+    assert m["provenance"]["opset"] == 17 and m["provenance"]["source"]["weights_sha256"]
+
+    items = load_dataset(tiny_world).split("test")
+    model, tok = load_student(tiny_student / "best")
+    img, txt, _ = encode_split(model, tok, items, torch.device("cpu"))
+    b = Bundle(bundle)
+    ours_img = b.encode_images([it.path.read_bytes() for it in items])
+    ours_txt = b.encode_texts([c for it in items for c in it.captions])
+    assert (ours_img * img).sum(1).min() > 0.9999 and (ours_txt * txt).sum(1).min() > 0.9999
+
+
+def test_runtime_needs_neither_torch_nor_transformers(bundle, tiny_world):
+    items = load_dataset(tiny_world).split("test")[:3]
+    code = f"""
+import sys, json
+sys.modules["torch"] = None          # any import of torch or transformers now fails
+sys.modules["transformers"] = None
+from dsmd.bundle import Bundle
+b = Bundle({str(bundle)!r}, check_hashes=True)
+img = b.encode_images([open(p, "rb").read() for p in {[str(it.path) for it in items]!r}])
+txt = b.encode_texts(["a red circle", "", "word " * 500])
+print(json.dumps({{"img": img.tolist(), "txt": txt.tolist()}}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout)
+    b = Bundle(bundle)
+    np.testing.assert_allclose(got["img"], b.encode_images([it.path.read_bytes() for it in items]), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got["txt"], axis=1), 1, atol=1e-4)
+
+
+def test_over_long_texts_are_cut_and_say_so(bundle):
+    b = Bundle(bundle)
+    assert b.truncated("word " * 500) and not b.truncated("a red circle")
+    assert b.tokenize(["word " * 500])["input_ids"].shape[1] == 24  # the tiny preset's max tokens
+
+
+def test_bad_image_bytes_raise_bad_image(bundle):
+    with pytest.raises(BadImage):
+        Bundle(bundle).encode_images([b"not an image at all"])
+
+
+def test_int8_variant_is_refused_when_it_loses_too_much(tiny_student, tiny_world, tmp_path):
+    from export.onnx import ExportCfg, export, student_encoders
+
+    m = export(student_encoders(tiny_student), tmp_path / "b", data=tiny_world, cfg=ExportCfg(max_drop=-1000.0),
+               log=lambda *a: None)
+    assert set(m["variants"]) == {"fp32"} and "rsum_drop" in m["refused"]["int8"]
+    assert not list((tmp_path / "b").glob("*.int8.onnx"))
+    verify(tmp_path / "b")
+
+
+def test_failed_parity_writes_no_bundle(tiny_student, tmp_path):
+    from export.onnx import ExportCfg, ExportError, export, student_encoders
+
+    with pytest.raises(ExportError, match="min cosine"):
+        export(student_encoders(tiny_student), tmp_path / "b", cfg=ExportCfg(min_cosine=1.5), log=lambda *a: None)
+    assert not (tmp_path / "b").exists()
+
+
+def test_verify_catches_changed_and_missing_files(bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    assert set(verify(copy)) == {"fp32", "int8"}
+    with open(copy / "text.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match="text.onnx differs"):
+        verify(copy)
+    (copy / "image.int8.onnx").unlink()
+    with pytest.raises(BundleError, match="image.int8.onnx is missing"):
+        verify(copy)
+    with pytest.raises(BundleError, match="not an encoder bundle"):
+        Bundle(tmp_path)
+    with pytest.raises(BundleError, match="no 'fp16' variant"):
+        Bundle(bundle, variant="fp16")
+
+
+def test_demo_teacher_exports_through_the_same_runtime(tiny_teacher, tiny_world, tmp_path):
+    from dsmd.cli import main
+
+    assert main(["export", "teacher", str(tiny_teacher), "--out", str(tmp_path / "t"), "--data", str(tiny_world),
+                 "--no-int8"]) == 0
+    assert main(["export", "verify", str(tmp_path / "t")]) == 0
+    m = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert m["kind"] == "demo-teacher" and set(m["variants"]) == {"fp32"}
+    assert main(["export", "student", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
