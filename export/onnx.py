@@ -93,10 +93,15 @@ def student_encoders(path: str | Path) -> Encoders:
 
     path = resolve_student(path)
     model, tok = load_student(path)
+    return model_encoders(model, tok, source={"path": str(path), "config": model.cfg.to_json(),
+                                              "weights_sha256": sha256_file(path / "model.safetensors")})
+
+
+def model_encoders(model, tok, source: dict | None = None) -> Encoders:
+    """Encoders of an in-memory student (benchmarks export random-weight presets this way)."""
     return Encoders(name=f"student-{model.cfg.preset}", kind="student", image=_ImageEncoder(model),
-                    text=_TextEncoder(model), tokenizer=tok, preprocess=model.cfg.preprocess(),
-                    dim=model.cfg.dim, source={"path": str(path), "config": model.cfg.to_json(),
-                                               "weights_sha256": sha256_file(path / "model.safetensors")})
+                    text=_TextEncoder(model), tokenizer=tok, preprocess=model.cfg.preprocess(), dim=model.cfg.dim,
+                    source=source or {"config": model.cfg.to_json()})
 
 
 def demo_teacher_encoders(path: str | Path) -> Encoders:
@@ -147,7 +152,7 @@ def _min_cos(a: np.ndarray, b: np.ndarray) -> float:
 # ---------------------------------------------------------------- the export
 
 
-def _export_graphs(enc: Encoders, folder: Path, opset: int) -> None:
+def export_graphs(enc: Encoders, folder: Path, opset: int) -> None:
     size = enc.preprocess.size
     pixels = torch.randn(2, 3, size, size)
     ids, mask = (torch.tensor(x) for x in zip(*[(e.ids, e.attention_mask) for e in enc.tokenizer.encode_batch(
@@ -193,7 +198,7 @@ def export(enc: Encoders, out: str | Path, data: str | Path | None = None, image
     tmp.mkdir(parents=True)
     enc.image.eval()
     enc.text.eval()
-    _export_graphs(enc, tmp, cfg.opset)
+    export_graphs(enc, tmp, cfg.opset)
     enc.tokenizer.save(str(tmp / "tokenizer.json"))
     figures: dict = {}
     items: list[Item] = []
