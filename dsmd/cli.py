@@ -159,9 +159,9 @@ def _export(a: argparse.Namespace) -> int:
             print(f"  {variant:5s} ok: files match the manifest, smoke encode gives unit vectors of dim {info['dim']}")
         print(f"{a.source} verified")
         return 0
-    from export.onnx import ExportCfg, demo_teacher_encoders, export, student_encoders
+    from export.onnx import ExportCfg, export, student_encoders, teacher_encoders
 
-    enc = student_encoders(a.source) if a.what == "student" else demo_teacher_encoders(a.source)
+    enc = student_encoders(a.source) if a.what == "student" else teacher_encoders(a.teacher, a.source)
     cfg = ExportCfg(int8=not a.no_int8, max_drop=a.max_drop, split=a.split)
     m = export(enc, a.out, data=a.data, images=a.images, cfg=cfg)
     print(f"wrote {a.out}: {m['name']}, dim {m['dim']}, variants {', '.join(m['variants'])}"
@@ -252,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write an ONNX encoder bundle of a student or the demo teacher; verify one")
     x.add_argument("what", choices=["student", "teacher", "verify"],
-                   help="student: a student checkpoint or run folder; teacher: a demo-teacher folder; verify: a bundle")
+                   help="student: a student checkpoint or run folder; teacher: a teacher folder (--teacher); "
+                   "verify: a bundle")
+    x.add_argument("--teacher", default="demo", choices=["demo", "clip", "siglip"], help="teacher kind (default demo)")
     x.add_argument("source", help="the checkpoint, run or teacher folder (or the bundle, for verify)")
     x.add_argument("--out", default="artifacts/bundle", help="bundle folder (default: artifacts/bundle)")
     x.add_argument("--data", help="data set whose split checks recall (PyTorch vs ONNX, and the INT8 variant)")

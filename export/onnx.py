@@ -85,6 +85,7 @@ class Encoders:
     preprocess: PreprocessCfg
     dim: int
     source: dict
+    text_inputs: tuple[str, ...] = ("input_ids", "attention_mask")
 
 
 def student_encoders(path: str | Path) -> Encoders:
@@ -113,6 +114,64 @@ def demo_teacher_encoders(path: str | Path) -> Encoders:
                     dim=t.dim, source={"path": str(path), "weights_sha256": t.checkpoint_hash})
 
 
+class _HFImage(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        from distill.teachers.hf import _pooled
+
+        return torch.nn.functional.normalize(_pooled(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+
+
+class _HFText(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        from distill.teachers.hf import _pooled
+
+        inputs = {"input_ids": input_ids} if attention_mask is None else {"input_ids": input_ids,
+                                                                           "attention_mask": attention_mask}
+        return torch.nn.functional.normalize(_pooled(self.model.get_text_features(**inputs)).float(), dim=-1)
+
+
+def hf_teacher_encoders(kind: str, path: str | Path) -> Encoders:
+    """A Hugging Face CLIP or SigLIP teacher, tokenised as it was trained (see distill/teachers/hf.py):
+    CLIP pads to the longest text and takes the mask; SigLIP pads to max length, ids only."""
+    from distill.teachers.hf import HFTeacher
+
+    t = HFTeacher.load(path, kind)
+    hf_tok = t.tokenizer
+    if not getattr(hf_tok, "is_fast", False):
+        raise UserError(f"{path}: the bundle runtime tokenises with the `tokenizers` library and this folder has no "
+                        f"tokenizer.json (SigLIP ships only spiece.model, which transformers cannot convert); "
+                        f"add a tokenizer.json to export it")
+    tok = hf_tok.backend_tokenizer
+    tok.enable_truncation(t.preprocess.max_tokens)
+    pad_id = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else 0
+    pad_token = hf_tok.pad_token or hf_tok.convert_ids_to_tokens(pad_id)
+    if kind == "siglip":
+        tok.enable_padding(pad_id=pad_id, pad_token=pad_token, length=t.preprocess.max_tokens)
+    else:
+        tok.enable_padding(pad_id=pad_id, pad_token=pad_token)
+    return Encoders(name=t.name, kind=f"{kind}-teacher", image=_HFImage(t.model), text=_HFText(t.model),
+                    tokenizer=tok, preprocess=t.preprocess, dim=t.dim,
+                    source={"path": str(path), "weights_sha256": t.checkpoint_hash},
+                    text_inputs=("input_ids",) if kind == "siglip" else ("input_ids", "attention_mask"))
+
+
+def teacher_encoders(kind: str, path: str | Path) -> Encoders:
+    """The teachers that fit a bundle: the demo teacher, CLIP and SigLIP (BEiT-3 is not exported)."""
+    if kind == "demo":
+        return demo_teacher_encoders(path)
+    if kind in ("clip", "siglip"):
+        return hf_teacher_encoders(kind, path)
+    raise UserError(f"teacher kind {kind!r} cannot be exported: choose demo, clip or siglip")
+
+
 # ---------------------------------------------------------------- parity inputs
 
 
@@ -130,12 +189,16 @@ PARITY_TEXTS = ["", "a", "a red circle left of a blue square", "A SMALL Green Tr
                 "naïve café ☃ 東京", " ".join(["a big blue square left of a small red circle"] * 40)]
 
 
+def _text_args(enc: Encoders, texts: list[str]) -> tuple[torch.Tensor, ...]:
+    out = enc.tokenizer.encode_batch(list(texts))
+    cols = {"input_ids": torch.tensor([e.ids for e in out]),
+            "attention_mask": torch.tensor([e.attention_mask for e in out])}
+    return tuple(cols[n] for n in enc.text_inputs)
+
+
 def _torch_text(enc: Encoders, texts: list[str]) -> np.ndarray:
-    out = enc.tokenizer.encode_batch(texts)
-    ids = torch.tensor([e.ids for e in out])
-    mask = torch.tensor([e.attention_mask for e in out])
     with torch.no_grad():
-        return enc.text(ids, mask).float().numpy()
+        return enc.text(*_text_args(enc, texts)).float().numpy()
 
 
 def _torch_pixels(enc: Encoders, pixels: np.ndarray) -> np.ndarray:
@@ -155,17 +218,16 @@ def _min_cos(a: np.ndarray, b: np.ndarray) -> float:
 def export_graphs(enc: Encoders, folder: Path, opset: int) -> None:
     size = enc.preprocess.size
     pixels = torch.randn(2, 3, size, size)
-    ids, mask = (torch.tensor(x) for x in zip(*[(e.ids, e.attention_mask) for e in enc.tokenizer.encode_batch(
-        ["a red circle left of a blue square", "two"])]))
+    text_args = _text_args(enc, ["a red circle left of a blue square", "two"])
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
         torch.onnx.export(enc.image.eval(), (pixels,), str(folder / "image.onnx"), dynamo=False, opset_version=opset,
                           input_names=["pixels"], output_names=["embedding"],
                           dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}})
-        torch.onnx.export(enc.text.eval(), (ids, mask), str(folder / "text.onnx"), dynamo=False, opset_version=opset,
-                          input_names=["input_ids", "attention_mask"], output_names=["embedding"],
-                          dynamic_axes={"input_ids": {0: "batch", 1: "tokens"},
-                                        "attention_mask": {0: "batch", 1: "tokens"}, "embedding": {0: "batch"}})
+        torch.onnx.export(enc.text.eval(), text_args, str(folder / "text.onnx"), dynamo=False, opset_version=opset,
+                          input_names=list(enc.text_inputs), output_names=["embedding"],
+                          dynamic_axes={**{n: {0: "batch", 1: "tokens"} for n in enc.text_inputs},
+                                        "embedding": {0: "batch"}})
 
 
 def _bundle_recall(b: Bundle, items: list[Item], batch: int = 128) -> Recall:

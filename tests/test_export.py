@@ -126,3 +126,24 @@ def test_demo_teacher_exports_through_the_same_runtime(tiny_teacher, tiny_world,
     m = json.loads((tmp_path / "t" / "manifest.json").read_text())
     assert m["kind"] == "demo-teacher" and set(m["variants"]) == {"fp32"}
     assert main(["export", "student", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_hf_teachers_export_with_their_own_tokenisation(kind, tmp_path):
+    from test_hf_teachers import _build_clip, _build_siglip
+
+    from distill.teachers.hf import HFTeacher
+    from export.onnx import export, teacher_encoders
+
+    folder = (_build_clip if kind == "clip" else _build_siglip)(tmp_path / kind)
+    if kind == "siglip":  # a sentencepiece-only tokenizer: refused with the reason
+        with pytest.raises(UserError, match="no tokenizer.json"):
+            teacher_encoders(kind, folder)
+        return
+    m = export(teacher_encoders(kind, folder), tmp_path / "b", log=lambda *a: None)
+    assert m["kind"] == "clip-teacher" and m["figures"]["parity"]["min_cosine_text"] >= 0.9999
+    b = Bundle(tmp_path / "b")
+    assert b.text_inputs == ["input_ids", "attention_mask"]
+    texts = ["a photo of a cat", "", "dog " * 200]
+    t = HFTeacher.load(folder, kind)
+    np.testing.assert_allclose(b.encode_texts(texts), t.encode_texts(texts).numpy(), atol=1e-4)
