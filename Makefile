@@ -77,7 +77,7 @@ distill: $(if $(filter configs/demo.json,$(CONFIG)),$(FEATURES)/manifest.json) |
 
 # The bundle is checked against the PyTorch student on the test split while it is exported.
 $(BUNDLE)/manifest.json: $(STUDENT)/manifest.json | $(STAMP)
-	$(BIN)/dsmd export student $(STUDENT) --out $(BUNDLE) --data $(WORLD) --split test
+	$(BIN)/dsmd export student $(STUDENT) --out $(BUNDLE) --data $(WORLD) --split test --variants int8,fp16
 
 export: $(BUNDLE)/manifest.json
 

@@ -152,6 +152,8 @@ def _evaluate(a: argparse.Namespace) -> int:
 
 
 def _export(a: argparse.Namespace) -> int:
+    from dsmd.errors import UserError
+
     if a.what == "verify":
         from dsmd.bundle import verify
 
@@ -162,7 +164,11 @@ def _export(a: argparse.Namespace) -> int:
     from export.onnx import ExportCfg, export, student_encoders, teacher_encoders
 
     enc = student_encoders(a.source) if a.what == "student" else teacher_encoders(a.teacher, a.source)
-    cfg = ExportCfg(int8=not a.no_int8, max_drop=a.max_drop, split=a.split)
+    variants = tuple(v for v in a.variants.split(",") if v)
+    bad = [v for v in variants if v not in ("int8", "fp16")]
+    if bad:
+        raise UserError(f"--variants takes int8 and/or fp16, not {', '.join(bad)}")
+    cfg = ExportCfg(variants=variants, max_drop=a.max_drop, split=a.split)
     m = export(enc, a.out, data=a.data, images=a.images, cfg=cfg)
     print(f"wrote {a.out}: {m['name']}, dim {m['dim']}, variants {', '.join(m['variants'])}"
           + (f" (refused: {', '.join(m['refused'])})" if m.get("refused") else ""))
@@ -260,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--data", help="data set whose split checks recall (PyTorch vs ONNX, and the INT8 variant)")
     x.add_argument("--images", help="image root (default: beside the annotation file)")
     x.add_argument("--split", default="val")
-    x.add_argument("--no-int8", action="store_true", help="do not build the INT8 variant")
+    x.add_argument("--variants", default="int8", help="comma-separated: int8, fp16, or '' for none (default int8)")
     x.add_argument("--max-drop", type=float, default=2.0,
                    help="largest RSUM loss a variant may cost to be shipped (default: 2.0 of 600)")
     x.set_defaults(run=_export)

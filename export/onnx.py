@@ -9,8 +9,9 @@ the preprocessing spec. Before the manifest is written (last), the bundle is che
            texts from empty to over-long: cosine >= 0.9999 in fp32
   recall   on the val split (when a data set is given): RSUM through ONNX Runtime within 0.1
            of RSUM through PyTorch
-  variants INT8 (dynamic quantisation, per-channel) is built and shipped only if its RSUM
-           drop stays within `max_drop`; a refused variant is recorded with its numbers
+  variants INT8 (dynamic quantisation, per-channel) and fp16 (weights and activations; fp32
+           inputs and outputs) are shipped only if their RSUM drop stays within `max_drop`;
+           a refused variant is recorded with its numbers
 
 A bundle that fails parity or recall is not written (no manifest), with the numbers in the error.
 """
@@ -45,7 +46,7 @@ class ExportError(UserError):
 @dataclass
 class ExportCfg:
     opset: int = 17
-    int8: bool = True  # build the INT8 variant (shipped only if it keeps recall)
+    variants: tuple[str, ...] = ("int8",)  # int8 and/or fp16, each shipped only if it keeps recall
     max_drop: float = 2.0  # largest RSUM loss (points of 600) a variant may cost
     min_cosine: float = 0.9999  # fp32 parity threshold
     recall_tolerance: float = 0.1  # fp32 |RSUM(ONNX) - RSUM(PyTorch)|
@@ -295,11 +296,11 @@ def export(enc: Encoders, out: str | Path, data: str | Path | None = None, image
         if abs(r_torch.rsum - r_onnx.rsum) > cfg.recall_tolerance:
             raise ExportError(f"ONNX recall differs from PyTorch: RSUM {r_onnx.rsum:.2f} vs {r_torch.rsum:.2f} "
                               f"(tolerance {cfg.recall_tolerance}); the bundle was not written")
-        if cfg.int8:
-            manifest["variants"].update(_int8_variant(tmp, manifest, items, r_onnx, cfg, opts, log))
-    elif cfg.int8:
-        log("no data set given: the INT8 variant is not built (its recall could not be checked)")
-        figures["int8"] = "not built: no data set to check its recall"
+        for name in cfg.variants:
+            _variant(tmp, name, manifest, items, r_onnx, cfg, opts, log)
+    elif cfg.variants:
+        log(f"no data set given: variants {', '.join(cfg.variants)} not built (their recall could not be checked)")
+        figures["variants"] = "not built: no data set to check their recall"
 
     manifest["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.name != "manifest.json"}
     manifest.update({"figures": figures, "provenance": {"source": enc.source, "opset": cfg.opset,
@@ -313,25 +314,38 @@ def export(enc: Encoders, out: str | Path, data: str | Path | None = None, image
     return manifest
 
 
-def _int8_variant(folder: Path, manifest: dict, items, r_fp32: Recall, cfg: ExportCfg, opts, log) -> dict:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    files = {"image": "image.int8.onnx", "text": "text.int8.onnx"}
-    logging.getLogger().setLevel(logging.ERROR)  # the quantiser logs advice through the root logger
+def _build_variant(folder: Path, name: str) -> dict[str, str]:
+    """Write the variant's two graphs next to the fp32 ones; returns their file names."""
+    files = {"image": f"image.{name}.onnx", "text": f"text.{name}.onnx"}
     for part in ("image", "text"):
-        quantize_dynamic(folder / f"{part}.onnx", folder / files[part], weight_type=QuantType.QInt8,
-                         per_channel=True)
-    manifest["variants"]["int8"] = {"files": files}
+        src, dst = folder / f"{part}.onnx", folder / files[part]
+        if name == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            logging.getLogger().setLevel(logging.ERROR)  # the quantiser logs advice through the root logger
+            quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True)
+        else:  # fp16 weights and activations, fp32 inputs and outputs
+            import onnx
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(dst))
+    return files
+
+
+def _variant(folder: Path, name: str, manifest: dict, items, r_fp32: Recall, cfg: ExportCfg, opts, log) -> None:
+    """Build a variant, measure its recall, and keep it (in manifest["variants"]) or refuse it."""
+    files = _build_variant(folder, name)
+    manifest["variants"][name] = {"files": files}
     write_json(folder / "manifest.json", manifest)
-    r = _bundle_recall(Bundle(folder, "int8", opts), items)
+    r = _bundle_recall(Bundle(folder, name, opts), items)
     drop = r_fp32.rsum - r.rsum
-    info = {"files": files, "recall": r.to_json(), "rsum_drop": round(drop, 2), "max_drop": cfg.max_drop}
+    info = {"files": files, "recall": r.to_json(), "rsum_change": round(-drop, 2), "max_drop": cfg.max_drop}
     if drop > cfg.max_drop:
-        log(f"INT8 refused: {cfg.split} RSUM {r.rsum:.2f}, {drop:.2f} below fp32 (max {cfg.max_drop})")
+        log(f"{name} refused: {cfg.split} RSUM {r.rsum:.2f}, {drop:.2f} below fp32 (max drop {cfg.max_drop})")
         for f in files.values():
             (folder / f).unlink()
-        del manifest["variants"]["int8"]
-        manifest.setdefault("refused", {})["int8"] = {k: v for k, v in info.items() if k != "files"}
-        return {}
-    log(f"INT8 kept: {cfg.split} RSUM {r.rsum:.2f} ({-drop:+.2f} vs fp32)")
-    return {"int8": info}
+        del manifest["variants"][name]
+        manifest.setdefault("refused", {})[name] = {k: v for k, v in info.items() if k != "files"}
+    else:
+        log(f"{name} kept: {cfg.split} RSUM {r.rsum:.2f} ({-drop:+.2f} vs fp32)")
+        manifest["variants"][name] = info

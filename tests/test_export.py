@@ -80,14 +80,26 @@ def test_bad_image_bytes_raise_bad_image(bundle):
         Bundle(bundle).encode_images([b"not an image at all"])
 
 
-def test_int8_variant_is_refused_when_it_loses_too_much(tiny_student, tiny_world, tmp_path):
+def test_variants_are_refused_when_they_lose_too_much(tiny_student, tiny_world, tmp_path):
     from export.onnx import ExportCfg, export, student_encoders
 
-    m = export(student_encoders(tiny_student), tmp_path / "b", data=tiny_world, cfg=ExportCfg(max_drop=-1000.0),
-               log=lambda *a: None)
-    assert set(m["variants"]) == {"fp32"} and "rsum_drop" in m["refused"]["int8"]
-    assert not list((tmp_path / "b").glob("*.int8.onnx"))
+    m = export(student_encoders(tiny_student), tmp_path / "b", data=tiny_world,
+               cfg=ExportCfg(variants=("int8", "fp16"), max_drop=-1000.0), log=lambda *a: None)
+    assert set(m["variants"]) == {"fp32"} and set(m["refused"]) == {"int8", "fp16"}
+    assert "rsum_change" in m["refused"]["int8"] and "recall" in m["refused"]["fp16"]
+    assert not list((tmp_path / "b").glob("*.int8.onnx")) and not list((tmp_path / "b").glob("*.fp16.onnx"))
     verify(tmp_path / "b")
+
+
+def test_fp16_variant_ships_with_its_recall_change(tiny_student, tiny_world, tmp_path):
+    from export.onnx import ExportCfg, export, student_encoders
+
+    m = export(student_encoders(tiny_student), tmp_path / "b", data=tiny_world,
+               cfg=ExportCfg(variants=("fp16",), max_drop=600.0), log=lambda *a: None)
+    assert set(m["variants"]) == {"fp32", "fp16"}
+    assert abs(m["variants"]["fp16"]["rsum_change"]) < 600
+    emb = Bundle(tmp_path / "b", "fp16").encode_texts(["a red circle"])
+    assert emb.dtype == np.float32 and abs(np.linalg.norm(emb) - 1) < 1e-2
 
 
 def test_failed_parity_writes_no_bundle(tiny_student, tmp_path):
@@ -121,7 +133,7 @@ def test_demo_teacher_exports_through_the_same_runtime(tiny_teacher, tiny_world,
     from dsmd.cli import main
 
     assert main(["export", "teacher", str(tiny_teacher), "--out", str(tmp_path / "t"), "--data", str(tiny_world),
-                 "--no-int8"]) == 0
+                 "--variants", ""]) == 0
     assert main(["export", "verify", str(tmp_path / "t")]) == 0
     m = json.loads((tmp_path / "t" / "manifest.json").read_text())
     assert m["kind"] == "demo-teacher" and set(m["variants"]) == {"fp32"}
