@@ -1,0 +1,251 @@
+"""The index: real FAISS, real SQLite, real kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dsmd.bundle import Bundle
+from dsmd.datasets import load_dataset
+from dsmd.errors import UserError
+from dsmd.retrieval import evaluate
+from index import ann
+from index.build import add_texts, build, dataset_sources, finalize, folder_sources, info, merge, remove, shard_of
+from index.search import IndexMismatch, SearchIndex
+
+
+@pytest.fixture(scope="module")
+def bundle_path(tiny_student, tiny_world, tmp_path_factory) -> Path:
+    from export.onnx import ExportCfg, export, student_encoders
+
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    export(student_encoders(tiny_student), out, data=tiny_world, cfg=ExportCfg(variants=()), log=lambda *a: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def test_index(bundle_path, tiny_world, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("index") / "idx"
+    build(out, Bundle(bundle_path), dataset_sources(tiny_world, split="test"), progress=False)
+    return out
+
+
+def test_recall_through_the_index_equals_recall_from_embeddings(test_index, bundle_path, tiny_world):
+    b = Bundle(bundle_path)
+    items = load_dataset(tiny_world).split("test")
+    img = b.encode_images([it.path.read_bytes() for it in items])
+    caps = [c for it in items for c in it.captions]
+    txt = b.encode_texts(caps)
+    owner = np.repeat(np.arange(len(items)), [len(it.captions) for it in items])
+    direct = evaluate(img, txt, owner)
+
+    s = SearchIndex(test_index)
+    s.check_bundle(b)
+    uri_to_row = {str(it.path.resolve()): i for i, it in enumerate(items)}
+    ranks = []
+    for q, o in zip(s.search(txt, k=len(items)), owner):
+        scores = np.array([h.score for h in q])
+        mine = next(h.score for h in q if uri_to_row[h.item["uri"]] == o)
+        ranks.append(int((scores >= mine).sum()))  # ties count against the query, as in evaluate()
+    ranks = np.array(ranks)
+    for k in (1, 5, 10):
+        assert 100 * np.mean(ranks <= k) == pytest.approx(direct.t2i[k])
+    m = json.loads((test_index / "manifest.json").read_text())
+    assert m["images"]["index"]["kind"] == "flat" and m["images"]["index"]["recall_at_10"] == 1.0
+    assert m["images"]["count"] == 24 and m["texts"]["count"] == 120
+
+
+def test_image_to_text_search_uses_the_caption_index(test_index, bundle_path, tiny_world):
+    b = Bundle(bundle_path)
+    item = load_dataset(tiny_world).split("test")[0]
+    hits = SearchIndex(test_index).search(b.encode_images([item.path.read_bytes()]), 5, target="texts")[0]
+    assert len(hits) == 5 and all(isinstance(h.item["text"], str) for h in hits)
+    assert hits[0].score >= hits[-1].score
+
+
+def test_indexing_the_same_images_again_adds_nothing(test_index, bundle_path, tiny_world, tmp_path):
+    copy = tmp_path / "idx"
+    shutil.copytree(test_index, copy)
+    m = build(copy, Bundle(bundle_path), dataset_sources(tiny_world, split="test"), progress=False)
+    assert m["last_build"]["added"] == 0 and m["last_build"]["already_indexed"] == 24
+    assert m["images"]["count"] == 24
+
+
+def _awkward_folder(src: Path, out: Path) -> dict[str, str]:
+    """Good images in several formats, and bad files with what should be said about them."""
+    out.mkdir(parents=True)
+    sub = out / "nested" / "deeper"
+    sub.mkdir(parents=True)
+    base = Image.open(sorted(src.glob("*.png"))[0]).convert("RGB")
+    base.save(out / "a.jpg")
+    base.rotate(90).save(sub / "b.webp")
+    base.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(out / "c.bmp")
+    frames = [base, base.rotate(180)]
+    frames[0].save(out / "d.gif", save_all=True, append_images=frames[1:])
+    Image.new("RGBA", (40, 30), (255, 0, 0, 128)).save(out / "e.png")
+    (out / "notes.txt").write_text("not an image, and not an image extension: ignored")
+    (out / "text.png").write_text("not an image at all")
+    (out / "random.jpg").write_bytes(os.urandom(2000))
+    good = (out / "a.jpg").read_bytes()
+    (out / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    Image.new("1", (9000, 8000)).save(out / "bomb.png")
+    shutil.copy(out / "a.jpg", sub / "same-content-as-a.jpg")
+    return {"text.png": "", "random.jpg": "", "truncated.jpg": "", "bomb.png": "over the limit"}
+
+
+def test_a_folder_with_bad_files_indexes_the_good_ones_and_lists_the_rest(bundle_path, tiny_world, tmp_path):
+    bad = _awkward_folder(tiny_world / "images", tmp_path / "photos")
+    m = build(tmp_path / "idx", Bundle(bundle_path), folder_sources(tmp_path / "photos"), progress=False)
+    r = m["last_build"]
+    assert r["added"] == 5 and r["already_indexed"] == 1  # the copy of a.jpg is the same content
+    assert {Path(s["uri"]).name for s in r["skipped_files"]} == set(bad)
+    reasons = {Path(s["uri"]).name: s["reason"] for s in r["skipped_files"]}
+    assert "over the limit" in reasons["bomb.png"]
+    uris = {h["uri"] for h in SearchIndex(tmp_path / "idx").db.items(list(range(1, 50))).values()}
+    assert any(u.endswith("b.webp") for u in uris) and any(u.endswith("d.gif") for u in uris)
+    assert info(tmp_path / "idx")["skipped"] == 4
+
+
+def test_a_bundle_of_another_model_is_refused(test_index, bundle_path, tiny_teacher, tiny_world, tmp_path):
+    from export.onnx import ExportCfg, export, teacher_encoders
+
+    export(teacher_encoders("demo", tiny_teacher), tmp_path / "teacher", cfg=ExportCfg(variants=()),
+           log=lambda *a: None)
+    other = Bundle(tmp_path / "teacher")  # the tiny teacher: also 16 dims, another model
+    with pytest.raises(IndexMismatch, match="not the one the index"):
+        SearchIndex(test_index).check_bundle(other)
+    with pytest.raises(UserError, match="was built with bundle"):
+        build(test_index, other, dataset_sources(tiny_world, split="val"), progress=False)
+
+
+def test_remove_by_id_and_path(test_index, bundle_path, tmp_path):
+    copy = tmp_path / "idx"
+    shutil.copytree(test_index, copy)
+    s = SearchIndex(copy)
+    first, second = s.db.items([1, 2]).values()
+    s.close()
+    assert remove(copy, ids=[first["id"]], uris=[second["uri"]]) == 2
+    assert info(copy)["pending_changes"] == 1
+    stale = SearchIndex(copy)  # FAISS files not rebuilt yet: removed rows never come back
+    hits = stale.search(np.eye(16, dtype=np.float32)[:4], k=24)
+    assert all(h.id not in (first["id"], second["id"]) for row in hits for h in row)
+    m = finalize(copy, Bundle(bundle_path), progress=False)
+    assert m["images"]["count"] == 22 and m["texts"]["count"] == 110 and info(copy)["pending_changes"] == 0
+
+
+def test_free_texts_join_the_caption_index(test_index, bundle_path, tmp_path):
+    copy = tmp_path / "idx"
+    shutil.copytree(test_index, copy)
+    b = Bundle(bundle_path)
+    assert add_texts(copy, b, ["a lonely purple star", "", "two red circles"]) == 2
+    m = finalize(copy, b, progress=False)
+    assert m["texts"]["count"] == 122
+    hits = SearchIndex(copy).search(b.encode_texts(["two red circles"]), 122, target="texts")[0]
+    mine = next(h for h in hits if h.item["text"] == "two red circles")
+    assert mine.item["item_id"] is None and mine.score == pytest.approx(hits[0].score, abs=1e-5)  # found, best
+
+
+def test_shards_merge_into_the_same_index(bundle_path, tiny_world, tmp_path):
+    b = Bundle(bundle_path)
+    sources = dataset_sources(tiny_world, split="val") + dataset_sources(tiny_world, split="test")
+    for i in range(2):
+        build(tmp_path / f"shard{i}", b, shard_of(sources, (i, 2)), progress=False)
+    assert merge(tmp_path / "all", [tmp_path / "shard0", tmp_path / "shard1"]) == 48
+    m = finalize(tmp_path / "all", b, progress=False)
+    whole = build(tmp_path / "whole", b, sources, progress=False)
+    assert m["images"]["count"] == whole["images"]["count"] == 48 and m["texts"]["count"] == 240
+    con = lambda p: sqlite3.connect(p / "items.sqlite")  # noqa: E731
+    q = "SELECT sha256 FROM items ORDER BY sha256"
+    assert con(tmp_path / "all").execute(q).fetchall() == con(tmp_path / "whole").execute(q).fetchall()
+
+
+def test_a_build_killed_at_random_points_ends_with_every_image_once(bundle_path, tmp_path):
+    from dsmd.world import generate
+
+    world = generate(tmp_path / "w", seed=3, image_size=32, split_sizes={"train": 300, "val": 0, "test": 0})
+    images = world.parent / "images"
+    n = len(list(images.glob("*.png")))
+    cmd = [sys.executable, "-m", "dsmd.cli", "index", "build", str(tmp_path / "idx"), "--bundle", str(bundle_path),
+           "--folder", str(images), "--batch", "4", "--workers", "1"]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    interrupted = 0
+    for target in sorted(random.Random(0).sample(range(1, n), 6)):  # kill once the index holds `target` images
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None:
+            if _rows(tmp_path / "idx") >= target:
+                proc.send_signal(signal.SIGKILL)
+                interrupted += 1
+                break
+            time.sleep(0.003)
+        proc.wait()
+        _check_invariants(tmp_path / "idx", finished=False)
+    assert interrupted >= 4, "the builds finished before they could be killed"
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    _check_invariants(tmp_path / "idx", finished=True, expected=n)
+
+
+def _rows(path: Path) -> int:
+    try:
+        con = sqlite3.connect(path / "items.sqlite", timeout=0.1)
+        try:
+            return con.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:  # not created yet, or busy
+        return 0
+
+
+def _check_invariants(path: Path, finished: bool, expected: int | None = None) -> None:
+    db = path / "items.sqlite"
+    if not db.exists():
+        return
+    con = sqlite3.connect(db)
+    rows = con.execute("SELECT uri, sha256, length(vector) FROM items").fetchall()
+    assert len({r[0] for r in rows}) == len(rows) and len({r[1] for r in rows}) == len(rows)  # each image once
+    assert all(r[2] == 16 * 4 for r in rows)  # every row has its whole vector
+    con.close()
+    if finished:
+        assert len(rows) == expected
+        s = SearchIndex(path)
+        assert s.count("images") == expected and info(path)["pending_changes"] == 0
+    elif (path / "manifest.json").exists():  # an earlier finished index stays searchable
+        SearchIndex(path).search(np.ones((1, 16), np.float32), 3)
+
+
+@pytest.mark.parametrize("n,dim,memory,kind", [
+    (1_000, 768, None, "flat"), (200_000, 768, None, "flat"), (200_001, 768, None, "hnsw"),
+    (5_000_000, 768, None, "hnsw"), (5_000_001, 768, None, "ivfpq"), (100_000, 768, 100 * 2**20, "ivfpq"),
+    (300_000, 768, 2 * 2**30, "hnsw"),
+    (1_000_000, 768, 2**30, "ivfpq"),
+])
+def test_index_kind_by_size_and_memory(n, dim, memory, kind):
+    assert ann.choose_kind(n, dim, memory) == kind
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+def test_approximate_indexes_are_tuned_to_the_target_recall(kind):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(50, 32))
+    x = centres[rng.integers(0, 50, 20_000)] + 0.3 * rng.normal(size=(20_000, 32))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    ids = np.arange(100, 100 + len(x))
+    chunks = lambda: iter([(ids[:12_000], x[:12_000]), (ids[12_000:], x[12_000:])])  # noqa: E731
+    index, _ = ann.build(kind, 32, chunks, len(x))
+    queries = x[::40]
+    search, recall = ann.tune(index, kind, queries, ann.exact_kth_score(chunks, queries), lambda i: x[i - 100])
+    assert recall >= 0.95 and search
+    _, got = index.search(queries[:5], 1)
+    assert (got[:, 0] == ids[::40][:5]).all()  # ids survive; each vector finds itself
