@@ -11,19 +11,21 @@ TEACHER  := artifacts/teacher
 FEATURES := artifacts/features
 STUDENT  := artifacts/student
 BUNDLE   := artifacts/bundle
+INDEX    := artifacts/index
 
 # make distill CONFIG=configs/paper.json OUT=runs/f30k ARGS="--set data.features=..."
 CONFIG ?= configs/demo.json
 OUT    ?= runs/student
 ARGS   ?=
 
-.PHONY: help install test demo world teacher features recall student distill evaluate export clean
+.PHONY: help install test demo world teacher features recall student distill evaluate export index clean
 
 help:
 	@echo "make demo    - generate the demo world, train its teacher, extract features, distil the student,"
 	@echo "               print teacher and student recall"
 	@echo "make distill - train a student: CONFIG=configs/demo.json OUT=runs/student ARGS='--set key=value ...'"
 	@echo "make export  - export the demo student to an ONNX bundle (others: dsmd export student RUN --out DIR --data DATA)"
+	@echo "make index   - index the demo test images and captions (others: dsmd index build DIR --bundle B --folder F)"
 	@echo "make test    - run the test suite"
 	@echo "make clean  - remove generated data and artifacts (keeps .venv)"
 	@echo "Everything else: $(BIN)/dsmd --help"
@@ -81,7 +83,16 @@ $(BUNDLE)/manifest.json: $(STUDENT)/manifest.json | $(STAMP)
 
 export: $(BUNDLE)/manifest.json
 
-demo: evaluate export
+# The demo index: the test images and their captions. A new bundle means a new index.
+$(INDEX)/manifest.json: $(BUNDLE)/manifest.json | $(STAMP)
+	rm -rf $(INDEX)
+	$(BIN)/dsmd index build $(INDEX) --bundle $(BUNDLE) --data $(WORLD) --split test
+
+index: $(INDEX)/manifest.json
+	$(BIN)/dsmd index info $(INDEX)
+	$(BIN)/dsmd index recall $(INDEX)
+
+demo: evaluate export index
 
 clean:
 	rm -rf data artifacts

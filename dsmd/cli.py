@@ -196,6 +196,14 @@ def _index(a: argparse.Namespace) -> int:
                 print(f"  {part:6s} empty")
         print(f"  skipped files: {m['skipped']}")
         return 0
+    if a.action == "recall":
+        from index.search import text_to_image_recall
+
+        direct, via = text_to_image_recall(a.index)
+        print(f"text→image recall of the index's captions ({a.index}):")
+        print("  from the embeddings directly: " + "  ".join(f"R@{k} {v:.2f}" for k, v in direct.items()))
+        print("  through the index:            " + "  ".join(f"R@{k} {v:.2f}" for k, v in via.items()))
+        return 0
     if a.action == "remove":
         n = B.remove(a.index, ids=a.id or [], uris=a.uri or [])
         print(f"removed {n} item(s)")
@@ -346,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(run=_export)
 
     ix = sub.add_parser("index", help="index images (and captions) for search: build, add-texts, remove, merge, "
-                                      "info, search")
-    ix.add_argument("action", choices=["build", "add-texts", "remove", "merge", "info", "search"])
+                                      "info, search, recall")
+    ix.add_argument("action", choices=["build", "add-texts", "remove", "merge", "info", "search", "recall"])
     ix.add_argument("index", nargs="?", default="artifacts/index", help="index folder (default: artifacts/index)")
     ix.add_argument("inputs", nargs="*", help="merge: the shard indexes to merge into INDEX")
     ix.add_argument("--bundle", default="artifacts/bundle", help="encoder bundle (default: artifacts/bundle)")

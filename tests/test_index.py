@@ -62,6 +62,10 @@ def test_recall_through_the_index_equals_recall_from_embeddings(test_index, bund
     ranks = np.array(ranks)
     for k in (1, 5, 10):
         assert 100 * np.mean(ranks <= k) == pytest.approx(direct.t2i[k])
+    from index.search import text_to_image_recall
+
+    from_vectors, through_index = text_to_image_recall(test_index)
+    assert from_vectors == pytest.approx(direct.t2i) and through_index == pytest.approx(direct.t2i)
     m = json.loads((test_index / "manifest.json").read_text())
     assert m["images"]["index"]["kind"] == "flat" and m["images"]["index"]["recall_at_10"] == 1.0
     assert m["images"]["count"] == 24 and m["texts"]["count"] == 120
