@@ -11,6 +11,7 @@
     dsmd evaluate        recall of a student beside its teacher's, on one split
     dsmd export          student|teacher: write an ONNX encoder bundle; verify: check one
     dsmd index           build|add-texts|remove|merge|info|search: FAISS + SQLite index of images and captions
+    dsmd serve           the search server and its web page (uvicorn)
 
 Heavy libraries (torch) are imported inside the commands that need them, so `dsmd --help`
 and the torch-free commands start fast.
@@ -257,6 +258,20 @@ def _index(a: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(a: argparse.Namespace) -> int:
+    import uvicorn
+
+    from serve.app import create_app
+    from serve.settings import Settings
+
+    settings = Settings.from_env(bundle=a.bundle, index=a.index, token=a.token, variant=a.variant, threads=a.threads)
+    app = create_app(settings)
+    print(f"serving {settings.index} with {settings.bundle} on http://{a.host}:{a.port}/  (API docs: /docs)",
+          flush=True)
+    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, access_log=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dsmd",
@@ -374,6 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--image", help="search: an image file (finds captions)")
     ix.add_argument("-k", type=int, default=10)
     ix.set_defaults(run=_index)
+
+    sv = sub.add_parser("serve", help="the search server and its web page")
+    sv.add_argument("--bundle", help="encoder bundle (default: $DSMD_BUNDLE or artifacts/bundle)")
+    sv.add_argument("--index", help="index folder (default: $DSMD_INDEX or artifacts/index)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--variant", help="bundle variant: fp32 (default), int8, fp16")
+    sv.add_argument("--threads", type=int, help="ONNX Runtime threads per encoder (default: all cores)")
+    sv.add_argument("--token", help="enable POST /items and DELETE /items/{id} for callers with this token")
+    sv.add_argument("--log-level", default="warning")
+    sv.set_defaults(run=_serve)
     return p
 
 

@@ -56,7 +56,8 @@ class IndexDB:
 
     def __init__(self, path: Path, dim: int | None = None, bundle: str | None = None):
         self.path = Path(path)
-        self.con = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
+        # check_same_thread=False: the server uses one connection from its worker threads, behind a lock
+        self.con = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
         self.con.execute("PRAGMA journal_mode=WAL")
         self.con.execute("PRAGMA synchronous=NORMAL")
         self.con.execute("PRAGMA foreign_keys=ON")

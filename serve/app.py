@@ -1,0 +1,426 @@
+"""The search server: `create_app(settings)` for uvicorn (`dsmd serve`, `make serve`).
+
+The bundle and the index load at start-up (lifespan), so the first query is as fast as the
+rest. Encoders run in micro-batching threads (serve/batcher.py), searches in the thread
+pool behind one lock: nothing heavy runs on the event loop. Every error a caller can cause
+is a 4xx with a `detail` message; files are only ever read from the index's own rows (no
+path and no URL from a request reaches the disk or the network).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import threading
+import time
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.formparsers import MultiPartException
+
+from dsmd.bundle import Bundle, RuntimeOptions
+from dsmd.errors import UserError
+from dsmd.images import BadImage, open_image
+from serve.batcher import MicroBatcher
+from serve.metrics import Metrics
+from serve.settings import Settings
+
+STATIC = Path(__file__).parent / "static"
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp")
+
+
+class LRU(OrderedDict):
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+        self.lock = threading.Lock()
+
+    def get_or(self, key, make):
+        with self.lock:
+            if key in self:
+                self.move_to_end(key)
+                return self[key]
+        value = make()
+        with self.lock:
+            self[key] = value
+            if len(self) > self.size:
+                self.popitem(last=False)
+        return value
+
+
+class State:
+    """What the app holds while it runs."""
+
+    def __init__(self, settings: Settings):
+        from index.search import SearchIndex
+
+        import faiss
+
+        faiss.omp_set_num_threads(1)  # one query at a time per search; the encoders take the cores
+        self.settings = settings
+        self.metrics = Metrics()
+        self.bundle = Bundle(settings.bundle, settings.variant, RuntimeOptions(threads=settings.threads))
+        self.index_lock = threading.Lock()
+        self.index = SearchIndex(settings.index)
+        self.index.check_bundle(self.bundle)
+        self.text_cache = LRU(settings.text_cache)
+        self.thumbs = LRU(settings.thumb_cache)
+        self.texts = MicroBatcher(self.bundle.encode_texts, settings.batch_wait_ms, settings.max_batch, "text-encoder",
+                                  lambda n: self.metrics.batch("text", n))
+        self.images = MicroBatcher(lambda xs: self.bundle.encode_pixels(np.stack(xs)), settings.batch_wait_ms, settings.max_batch,
+                                   "image-encoder", lambda n: self.metrics.batch("image", n))
+        # warm-up: the first real query must not pay for lazy initialisation
+        self.bundle.encode_texts(["warm up"])
+        self.bundle.encode_pixels(np.zeros((1, 3, self.bundle.preprocess.size, self.bundle.preprocess.size),
+                                           np.float32))
+        self.started = time.time()
+        self.ready = True
+
+    def close(self) -> None:
+        self.texts.close()
+        self.images.close()
+        self.index.close()
+
+    def reload_index_unlocked(self) -> None:
+        """Reopen the index after a change (the caller holds index_lock)."""
+        from index.search import SearchIndex
+
+        self.index = SearchIndex(self.settings.index)
+        self.thumbs.clear()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.s = State(settings)
+        yield
+        app.state.s.close()
+
+    app = FastAPI(title="dsmd search", version="1", lifespan=lifespan,
+                  description="Text→image, image→image and image→text search over an index built with `dsmd index`.")
+
+    def st(request: Request) -> State:
+        return request.app.state.s
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):
+        t0 = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception:  # noqa: BLE001 - never a stack trace to the caller; counted as 500
+            response = JSONResponse({"detail": "internal error"}, status_code=500)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "other")
+        if hasattr(request.app.state, "s"):
+            request.app.state.s.metrics.observe(endpoint, response.status_code, time.perf_counter() - t0)
+        return response
+
+    # ---------------------------------------------------------------- search
+
+    def check_k(s: State, k: int | None) -> int:
+        k = s.settings.default_k if k is None else k
+        if not 1 <= k <= s.settings.max_k:
+            raise HTTPException(422, f"k must be between 1 and {s.settings.max_k}, not {k}")
+        return k
+
+    async def search(s: State, vector: np.ndarray, k: int, target: str, min_score: float | None) -> list[dict]:
+        def run():
+            with s.index_lock:
+                return s.index.search(vector[None], k, target)[0]
+
+        hits = await run_in_threadpool(run)
+        floor = min_score if min_score is not None else s.settings.min_score
+        out = []
+        for h in hits:
+            if floor is not None and h.score < floor:
+                continue
+            out.append(_result(h, target))
+        return out
+
+    @app.get("/search", summary="Text → images")
+    async def search_text(request: Request, text: str = Query(..., description="what to look for"),
+                          k: int | None = Query(None, description="how many results"),
+                          min_score: float | None = Query(None, description="drop results scoring below this")):
+        s = st(request)
+        t0 = time.perf_counter()
+        k = check_k(s, k)
+        if not text.strip():
+            raise HTTPException(422, "text is empty: say what to look for, e.g. /search?text=a+red+circle")
+        if len(text) > 10_000:
+            raise HTTPException(413, "text is longer than 10,000 characters")
+        truncated = s.bundle.truncated(text)
+        vector = await _cached_text(s, text)
+        results = await search(s, vector, k, "images", min_score)
+        return {"query": {"text": text, "truncated": truncated,
+                          **({"note": f"the text was cut to the model's {s.bundle.preprocess.max_tokens} tokens"}
+                             if truncated else {})},
+                "target": "images", "k": k, "results": results, "took_ms": round(1000 * (time.perf_counter() - t0), 2)}
+
+    @app.post("/search/image", summary="Image → images, or → captions with target=texts", openapi_extra=_upload_spec())
+    async def search_image(request: Request, k: int | None = Query(None), target: str = Query("images"),
+                           min_score: float | None = Query(None)):
+        s = st(request)
+        t0 = time.perf_counter()
+        k = check_k(s, k)
+        if target not in ("images", "texts"):
+            raise HTTPException(422, "target must be images or texts")
+        data = await read_upload(request, s.settings)
+        pixels = await run_in_threadpool(decode, s, data)
+        vector = await s.images.submit(pixels)
+        results = await search(s, vector, k, target, min_score)
+        return {"query": {"image_bytes": len(data)}, "target": target, "k": k, "results": results,
+                "took_ms": round(1000 * (time.perf_counter() - t0), 2)}
+
+    @app.get("/items/{item_id}/similar", summary="More like this: images near an indexed image")
+    async def similar(request: Request, item_id: int, k: int | None = Query(None)):
+        s = st(request)
+        k = check_k(s, k)
+
+        def vec():
+            with s.index_lock:
+                if s.index.item(item_id) is None:
+                    raise HTTPException(404, f"no item {item_id}")
+                return s.index.db.vectors_of(np.array([item_id]))[0]
+
+        results = await search(s, await run_in_threadpool(vec), k, "images", None)
+        return {"query": {"item": item_id}, "target": "images", "k": k, "results": results}
+
+    # ---------------------------------------------------------------- items
+
+    def item_or_404(s: State, item_id: int) -> dict:
+        with s.index_lock:
+            item = s.index.item(item_id)
+        if item is None:
+            raise HTTPException(404, f"no item {item_id}")
+        return item
+
+    @app.get("/items/{item_id}", summary="An item's metadata")
+    async def get_item(request: Request, item_id: int):
+        item = await run_in_threadpool(item_or_404, st(request), item_id)
+        return _public(item)
+
+    @app.get("/items/{item_id}/image", summary="The item's image file", response_class=FileResponse)
+    async def get_image(request: Request, item_id: int):
+        item = await run_in_threadpool(item_or_404, st(request), item_id)
+        path = Path(item["uri"])  # from the index's own row, never from the request
+        if not path.is_file():
+            raise HTTPException(404, f"item {item_id}'s file is gone from {path.parent.name}/")
+        return FileResponse(path)
+
+    @app.get("/items/{item_id}/thumbnail", summary="A JPEG thumbnail of the item (cached)")
+    async def get_thumbnail(request: Request, item_id: int):
+        s = st(request)
+        item = await run_in_threadpool(item_or_404, s, item_id)
+
+        def make() -> bytes:
+            try:
+                img = open_image(item["uri"])
+            except BadImage as e:
+                raise HTTPException(404, f"item {item_id}'s file cannot be read: {e}") from None
+            img.thumbnail((s.settings.thumb_size, s.settings.thumb_size))
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=85)
+            return buf.getvalue()
+
+        data = await run_in_threadpool(s.thumbs.get_or, (item_id, item["sha256"]), make)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
+
+    def authorise(request: Request, s: State) -> None:
+        if not s.settings.token:
+            raise HTTPException(403, "adding and removing items is off: start the server with a token (--token)")
+        if request.headers.get("authorization") != f"Bearer {s.settings.token}":
+            raise HTTPException(401, "missing or wrong token: send Authorization: Bearer <token>")
+
+    @app.post("/items", summary="Add an image to the index (needs the token)", openapi_extra=_upload_spec(),
+              status_code=201)
+    async def add_item(request: Request):
+        s = st(request)
+        authorise(request, s)
+        data = await read_upload(request, s.settings)
+        await run_in_threadpool(decode, s, data)  # refuse what is not an image before storing anything
+        item = await run_in_threadpool(_store_and_index, s, data)
+        return _public(item)
+
+    @app.delete("/items/{item_id}", summary="Remove an item from the index (needs the token)")
+    async def delete_item(request: Request, item_id: int):
+        s = st(request)
+        authorise(request, s)
+        await run_in_threadpool(item_or_404, s, item_id)
+        await run_in_threadpool(_remove, s, item_id)
+        return {"removed": item_id}
+
+    # ---------------------------------------------------------------- operations
+
+    @app.get("/healthz", summary="The process is alive")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Bundle and index are loaded")
+    async def readyz(request: Request):
+        ok = getattr(getattr(request.app.state, "s", None), "ready", False)
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/info", summary="Bundle, index and versions")
+    async def info(request: Request):
+        s = st(request)
+        m = s.index.manifest
+        from dsmd.artifacts import versions
+
+        return {"bundle": {"name": s.bundle.name, "dim": s.bundle.dim, "variant": s.bundle.variant,
+                           "preprocess": s.bundle.preprocess.to_json()},
+                "index": {part: {"count": m.get(part, {}).get("count", 0),
+                                 "kind": m.get(part, {}).get("index", {}).get("kind"),
+                                 "recall_at_10": m.get(part, {}).get("index", {}).get("recall_at_10")}
+                          for part in ("images", "texts")},
+                "limits": {"max_k": s.settings.max_k, "max_upload_bytes": s.settings.max_upload_bytes,
+                           "max_pixels": s.settings.max_pixels, "max_tokens": s.bundle.preprocess.max_tokens},
+                "uptime_s": round(time.time() - s.started, 1), "versions": versions()}
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+    async def metrics(request: Request):
+        s = st(request)
+        s.metrics.gauges["dsmd_index_images"] = s.index.count("images")
+        s.metrics.gauges["dsmd_index_texts"] = s.index.count("texts")
+        return PlainTextResponse(s.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    return app
+
+
+# ---------------------------------------------------------------- helpers
+
+
+async def _cached_text(s: State, text: str) -> np.ndarray:
+    with s.text_cache.lock:
+        if text in s.text_cache:
+            s.text_cache.move_to_end(text)
+            return s.text_cache[text]
+    vector = await s.texts.submit(text)
+    with s.text_cache.lock:
+        s.text_cache[text] = vector
+        if len(s.text_cache) > s.text_cache.size:
+            s.text_cache.popitem(last=False)
+    return vector
+
+
+async def read_upload(request: Request, settings: Settings) -> bytes:
+    """The image bytes of a multipart upload (field `file`) or a JSON body {"image_base64": ...},
+    read with a size cap whatever the client claims."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in ("multipart/form-data", "application/json"):
+        raise HTTPException(415, "send the image as multipart/form-data (field 'file') or as JSON "
+                                 "{\"image_base64\": ...}")
+    limit = settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit * 4 // 3 + 65536:
+        raise HTTPException(413, f"the upload is over the limit of {limit:,} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit * 4 // 3 + 65536:
+            raise HTTPException(413, f"the upload is over the limit of {limit:,} bytes")
+    request._body = bytes(body)  # let Starlette parse the form from what we read
+    if ctype == "application/json":
+        try:
+            payload = json.loads(body)
+            data = base64.b64decode(payload["image_base64"], validate=True)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, binascii.Error, ValueError):
+            raise HTTPException(422, "the JSON body must be {\"image_base64\": \"<base64 of the image file>\"}") \
+                from None
+    else:
+        try:
+            form = await request.form(max_files=1, max_fields=10)
+        except (MultiPartException, ValueError, KeyError, AssertionError) as e:
+            raise HTTPException(400, f"cannot parse the multipart body: {e}") from None
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise HTTPException(422, "the multipart body needs the image in a field named 'file'")
+        data = await upload.read()
+    if len(data) > limit:
+        raise HTTPException(413, f"the image is {len(data):,} bytes, over the limit of {limit:,}")
+    if not data:
+        raise HTTPException(422, "the image is empty")
+    return data
+
+
+def decode(s: State, data: bytes) -> np.ndarray:
+    try:
+        img = open_image(data, max_pixels=s.settings.max_pixels)
+    except BadImage as e:
+        raise HTTPException(422, f"not a usable image: {str(e).replace('upload: ', '')}") from None
+    return s.bundle.transform(img)
+
+
+def _public(item: dict) -> dict:
+    return {"id": item["id"], "name": Path(item["uri"]).name, "width": item["width"], "height": item["height"],
+            "captions": item["captions"], "added": item["added"], "sha256": item["sha256"],
+            "image_url": f"/items/{item['id']}/image", "thumbnail_url": f"/items/{item['id']}/thumbnail"}
+
+
+def _result(h, target: str) -> dict:
+    if target == "images":
+        return {"id": h.id, "score": round(h.score, 6), "name": Path(h.item["uri"]).name,
+                "image_url": f"/items/{h.id}/image", "thumbnail_url": f"/items/{h.id}/thumbnail",
+                "captions": h.item["captions"]}
+    out = {"id": h.id, "score": round(h.score, 6), "text": h.item["text"], "item_id": h.item["item_id"]}
+    if h.item["item_id"] is not None:
+        out["thumbnail_url"] = f"/items/{h.item['item_id']}/thumbnail"
+    return out
+
+
+def _upload_spec() -> dict:
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                           "properties": {"file": {"type": "string", "format": "binary"}}}},
+        "application/json": {"schema": {"type": "object", "required": ["image_base64"],
+                                        "properties": {"image_base64": {"type": "string", "format": "byte"}}}}}}}
+
+
+def _store_and_index(s: State, data: bytes) -> dict:
+    from index.build import Source, add_images, finalize
+
+    sha = hashlib.sha256(data).hexdigest()
+    folder = Path(s.settings.upload_dir or Path(s.settings.index) / "uploads")
+    folder.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    ext = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}.get(
+        Image.open(io.BytesIO(data)).format or "", ".img")
+    path = folder / f"{sha[:32]}{ext}"
+    if not path.exists():
+        path.write_bytes(data)
+    with s.index_lock:
+        s.index.close()
+        try:
+            add_images(s.settings.index, s.bundle, [Source(str(path.resolve()), path)], progress=False)
+            finalize(s.settings.index, s.bundle, progress=False)
+        finally:
+            s.reload_index_unlocked()
+        row = s.index.db.con.execute("SELECT id FROM items WHERE sha256=?", (sha,)).fetchone()
+        return s.index.item(row[0])
+
+
+def _remove(s: State, item_id: int) -> None:
+    from index.build import finalize, remove
+
+    with s.index_lock:
+        s.index.close()
+        try:
+            remove(s.settings.index, ids=[item_id])
+            finalize(s.settings.index, s.bundle, progress=False)
+        finally:
+            s.reload_index_unlocked()
+
