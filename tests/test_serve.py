@@ -1,0 +1,189 @@
+"""The search server, really started: uvicorn on loopback, real bundle, real index, real HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+TOKEN = "s3cret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_student, tiny_world, tmp_path_factory):
+    """(base URL, index folder, world) of a server on a copy of the tiny test index."""
+    from dsmd.bundle import Bundle
+    from export.onnx import ExportCfg, export, student_encoders
+    from index.build import build, dataset_sources
+
+    root = tmp_path_factory.mktemp("serve")
+    export(student_encoders(tiny_student), root / "bundle", data=tiny_world, cfg=ExportCfg(variants=()),
+           log=lambda *a: None)
+    build(root / "index", Bundle(root / "bundle"), dataset_sources(tiny_world, split="test"), progress=False)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dsmd.cli", "serve", "--bundle", str(root / "bundle"), "--index",
+                             str(root / "index"), "--port", str(port), "--token", TOKEN],
+                            env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail(f"server did not start: {proc.stdout.read()}")
+    yield url, root / "index", tiny_world
+    proc.terminate()
+    proc.wait(10)
+
+
+def png_bytes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def test_text_search_returns_ranked_results(served):
+    url, _, _ = served
+    r = httpx.get(f"{url}/search", params={"text": "a red circle left of a blue square", "k": 5})
+    assert r.status_code == 200
+    body = r.json()
+    scores = [x["score"] for x in body["results"]]
+    assert len(scores) == 5 and scores == sorted(scores, reverse=True)
+    first = body["results"][0]
+    assert first["thumbnail_url"] == f"/items/{first['id']}/thumbnail" and len(first["captions"]) == 5
+    assert body["query"]["truncated"] is False
+    thumb = httpx.get(url + first["thumbnail_url"])
+    assert thumb.headers["content-type"] == "image/jpeg" and Image.open(io.BytesIO(thumb.content)).size[0] <= 256
+    assert httpx.get(url + first["image_url"]).status_code == 200
+    assert httpx.get(f"{url}/items/{first['id']}").json()["id"] == first["id"]
+
+
+def test_image_search_by_upload_and_by_base64_and_to_captions(served):
+    url, _, world = served
+    data = png_bytes(sorted((world / "images").glob("*.png"))[-1])
+    a = httpx.post(f"{url}/search/image", params={"k": 3}, files={"file": ("x.png", data, "image/png")}).json()
+    b = httpx.post(f"{url}/search/image", params={"k": 3}, json={"image_base64": base64.b64encode(data).decode()}).json()
+    assert [x["id"] for x in a["results"]] == [x["id"] for x in b["results"]]
+    t = httpx.post(f"{url}/search/image", params={"k": 4, "target": "texts"}, files={"file": ("x.png", data)}).json()
+    assert len(t["results"]) == 4 and all("text" in x for x in t["results"])
+    more = httpx.get(f"{url}/items/{a['results'][0]['id']}/similar", params={"k": 3})
+    assert more.status_code == 200 and len(more.json()["results"]) == 3
+
+
+def _truncated_png(world: Path) -> bytes:
+    data = png_bytes(sorted((world / "images").glob("*.png"))[0])
+    return data[: len(data) // 2]
+
+
+def _bomb() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (9000, 8000)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("case,status,words", [
+    ("k0", 422, "k must be between"), ("k_big", 422, "k must be between"), ("empty", 422, "text is empty"),
+    ("not_image", 422, "not a usable image"), ("truncated", 422, "not a usable image"), ("bomb", 422, "over the limit"),
+    ("too_big", 413, "over the limit"), ("wrong_type", 415, "multipart/form-data"), ("bad_json", 422, "image_base64"),
+    ("no_file_field", 422, "field named 'file'"), ("unknown_item", 404, "no item"), ("bad_target", 422, "target"),
+])
+def test_bad_requests_get_a_clear_4xx_and_the_server_stays_up(served, case, status, words):
+    url, _, world = served
+    c = httpx.Client(base_url=url, timeout=30)
+    r = {
+        "k0": lambda: c.get("/search", params={"text": "a", "k": 0}),
+        "k_big": lambda: c.get("/search", params={"text": "a", "k": 10_000}),
+        "empty": lambda: c.get("/search", params={"text": "   "}),
+        "not_image": lambda: c.post("/search/image", files={"file": ("a.png", b"hello, not an image")}),
+        "truncated": lambda: c.post("/search/image", files={"file": ("a.png", _truncated_png(world))}),
+        "bomb": lambda: c.post("/search/image", files={"file": ("a.png", _bomb())}),
+        "too_big": lambda: c.post("/search/image", files={"file": ("a.png", os.urandom(11 * 2**20))}),
+        "wrong_type": lambda: c.post("/search/image", content=b"abc", headers={"content-type": "text/plain"}),
+        "bad_json": lambda: c.post("/search/image", json={"image": "x"}),
+        "no_file_field": lambda: c.post("/search/image", files={"other": ("a.png", b"x")}),
+        "unknown_item": lambda: c.get("/items/999999/thumbnail"),
+        "bad_target": lambda: c.post("/search/image", params={"target": "nope"}, files={"file": ("a", b"x")}),
+    }[case]()
+    assert r.status_code == status, r.text
+    assert words in r.json()["detail"]
+    assert c.get("/healthz").status_code == 200
+
+
+def test_over_long_text_is_cut_and_says_so(served):
+    url, _, _ = served
+    body = httpx.get(f"{url}/search", params={"text": "a red circle " * 200, "k": 1}).json()
+    assert body["query"]["truncated"] is True and "tokens" in body["query"]["note"]
+
+
+def test_adding_and_removing_items_needs_the_token(served):
+    url, index, world = served
+    c = httpx.Client(base_url=url, timeout=60)
+    img = Image.open(sorted((world / "images").glob("*.png"))[0]).rotate(90)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    files = {"file": ("new.png", buf.getvalue(), "image/png")}
+    assert c.post("/items", files=files).status_code == 401
+    assert c.post("/items", files=files, headers={"authorization": "Bearer wrong"}).status_code == 401
+    before = c.get("/info").json()["index"]["images"]["count"]
+    r = c.post("/items", files=files, headers={"authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 201, r.text
+    new_id = r.json()["id"]
+    assert c.get("/info").json()["index"]["images"]["count"] == before + 1
+    found = c.post("/search/image", params={"k": 1}, files={"file": ("q.png", buf.getvalue())}).json()["results"][0]
+    assert found["id"] == new_id and found["score"] > 0.999
+    assert c.delete(f"/items/{new_id}").status_code == 401
+    assert c.delete(f"/items/{new_id}", headers={"authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert c.get(f"/items/{new_id}").status_code == 404
+    assert c.get("/info").json()["index"]["images"]["count"] == before
+
+
+def test_operations_endpoints(served):
+    url, _, _ = served
+    assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{url}/readyz").json() == {"ready": True}
+    info = httpx.get(f"{url}/info").json()
+    assert info["bundle"]["dim"] == 16 and info["index"]["images"]["kind"] == "flat"
+    httpx.get(f"{url}/search", params={"text": "two stars"})
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'dsmd_requests_total{endpoint="/search",status="200"}' in metrics
+    assert "dsmd_encoder_batch_size_total" in metrics and "dsmd_index_images" in metrics
+    page = httpx.get(url + "/")
+    assert page.status_code == 200 and "dsmd search" in page.text
+    assert "/search/image" in httpx.get(f"{url}/openapi.json").json()["paths"]
+
+
+def test_concurrent_text_queries_are_batched_together(served):
+    import asyncio
+
+    url, _, _ = served
+
+    async def many():
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            rs = await asyncio.gather(*[c.get("/search", params={"text": f"a red circle number {i}"})
+                                        for i in range(32)])
+        return rs
+
+    rs = asyncio.run(many())
+    assert all(r.status_code == 200 for r in rs)
+    sizes = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
+             if line.startswith('dsmd_encoder_batch_size_total{encoder="text"')]
+    assert any(int(line.split('size="')[1].split('"')[0]) > 1 for line in sizes), sizes
