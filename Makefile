@@ -18,7 +18,7 @@ CONFIG ?= configs/demo.json
 OUT    ?= runs/student
 ARGS   ?=
 
-.PHONY: help install test demo world teacher features recall student distill evaluate export index clean
+.PHONY: help install test demo world teacher features recall student distill evaluate export index serve clean
 
 help:
 	@echo "make demo    - generate the demo world, train its teacher, extract features, distil the student,"
@@ -26,6 +26,7 @@ help:
 	@echo "make distill - train a student: CONFIG=configs/demo.json OUT=runs/student ARGS='--set key=value ...'"
 	@echo "make export  - export the demo student to an ONNX bundle (others: dsmd export student RUN --out DIR --data DATA)"
 	@echo "make index   - index the demo test images and captions (others: dsmd index build DIR --bundle B --folder F)"
+	@echo "make serve   - the search server and web page on the demo index (PORT=8000)"
 	@echo "make test    - run the test suite"
 	@echo "make clean  - remove generated data and artifacts (keeps .venv)"
 	@echo "Everything else: $(BIN)/dsmd --help"
@@ -40,7 +41,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# The web-page test drives a real headless browser: Debian's chromium and its driver.
+BROWSER := $(VENV)/.chromium
+$(BROWSER): | $(STAMP)
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		echo "installing chromium and chromium-driver (apt) for the web-page test"; \
+		apt-get install -y -q chromium chromium-driver >/dev/null || { apt-get update -q >/dev/null && \
+		apt-get install -y -q chromium chromium-driver >/dev/null; } || \
+		{ echo "could not install chromium: run 'apt-get install chromium chromium-driver' as root"; exit 1; }; fi
+	touch $@
+
+test: $(STAMP) $(BROWSER)
 	$(BIN)/pytest -q
 
 $(WORLD)/dataset_world.json: | $(STAMP)
@@ -92,7 +103,15 @@ index: $(INDEX)/manifest.json
 	$(BIN)/dsmd index info $(INDEX)
 	$(BIN)/dsmd index recall $(INDEX)
 
+# Ends with the server in the foreground (Ctrl-C stops it).
+PORT ?= 8000
+serve: $(INDEX)/manifest.json
+	$(BIN)/dsmd serve --bundle $(BUNDLE) --index $(INDEX) --port $(PORT)
+
 demo: evaluate export index
+	@echo
+	@echo "Try: curl 'http://127.0.0.1:$(PORT)/search?text=a+red+circle+left+of+a+blue+square&k=3'"
+	@$(MAKE) --no-print-directory serve
 
 clean:
 	rm -rf data artifacts

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartException
@@ -34,6 +35,7 @@ from serve.metrics import Metrics
 from serve.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
+ItemId = PathParam(..., ge=1, le=2**63 - 1, description="an item id from a search result")
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp")
 
 
@@ -182,7 +184,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "took_ms": round(1000 * (time.perf_counter() - t0), 2)}
 
     @app.get("/items/{item_id}/similar", summary="More like this: images near an indexed image")
-    async def similar(request: Request, item_id: int, k: int | None = Query(None)):
+    async def similar(request: Request, item_id: int = ItemId, k: int | None = Query(None)):
         s = st(request)
         k = check_k(s, k)
 
@@ -205,12 +207,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return item
 
     @app.get("/items/{item_id}", summary="An item's metadata")
-    async def get_item(request: Request, item_id: int):
+    async def get_item(request: Request, item_id: int = ItemId):
         item = await run_in_threadpool(item_or_404, st(request), item_id)
         return _public(item)
 
     @app.get("/items/{item_id}/image", summary="The item's image file", response_class=FileResponse)
-    async def get_image(request: Request, item_id: int):
+    async def get_image(request: Request, item_id: int = ItemId):
         item = await run_in_threadpool(item_or_404, st(request), item_id)
         path = Path(item["uri"])  # from the index's own row, never from the request
         if not path.is_file():
@@ -218,7 +220,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return FileResponse(path)
 
     @app.get("/items/{item_id}/thumbnail", summary="A JPEG thumbnail of the item (cached)")
-    async def get_thumbnail(request: Request, item_id: int):
+    async def get_thumbnail(request: Request, item_id: int = ItemId):
         s = st(request)
         item = await run_in_threadpool(item_or_404, s, item_id)
 
@@ -252,7 +254,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return _public(item)
 
     @app.delete("/items/{item_id}", summary="Remove an item from the index (needs the token)")
-    async def delete_item(request: Request, item_id: int):
+    async def delete_item(request: Request, item_id: int = ItemId):
         s = st(request)
         authorise(request, s)
         await run_in_threadpool(item_or_404, s, item_id)

@@ -187,3 +187,66 @@ def test_concurrent_text_queries_are_batched_together(served):
     sizes = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
              if line.startswith('dsmd_encoder_batch_size_total{encoder="text"')]
     assert any(int(line.split('size="')[1].split('"')[0]) > 1 for line in sizes), sizes
+
+
+# ---------------------------------------------------------------- the web page, in a real browser
+
+
+def test_web_page_in_headless_chromium(served, tmp_path):
+    """Type a query, see results; upload an image, see neighbours and captions; 'more like this'."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _, world = served
+    opts = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
+        opts.add_argument(arg)
+    opts.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=opts)
+    try:
+        wait = WebDriverWait(driver, 20)
+        driver.get(url + "/")
+        box = driver.find_element(By.ID, "q")
+        box.send_keys("a red circle left of a blue square")
+        driver.find_element(By.ID, "go").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .result")) == 24)
+        assert "results for" in driver.find_element(By.ID, "status").text
+        wait.until(lambda d: all(img.get_property("naturalWidth") > 0
+                                 for img in d.find_elements(By.CSS_SELECTOR, "#grid .result img")))
+        shots = Path(__file__).resolve().parent.parent / "docs"
+        shots.mkdir(exist_ok=True)
+        driver.save_screenshot(str(tmp_path / "text-search.png"))
+
+        image = sorted((world / "images").glob("*.png"))[3]
+        driver.find_element(By.ID, "file").send_keys(str(image))
+        wait.until(EC.text_to_be_present_in_element((By.ID, "status"), f"images like {image.name}"))
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#captions .caption")) == 5
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#grid .result")) == 24
+        driver.save_screenshot(str(tmp_path / "image-search.png"))
+
+        driver.find_elements(By.CSS_SELECTOR, "#grid .result .more")[0].click()
+        wait.until(EC.text_to_be_present_in_element((By.ID, "status"), "images like #"))
+        assert (tmp_path / "text-search.png").stat().st_size > 10_000
+        if os.environ.get("DSMD_SCREENSHOTS"):  # refresh the screenshots kept in docs/
+            shutil.copy(tmp_path / "text-search.png", shots / "web-text-search.png")
+            shutil.copy(tmp_path / "image-search.png", shots / "web-image-search.png")
+    finally:
+        driver.quit()
+
+
+# ---------------------------------------------------------------- fuzzing from the OpenAPI spec
+
+
+def test_fuzzing_the_api_from_its_openapi_spec_finds_no_5xx(served):
+    """schemathesis generates requests from /openapi.json (valid and invalid); none may get a 5xx."""
+    url, _, _ = served
+    done = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json", "--checks", "not_a_server_error",
+         "--max-examples", "30", "--seed", "1", "--exclude-method", "DELETE", "--request-timeout", "20",
+         "--no-color"],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert httpx.get(f"{url}/healthz").status_code == 200
