@@ -250,3 +250,27 @@ def test_fuzzing_the_api_from_its_openapi_spec_finds_no_5xx(served):
         capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+def test_the_server_runs_without_torch(served):
+    """The serving image has no torch: the server must not import it (or transformers)."""
+    url, index, _ = served
+    bundle = index.parent / "bundle"
+    port = free_port()
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
+            "from dsmd.cli import main; "
+            f"main(['serve', '--bundle', {str(bundle)!r}, '--index', {str(index)!r}, '--port', '{port}'])")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/search", params={"text": "a blue star", "k": 2}, timeout=2)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert proc.poll() is None, proc.stdout.read()
+        assert r.status_code == 200 and len(r.json()["results"]) == 2
+    finally:
+        proc.terminate()
+        proc.wait(10)
