@@ -285,7 +285,7 @@ def export(enc: Encoders, out: str | Path, data: str | Path | None = None, image
     figures["parity"] = {"min_cosine_image": cos_img, "min_cosine_text": cos_txt, "images": len(pix),
                          "texts": len(PARITY_TEXTS)}
     log(f"parity ONNX vs PyTorch: min cosine image {cos_img:.6f}, text {cos_txt:.6f}")
-    if min(cos_img, cos_txt) < cfg.min_cosine:
+    if not (cos_img >= cfg.min_cosine and cos_txt >= cfg.min_cosine):  # NaN fails too
         raise ExportError(f"ONNX and PyTorch embeddings differ: min cosine image {cos_img:.6f}, text {cos_txt:.6f} "
                           f"(need >= {cfg.min_cosine}); the bundle was not written")
 
@@ -293,7 +293,7 @@ def export(enc: Encoders, out: str | Path, data: str | Path | None = None, image
         r_torch, r_onnx = _torch_recall(enc, items), _bundle_recall(b, items)
         figures["recall"] = {"split": cfg.split, "torch": r_torch.to_json(), "fp32": r_onnx.to_json()}
         log(f"{cfg.split} RSUM: PyTorch {r_torch.rsum:.2f}, ONNX fp32 {r_onnx.rsum:.2f}")
-        if abs(r_torch.rsum - r_onnx.rsum) > cfg.recall_tolerance:
+        if not abs(r_torch.rsum - r_onnx.rsum) <= cfg.recall_tolerance:  # NaN fails too
             raise ExportError(f"ONNX recall differs from PyTorch: RSUM {r_onnx.rsum:.2f} vs {r_torch.rsum:.2f} "
                               f"(tolerance {cfg.recall_tolerance}); the bundle was not written")
         for name in cfg.variants:
@@ -308,9 +308,12 @@ def export(enc: Encoders, out: str | Path, data: str | Path | None = None, image
                                                          "seconds": round(time.time() - t0, 1),
                                                          "versions": versions(), "export_cfg": asdict(cfg)}})
     write_json(tmp / "manifest.json", manifest)
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
     if out.exists():
-        shutil.rmtree(out)
+        out.rename(old)  # a kill from here on leaves the old bundle beside, never no bundle at all
     tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
     return manifest
 
 
@@ -340,7 +343,7 @@ def _variant(folder: Path, name: str, manifest: dict, items, r_fp32: Recall, cfg
     r = _bundle_recall(Bundle(folder, name, opts), items)
     drop = r_fp32.rsum - r.rsum
     info = {"files": files, "recall": r.to_json(), "rsum_change": round(-drop, 2), "max_drop": cfg.max_drop}
-    if drop > cfg.max_drop:
+    if not drop <= cfg.max_drop:  # NaN is refused too
         log(f"{name} refused: {cfg.split} RSUM {r.rsum:.2f}, {drop:.2f} below fp32 (max drop {cfg.max_drop})")
         for f in files.values():
             (folder / f).unlink()

@@ -47,16 +47,29 @@ def choose_kind(n: int, dim: int, memory_bytes: int | None = None) -> str:
 
     `memory_bytes`: what the index may take; HNSW needs about (4·dim + 8·M·2) bytes per vector.
     """
-    if n <= FLAT_MAX and (memory_bytes is None or n * dim * 4 <= memory_bytes):
+    if n <= FLAT_MAX and (memory_bytes is None or n * bytes_per_vector("flat", dim) <= memory_bytes):
         return "flat"
-    if n <= HNSW_MAX and (memory_bytes is None or n * (dim * 4 + 2 * 32 * 8) <= memory_bytes):
+    if n <= HNSW_MAX and (memory_bytes is None or n * bytes_per_vector("hnsw", dim) <= memory_bytes):
         return "hnsw"
-    return "ivfpq"
+    return "ivfpq"  # with the re-ranking stage that fits (choose_refine)
 
 
-def bytes_per_vector(kind: str, dim: int, m: int = 32) -> int:
-    """Memory of one vector in each kind (codes + links, not counting the id map)."""
-    return {"flat": 4 * dim, "hnsw": 4 * dim + 2 * m * 4 * 2, "ivfpq": dim // 8 + 2 * dim + 8}[kind]
+ID_MAP_BYTES = 48  # IndexIDMap2: the id array and its reverse hash map, per vector (approximately)
+REFINE_BYTES = {"fp16": 2, "sq8": 1, "none": 0}  # re-ranking codes per dimension
+
+
+def bytes_per_vector(kind: str, dim: int, m: int = 32, refine: str = "fp16") -> int:
+    """Memory of one vector in each kind, id map included."""
+    own = {"flat": 4 * dim, "hnsw": 4 * dim + 2 * m * 4, "ivfpq": dim // 8 + 8 + REFINE_BYTES[refine] * dim}[kind]
+    return own + ID_MAP_BYTES
+
+
+def choose_refine(n: int, dim: int, memory_bytes: int | None) -> str:
+    """The IVF-PQ re-ranking stage that fits: fp16 (reaches 0.95), else 8-bit, else none (~0.8)."""
+    for refine in ("fp16", "sq8"):
+        if memory_bytes is None or n * bytes_per_vector("ivfpq", dim, refine=refine) <= memory_bytes:
+            return refine
+    return "none"
 
 
 def _ivf_params(n: int, dim: int) -> dict:
@@ -69,7 +82,7 @@ def _ivf_params(n: int, dim: int) -> dict:
 
 
 def build(kind: str, dim: int, chunks: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]], n: int,
-          train_sample: int = 200_000, seed: int = 0, progress=None):
+          train_sample: int = 200_000, seed: int = 0, progress=None, refine: str = "fp16"):
     """A FAISS index of `kind` over the vectors `chunks()` yields as (ids, vectors), added in batches.
 
     IVF-PQ trains on a sample (at most `train_sample` vectors), so memory stays bounded by the
@@ -77,7 +90,17 @@ def build(kind: str, dim: int, chunks: Callable[[], Iterator[tuple[np.ndarray, n
     """
     import faiss
 
-    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(os.cpu_count() or 1)  # building uses every core; searching keeps its own setting
+    try:
+        return _build(kind, dim, chunks, n, train_sample, seed, progress, refine)
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+def _build(kind, dim, chunks, n, train_sample, seed, progress, refine):
+    import faiss
+
     if kind == "flat":
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         params = {}
@@ -87,14 +110,17 @@ def build(kind: str, dim: int, chunks: Callable[[], Iterator[tuple[np.ndarray, n
         hnsw.hnsw.efConstruction = params["efConstruction"]
         index = faiss.IndexIDMap2(hnsw)
     elif kind == "ivfpq":
-        params = _ivf_params(n, dim)
+        params = {**_ivf_params(n, dim), "refine": refine}
         quantizer = faiss.IndexFlatIP(dim)
         ivf = faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["pq_m"], params["pq_bits"],
                                faiss.METRIC_INNER_PRODUCT)
         ivf.do_polysemous_training = False  # 178 of 190 s of training here, for nothing at search time
         sample = _sample(chunks, n, max(train_sample, 40 * params["nlist"]), seed)
-        index = faiss.IndexRefine(ivf, faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16,
-                                                                  faiss.METRIC_INNER_PRODUCT))
+        if refine == "none":
+            index = ivf
+        else:
+            codes = faiss.ScalarQuantizer.QT_fp16 if refine == "fp16" else faiss.ScalarQuantizer.QT_8bit
+            index = faiss.IndexRefine(ivf, faiss.IndexScalarQuantizer(dim, codes, faiss.METRIC_INNER_PRODUCT))
         index.train(sample)
         index = faiss.IndexIDMap2(index)
     else:
@@ -123,9 +149,11 @@ def apply_search_params(index, kind: str, search: dict) -> None:
     if kind == "hnsw":
         faiss.downcast_index(inner).hnsw.efSearch = int(search.get("efSearch", 64))
     elif kind == "ivfpq":
-        refine = faiss.downcast_index(inner)
-        refine.k_factor = float(search.get("k_factor", 4))
-        faiss.downcast_index(refine.base_index).nprobe = int(search.get("nprobe", 16))
+        inner = faiss.downcast_index(inner)
+        if isinstance(inner, faiss.IndexRefine):
+            inner.k_factor = float(search.get("k_factor", 4))
+            inner = faiss.downcast_index(inner.base_index)
+        inner.nprobe = int(search.get("nprobe", 16))
 
 
 def tune(index, kind: str, queries: np.ndarray, kth_exact: np.ndarray, vectors_of: Callable[[np.ndarray], np.ndarray],
@@ -153,9 +181,11 @@ def tune(index, kind: str, queries: np.ndarray, kth_exact: np.ndarray, vectors_o
     else:
         import faiss
 
-        nlist = faiss.downcast_index(faiss.downcast_index(faiss.downcast_index(index.index)).base_index).nlist
+        inner = faiss.downcast_index(index.index)
+        refined = isinstance(inner, faiss.IndexRefine)
+        nlist = faiss.downcast_index(inner.base_index).nlist if refined else inner.nlist
         grid = [{"nprobe": p, "k_factor": kf} for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if p <= nlist
-                for kf in (4, 16, 64)]
+                for kf in ((4, 16, 64) if refined else (4,))]
     best, best_recall = grid[-1], -1.0
     for search in grid:
         r = recall(search)
@@ -167,27 +197,26 @@ def tune(index, kind: str, queries: np.ndarray, kth_exact: np.ndarray, vectors_o
     return best, best_recall
 
 
-def exact_kth_score(chunks, queries: np.ndarray, k: int = 10) -> np.ndarray:
-    """The exact k-th best inner product of each query, streaming over the vectors in chunks."""
+def exact_kth_score(chunks, queries: np.ndarray, k: int = 10, block: int = 16_384) -> np.ndarray:
+    """The exact k-th best inner product of each query, streaming over the vectors in blocks
+    (1,000 queries x 16k scores at a time: bounded memory whatever the collection's size)."""
     best_s = np.full((len(queries), k), -np.inf, np.float32)
-    best_i = np.full((len(queries), k), -1, np.int64)
-    for ids, vecs in chunks():
-        s = queries @ vecs.T
-        take = min(k, s.shape[1])
-        part = np.argpartition(-s, take - 1, axis=1)[:, :take]
-        cand_s = np.concatenate([best_s, np.take_along_axis(s, part, 1)], 1)
-        cand_i = np.concatenate([best_i, ids[part]], 1)
-        order = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
-        best_s, best_i = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
-    filled = (best_i >= 0).sum(1)
+    for _, all_vecs in chunks():
+        for j in range(0, len(all_vecs), block):
+            s = queries @ all_vecs[j:j + block].T
+            take = min(k, s.shape[1])
+            top = -np.partition(-s, take - 1, axis=1)[:, :take]
+            best_s = -np.partition(-np.concatenate([best_s, top], 1), k - 1, axis=1)[:, :k]
+    best_s = np.sort(best_s, axis=1)[:, ::-1]
+    filled = np.isfinite(best_s).sum(1)
     return best_s[np.arange(len(queries)), np.maximum(filled - 1, 0)]
 
 
 def write(index, path: Path) -> None:
-    """Atomically replace `path` with the index (a kill leaves the old file or the new one)."""
+    """Write the index to `path` through a temporary file (a kill leaves no half-written file)."""
     import faiss
 
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     faiss.write_index(index, str(tmp))
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())

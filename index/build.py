@@ -2,8 +2,8 @@
 
     INDEX/
       items.sqlite    items, caption texts and their vectors: the source of truth (index/db.py)
-      images.faiss    image vectors, by item id          } derived from items.sqlite by
-      texts.faiss     caption vectors, by text id        } `finalize`, written atomically
+      images.*.faiss  image vectors, by item id          } derived from items.sqlite by
+      texts.*.faiss   caption vectors, by text id        } `finalize`; new names each time
       manifest.json   bundle, index kinds with their measured recall@10, counts, generation
 
 Adding embeds only what is new (by content hash) and commits each batch in one transaction,
@@ -245,39 +245,57 @@ def _open_existing(path: str | Path) -> IndexDB:
 
 def finalize(path: str | Path, bundle: Bundle, kind: str | None = None, target: float = ann.TARGET_RECALL,
              memory_bytes: int | None = None, progress: bool = True, report: Report | None = None) -> dict:
-    """(Re)build the FAISS files from the database, tune them, and write the manifest last."""
+    """(Re)build the FAISS files from the database, tune them, and write the manifest last.
+
+    New FAISS files get new names; the manifest (replaced atomically) names the ones to use;
+    files it no longer names are deleted afterwards. A kill at any moment leaves either the
+    previous manifest with its files or the new one with its. `kind` overrides the choice by
+    size and is remembered for later updates (POST /items, remove, add-texts).
+    """
     path = Path(path)
     t0 = time.time()
     db = _open_existing(path)
-    generation = db.generation
+    for stale in path.glob(".*.faiss.*.tmp"):  # left by a finalize that was killed while writing
+        stale.unlink(missing_ok=True)
+    if kind is not None:
+        db.set_meta("index_kind", kind)
+    kind = kind or db.meta().get("index_kind")
     parts = {}
-    for table, name in (("items", "images"), ("texts", "texts")):
-        n = db.count(table)
-        file = path / f"{name}.faiss"
-        if n == 0:
-            file.unlink(missing_ok=True)
-            parts[name] = {"count": 0}
-            continue
-        chosen = kind or ann.choose_kind(n, db.dim, memory_bytes)
-        chunks = lambda table=table: db.vectors(table)  # noqa: E731
-        bar = tqdm(total=n, desc=f"faiss {name} ({chosen})", unit="vec", leave=False, **_quiet(progress))
-        t1 = time.time()
-        index, params = ann.build(chosen, db.dim, chunks, n, progress=bar.update)
-        bar.close()
-        build_s = time.time() - t1
-        queries = _sample_queries(chunks, n)
-        kth = ann.exact_kth_score(chunks, queries)
-        search, recall = ann.tune(index, chosen, queries, kth, lambda ids, t=table: db.vectors_of(ids, t), target)
-        ann.write(index, file)
-        spec = ann.IndexSpec(chosen, params, search, recall, len(queries))
-        parts[name] = {"count": n, "file": file.name, "index": spec.to_json(), "build_seconds": round(build_s, 1),
-                       "bytes": file.stat().st_size}
+    stamp = time.time_ns()
+    with db.snapshot():  # one consistent state of the rows for every pass below
+        generation = db.generation
+        counts = {"items": db.count("items"), "texts": db.count("texts")}
+        for table, name in (("items", "images"), ("texts", "texts")):
+            n = counts[table]
+            if n == 0:
+                parts[name] = {"count": 0}
+                continue
+            chosen = kind or ann.choose_kind(n, db.dim, memory_bytes)
+            refine = ann.choose_refine(n, db.dim, memory_bytes)
+            chunks = lambda table=table: db.vectors(table)  # noqa: E731
+            bar = tqdm(total=n, desc=f"faiss {name} ({chosen})", unit="vec", leave=False, **_quiet(progress))
+            t1 = time.time()
+            index, params = ann.build(chosen, db.dim, chunks, n, progress=bar.update, refine=refine)
+            bar.close()
+            build_s = time.time() - t1
+            # tune with the queries this index will answer: captions for images, images for captions
+            other = "texts" if table == "items" else "items"
+            q_table = other if counts[other] else table
+            queries = _sample_queries(lambda t=q_table: db.vectors(t), counts[q_table])
+            kth = ann.exact_kth_score(chunks, queries)
+            search, recall = ann.tune(index, chosen, queries, kth, lambda ids, t=table: db.vectors_of(ids, t), target)
+            file = path / f"{name}.g{generation}-{stamp}.faiss"
+            ann.write(index, file)
+            spec = ann.IndexSpec(chosen, params, search, recall, len(queries))
+            parts[name] = {"count": n, "file": file.name, "index": spec.to_json(), "build_seconds": round(build_s, 1),
+                           "bytes": file.stat().st_size, "tuned_with_queries_from": q_table}
+        skipped = db.count("skipped")
     manifest = {
         "artifact": "index", "format": INDEX_FORMAT, "generation": generation,
         "bundle": {"name": bundle.name, "path": str(bundle.path), "fingerprint": bundle_fingerprint(bundle),
                    "dim": bundle.dim},
         **parts,
-        "skipped": db.count("skipped"),
+        "skipped": skipped,
         "last_build": report.to_json() if report else None,
         "finalize_seconds": round(time.time() - t0, 1),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -285,6 +303,10 @@ def finalize(path: str | Path, bundle: Bundle, kind: str | None = None, target: 
     }
     db.close()
     write_json(path / "manifest.json", manifest)
+    keep = {p.get("file") for p in parts.values()}
+    for old in path.glob("*.faiss"):
+        if old.name not in keep:
+            old.unlink(missing_ok=True)
     return manifest
 
 

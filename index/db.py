@@ -29,10 +29,10 @@ from dsmd.errors import UserError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items(
-    id INTEGER PRIMARY KEY, uri TEXT NOT NULL UNIQUE, sha256 TEXT NOT NULL UNIQUE, width INTEGER, height INTEGER,
+    id INTEGER PRIMARY KEY AUTOINCREMENT, uri TEXT NOT NULL UNIQUE, sha256 TEXT NOT NULL UNIQUE, width INTEGER, height INTEGER,
     captions TEXT, added REAL NOT NULL, vector BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS texts(
-    id INTEGER PRIMARY KEY, item_id INTEGER REFERENCES items(id) ON DELETE CASCADE, text TEXT NOT NULL,
+    id INTEGER PRIMARY KEY AUTOINCREMENT, item_id INTEGER REFERENCES items(id) ON DELETE CASCADE, text TEXT NOT NULL,
     vector BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS texts_item ON texts(item_id);
 CREATE TABLE IF NOT EXISTS skipped(uri TEXT PRIMARY KEY, reason TEXT NOT NULL, at REAL NOT NULL);
@@ -81,6 +81,14 @@ class IndexDB:
 
     def transaction(self):
         return _Transaction(self.con)
+
+    def snapshot(self):
+        """A read transaction: every read inside sees the same state, whatever writers do meanwhile."""
+        return _Transaction(self.con, "BEGIN")
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction():
+            self._set(key, value)
 
     def meta(self) -> dict[str, str]:
         return dict(self.con.execute("SELECT key, value FROM meta").fetchall())
@@ -200,11 +208,11 @@ class IndexDB:
 
 
 class _Transaction:
-    def __init__(self, con: sqlite3.Connection):
-        self.con = con
+    def __init__(self, con: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE"):
+        self.con, self.begin = con, begin
 
     def __enter__(self):
-        self.con.execute("BEGIN IMMEDIATE")
+        self.con.execute(self.begin)
         return self.con
 
     def __exit__(self, exc_type, exc, tb):

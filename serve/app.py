@@ -12,7 +12,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import io
+import os
 import json
 import threading
 import time
@@ -70,7 +72,8 @@ class State:
         self.settings = settings
         self.metrics = Metrics()
         self.bundle = Bundle(settings.bundle, settings.variant, RuntimeOptions(threads=settings.threads))
-        self.index_lock = threading.Lock()
+        self.index_lock = threading.Lock()  # around every use of self.index (FAISS + its SQLite connection)
+        self.write_lock = threading.Lock()  # one index update (POST /items, DELETE) at a time
         self.index = SearchIndex(settings.index)
         self.index.check_bundle(self.bundle)
         self.text_cache = LRU(settings.text_cache)
@@ -91,12 +94,19 @@ class State:
         self.images.close()
         self.index.close()
 
-    def reload_index_unlocked(self) -> None:
-        """Reopen the index after a change (the caller holds index_lock)."""
+    def swap_index(self) -> None:
+        """Open the index as its manifest now says, then swap it in: searches wait only for the swap."""
+        import faiss
+
         from index.search import SearchIndex
 
-        self.index = SearchIndex(self.settings.index)
-        self.thumbs.clear()
+        fresh = SearchIndex(self.settings.index)
+        faiss.omp_set_num_threads(1)
+        with self.index_lock:
+            old, self.index = self.index, fresh
+        old.close()
+        with self.thumbs.lock:
+            self.thumbs.clear()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -140,7 +150,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with s.index_lock:
                 return s.index.search(vector[None], k, target)[0]
 
-        hits = await run_in_threadpool(run)
+        try:
+            hits = await run_in_threadpool(run)
+        except UserError as e:  # the database busy beyond its timeout
+            raise HTTPException(503, str(e)) from None
         floor = min_score if min_score is not None else s.settings.min_score
         out = []
         for h in hits:
@@ -240,7 +253,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def authorise(request: Request, s: State) -> None:
         if not s.settings.token:
             raise HTTPException(403, "adding and removing items is off: start the server with a token (--token)")
-        if request.headers.get("authorization") != f"Bearer {s.settings.token}":
+        sent = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(sent, f"Bearer {s.settings.token}".encode()):
             raise HTTPException(401, "missing or wrong token: send Authorization: Bearer <token>")
 
     @app.post("/items", summary="Add an image to the index (needs the token)", openapi_extra=_upload_spec(),
@@ -339,7 +353,8 @@ async def read_upload(request: Request, settings: Settings) -> bytes:
         try:
             payload = json.loads(body)
             data = base64.b64decode(payload["image_base64"], validate=True)
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, binascii.Error, ValueError):
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, binascii.Error, ValueError,
+                RecursionError):
             raise HTTPException(422, "the JSON body must be {\"image_base64\": \"<base64 of the image file>\"}") \
                 from None
     else:
@@ -392,37 +407,40 @@ def _upload_spec() -> dict:
 
 
 def _store_and_index(s: State, data: bytes) -> dict:
+    """Store an upload in the index's upload folder and index it; searches go on meanwhile and
+    see the new item once the rebuilt files are swapped in."""
+    from PIL import Image
+
     from index.build import Source, add_images, finalize
 
     sha = hashlib.sha256(data).hexdigest()
     folder = Path(s.settings.upload_dir or Path(s.settings.index) / "uploads")
     folder.mkdir(parents=True, exist_ok=True)
-    from PIL import Image
-
     ext = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}.get(
         Image.open(io.BytesIO(data)).format or "", ".img")
     path = folder / f"{sha[:32]}{ext}"
-    if not path.exists():
-        path.write_bytes(data)
+    with s.write_lock:
+        if not path.exists():
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        report = add_images(s.settings.index, s.bundle, [Source(str(path.resolve()), path)], progress=False)
+        if report.skipped:
+            raise HTTPException(422, f"could not index the image: {report.skipped[0]['reason']}")
+        finalize(s.settings.index, s.bundle, progress=False)
+        s.swap_index()
     with s.index_lock:
-        s.index.close()
-        try:
-            add_images(s.settings.index, s.bundle, [Source(str(path.resolve()), path)], progress=False)
-            finalize(s.settings.index, s.bundle, progress=False)
-        finally:
-            s.reload_index_unlocked()
         row = s.index.db.con.execute("SELECT id FROM items WHERE sha256=?", (sha,)).fetchone()
-        return s.index.item(row[0])
+        item = s.index.item(row[0]) if row else None
+    if item is None:
+        raise HTTPException(409, "the image was removed again while it was being added")
+    return item
 
 
 def _remove(s: State, item_id: int) -> None:
     from index.build import finalize, remove
 
-    with s.index_lock:
-        s.index.close()
-        try:
-            remove(s.settings.index, ids=[item_id])
-            finalize(s.settings.index, s.bundle, progress=False)
-        finally:
-            s.reload_index_unlocked()
-
+    with s.write_lock:
+        remove(s.settings.index, ids=[item_id])
+        finalize(s.settings.index, s.bundle, progress=False)
+        s.swap_index()

@@ -33,6 +33,7 @@ class MicroBatcher:
         return await fut
 
     def close(self) -> None:
+        """Stop the worker after the requests already queued."""
         self.jobs.put(None)
 
     def _run(self) -> None:
@@ -58,7 +59,10 @@ class MicroBatcher:
             if self.on_batch:
                 self.on_batch(len(batch))
             for fut, loop, value, error in results:
-                loop.call_soon_threadsafe(_settle, fut, value, error)
+                try:
+                    loop.call_soon_threadsafe(_settle, fut, value, error)
+                except RuntimeError:  # that request's event loop is closed: nobody is waiting
+                    pass
 
 
 def _settle(fut: asyncio.Future, value, error) -> None:

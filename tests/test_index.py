@@ -147,6 +147,14 @@ def test_remove_by_id_and_path(test_index, bundle_path, tmp_path):
     assert all(h.id not in (first["id"], second["id"]) for row in hits for h in row)
     m = finalize(copy, Bundle(bundle_path), progress=False)
     assert m["images"]["count"] == 22 and m["texts"]["count"] == 110 and info(copy)["pending_changes"] == 0
+    # ids are never reused: a stale file or cache can't mistake a new item for a removed one
+    top = max(SearchIndex(copy).db.items(list(range(1, 30))))
+    remove(copy, ids=[top])
+    from dsmd.world import generate
+
+    extra = generate(tmp_path / "w", seed=11, image_size=32, split_sizes={"train": 2, "val": 0, "test": 0})
+    build(copy, Bundle(bundle_path), folder_sources(extra.parent / "images"), progress=False)
+    assert min(SearchIndex(copy).db.items(list(range(top, top + 10)))) > top
 
 
 def test_free_texts_join_the_caption_index(test_index, bundle_path, tmp_path):
@@ -200,6 +208,24 @@ def test_a_build_killed_at_random_points_ends_with_every_image_once(bundle_path,
     assert done.returncode == 0, done.stderr[-2000:]
     _check_invariants(tmp_path / "idx", finished=True, expected=n)
 
+    # now kill rebuilds of the FAISS files (another kind: every file changes) at random moments:
+    # the index must stay searchable after each kill, with the old files or the new ones
+    rebuild = cmd + ["--index-type", "hnsw"]
+    rng = random.Random(1)
+    for _ in range(4):
+        proc = subprocess.Popen(rebuild, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.5, 3.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        m = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+        assert m["images"]["index"]["kind"] in ("flat", "hnsw")
+        assert SearchIndex(tmp_path / "idx").count("images") == n
+    assert subprocess.run(rebuild, env=env, capture_output=True).returncode == 0
+    m = info(tmp_path / "idx")
+    assert m["images"]["index"]["kind"] == "hnsw" and m["texts"]["count"] == 0  # a folder has no captions
+    assert [p.name for p in (tmp_path / "idx").glob("*.faiss")] == [m["images"]["file"]]  # old files cleaned
+    assert not list((tmp_path / "idx").glob(".*.tmp"))
+
 
 def _rows(path: Path) -> int:
     try:
@@ -237,6 +263,11 @@ def _check_invariants(path: Path, finished: bool, expected: int | None = None) -
 ])
 def test_index_kind_by_size_and_memory(n, dim, memory, kind):
     assert ann.choose_kind(n, dim, memory) == kind
+
+
+@pytest.mark.parametrize("memory,refine", [(None, "fp16"), (2 * 2**30, "fp16"), (2**30, "sq8"), (200 * 2**20, "none")])
+def test_ivfpq_reranking_stage_fits_the_memory(memory, refine):
+    assert ann.choose_refine(1_000_000, 768, memory) == refine
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])

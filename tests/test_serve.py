@@ -128,6 +128,21 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_stays_up(served, case, stat
     assert c.get("/healthz").status_code == 200
 
 
+def test_an_upload_without_a_declared_length_is_cut_off_at_the_limit(served):
+    url, _, _ = served
+
+    def body():  # chunked transfer: no Content-Length to refuse up front
+        yield b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n"
+        for _ in range(16):
+            yield os.urandom(2**20)
+        yield b"\r\n--x--\r\n"
+
+    r = httpx.post(f"{url}/search/image", content=body(), headers={"content-type": "multipart/form-data; boundary=x"},
+                   timeout=60)
+    assert r.status_code == 413 and "over the limit" in r.json()["detail"]
+    assert httpx.get(f"{url}/healthz").status_code == 200
+
+
 def test_over_long_text_is_cut_and_says_so(served):
     url, _, _ = served
     body = httpx.get(f"{url}/search", params={"text": "a red circle " * 200, "k": 1}).json()
@@ -216,8 +231,6 @@ def test_web_page_in_headless_chromium(served, tmp_path):
         assert "results for" in driver.find_element(By.ID, "status").text
         wait.until(lambda d: all(img.get_property("naturalWidth") > 0
                                  for img in d.find_elements(By.CSS_SELECTOR, "#grid .result img")))
-        shots = Path(__file__).resolve().parent.parent / "docs"
-        shots.mkdir(exist_ok=True)
         driver.save_screenshot(str(tmp_path / "text-search.png"))
 
         image = sorted((world / "images").glob("*.png"))[3]
@@ -231,6 +244,8 @@ def test_web_page_in_headless_chromium(served, tmp_path):
         wait.until(EC.text_to_be_present_in_element((By.ID, "status"), "images like #"))
         assert (tmp_path / "text-search.png").stat().st_size > 10_000
         if os.environ.get("DSMD_SCREENSHOTS"):  # refresh the screenshots kept in docs/
+            shots = Path(__file__).resolve().parent.parent / "docs"
+            shots.mkdir(exist_ok=True)
             shutil.copy(tmp_path / "text-search.png", shots / "web-text-search.png")
             shutil.copy(tmp_path / "image-search.png", shots / "web-image-search.png")
     finally:
