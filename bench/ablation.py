@@ -124,7 +124,7 @@ def chart(records: list[dict], path: Path) -> None:
         vals.append(_mean(xs))
         errs.append((max(xs) - min(xs)) / 2)
     colours = ["tab:green" if n == "dsmd" else "tab:red" if n == "clip" else "tab:blue" for n in names]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, ax = plt.subplots(figsize=(12, 5))
     ax.barh([VARIANTS[n][0] for n in names], vals, xerr=errs, color=colours)
     ax.axvline(teacher, color="black", linestyle="--", label=f"teacher {teacher:.1f}")
     ax.axvline(600, color="grey", linewidth=0.5)

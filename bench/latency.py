@@ -49,11 +49,29 @@ def timed(fn, min_seconds: float, min_reps: int = 3, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def matmul_peak(threads: int, n: int = 2048) -> float:
-    """fp32 GFLOP/s of a large square matrix multiply: what this machine can do at best."""
+def matmul_peak(threads: int) -> float:
+    """fp32 GFLOP/s of large square matrix multiplies, the best of PyTorch and ONNX Runtime at
+    several sizes: the most this machine was seen to do (torch's 2048² alone measured 170 here
+    while ONNX Runtime's ViT reached 320, so one library at one size is not the peak)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n ** 3 / timed(lambda: a @ b, 2.0, 5) / 1e9
+    best = 0.0
+    for n in (1024, 2048, 4096):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        best = max(best, 2 * n ** 3 / timed(lambda: a @ b, 1.0, 3) / 1e9)
+        graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
+                                  [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ab"],
+                                  [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                    .SerializeToString(), so, providers=["CPUExecutionProvider"])
+        feeds = {"a": a.numpy(), "b": b.numpy()}
+        best = max(best, 2 * n ** 3 / timed(lambda: sess.run(None, feeds), 1.0, 3) / 1e9)
+    return best
 
 
 def flops(fn) -> float:

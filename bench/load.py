@@ -62,7 +62,7 @@ def make_bundle(preset: str, out: Path, demo_bundle: Path) -> Path:
 
 
 def make_index(bundle_path: Path, data: Path, out: Path, size: int) -> Path:
-    """The demo test split indexed for real, then synthetic items up to `size` (flat index)."""
+    """The demo test split indexed for real, then synthetic items up to `size`."""
     import hashlib
 
     from dsmd.bundle import Bundle
@@ -83,7 +83,7 @@ def make_index(bundle_path: Path, data: Path, out: Path, size: int) -> Path:
                             hashlib.sha256(f"synthetic{start + i}".encode()).hexdigest(), 64, 64, [], v[i])
                     for i in range(m)])
     db.close()
-    finalize(out, b, kind="flat", progress=False)
+    finalize(out, b, progress=False)  # the kind `dsmd index build` would choose
     return out
 
 
@@ -229,7 +229,7 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d"), "seconds_per_level": a.seconds}
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     md = [f"Command: `.venv/bin/python bench/load.py {' '.join(sys.argv[1:])}`; {meta['date']}; "
-          f"{meta['cores']} cores; {a.items:,}-item flat index; client and server on the same machine\n",
+          f"{meta['cores']} cores; {a.items:,}-item index (kind chosen by size, as dsmd index build does); client and server on the same machine\n",
           "| bundle | query | concurrency | req/s | p50 ms | p99 ms | errors |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
         for kind in ("text", "image"):

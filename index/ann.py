@@ -2,7 +2,8 @@
 
 All indexes search by inner product on unit vectors (= cosine) and carry the SQLite ids.
 
-    flat    exact search; every vector in memory (4·dim bytes each)          n <= 200k
+    flat    exact search; every vector in memory (4·dim bytes each)    n·dim <= 10M
+            (a query then costs ~2 ms on one core: 100k x 768 took 17 ms here)
     hnsw    HNSW graph (M=32) over the full vectors, efSearch tuned             n <= 5M
     ivfpq   IVF + product quantisation (dim/8 bytes per vector) with a float16 refine stage
             (2·dim bytes) that re-ranks the shortlist: PQ alone capped recall@10 near 0.8
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 KINDS = ("flat", "hnsw", "ivfpq")
-FLAT_MAX = 200_000
+FLAT_MAX_CELLS = 10_000_000  # n x dim: about 13k vectors at 768 dims, 39k at 256
 HNSW_MAX = 5_000_000
 TARGET_RECALL = 0.95
 
@@ -47,7 +48,7 @@ def choose_kind(n: int, dim: int, memory_bytes: int | None = None) -> str:
 
     `memory_bytes`: what the index may take; HNSW needs about (4·dim + 8·M·2) bytes per vector.
     """
-    if n <= FLAT_MAX and (memory_bytes is None or n * bytes_per_vector("flat", dim) <= memory_bytes):
+    if n * dim <= FLAT_MAX_CELLS and (memory_bytes is None or n * bytes_per_vector("flat", dim) <= memory_bytes):
         return "flat"
     if n <= HNSW_MAX and (memory_bytes is None or n * bytes_per_vector("hnsw", dim) <= memory_bytes):
         return "hnsw"

@@ -256,7 +256,8 @@ def _check_invariants(path: Path, finished: bool, expected: int | None = None) -
 
 
 @pytest.mark.parametrize("n,dim,memory,kind", [
-    (1_000, 768, None, "flat"), (200_000, 768, None, "flat"), (200_001, 768, None, "hnsw"),
+    (1_000, 768, None, "flat"), (13_000, 768, None, "flat"), (14_000, 768, None, "hnsw"), (39_000, 256, None, "flat"),
+    (200_000, 768, None, "hnsw"),
     (5_000_000, 768, None, "hnsw"), (5_000_001, 768, None, "ivfpq"), (100_000, 768, 100 * 2**20, "ivfpq"),
     (300_000, 768, 2 * 2**30, "hnsw"),
     (1_000_000, 768, 2**30, "ivfpq"),
