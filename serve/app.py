@@ -78,10 +78,12 @@ class State:
         self.index.check_bundle(self.bundle)
         self.text_cache = LRU(settings.text_cache)
         self.thumbs = LRU(settings.thumb_cache)
+        self.in_flight = {"text": 0, "image": 0}  # requests inside the search handlers, per encoder
         self.texts = MicroBatcher(self.bundle.encode_texts, settings.batch_wait_ms, settings.max_batch, "text-encoder",
-                                  lambda n: self.metrics.batch("text", n))
-        self.images = MicroBatcher(lambda xs: self.bundle.encode_pixels(np.stack(xs)), settings.batch_wait_ms, settings.max_batch,
-                                   "image-encoder", lambda n: self.metrics.batch("image", n))
+                                  lambda n: self.metrics.batch("text", n), lambda: self.in_flight["text"])
+        self.images = MicroBatcher(lambda xs: self.bundle.encode_pixels(np.stack(xs)), settings.batch_wait_ms,
+                                   settings.max_batch, "image-encoder", lambda n: self.metrics.batch("image", n),
+                                   lambda: self.in_flight["image"])
         # warm-up: the first real query must not pay for lazy initialisation
         self.bundle.encode_texts(["warm up"])
         self.bundle.encode_pixels(np.zeros((1, 3, self.bundle.preprocess.size, self.bundle.preprocess.size),
@@ -174,7 +176,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if len(text) > 10_000:
             raise HTTPException(413, "text is longer than 10,000 characters")
         truncated = s.bundle.truncated(text)
-        vector = await _cached_text(s, text)
+        s.in_flight["text"] += 1  # the event loop is one thread: no lock needed
+        try:
+            vector = await _cached_text(s, text)
+        finally:
+            s.in_flight["text"] -= 1
         results = await search(s, vector, k, "images", min_score)
         return {"query": {"text": text, "truncated": truncated,
                           **({"note": f"the text was cut to the model's {s.bundle.preprocess.max_tokens} tokens"}
@@ -189,9 +195,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         k = check_k(s, k)
         if target not in ("images", "texts"):
             raise HTTPException(422, "target must be images or texts")
-        data = await read_upload(request, s.settings)
-        pixels = await run_in_threadpool(decode, s, data)
-        vector = await s.images.submit(pixels)
+        s.in_flight["image"] += 1
+        try:
+            data = await read_upload(request, s.settings)
+            pixels = await run_in_threadpool(decode, s, data)
+            vector = await s.images.submit(pixels)
+        finally:
+            s.in_flight["image"] -= 1
         results = await search(s, vector, k, target, min_score)
         return {"query": {"image_bytes": len(data)}, "target": target, "k": k, "results": results,
                 "took_ms": round(1000 * (time.perf_counter() - t0), 2)}

@@ -1,9 +1,10 @@
 """Micro-batching: encoder calls from concurrent requests are gathered into one batch.
 
 A request hands its input to `MicroBatcher.submit` and awaits the result. One worker thread
-takes whatever is waiting, waits up to `wait_ms` for more (up to `max_batch`), runs the
-encoder once on all of them, and hands each request its row. The event loop never runs the
-encoder itself.
+takes whatever is waiting and, only while other requests are still on their way (`active()`
+counts requests in the handlers), waits up to `wait_ms` for them (up to `max_batch`); then it
+runs the encoder once on all of them and hands each request its row. A lone request never
+waits. The event loop never runs the encoder itself.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,9 +21,11 @@ import numpy as np
 
 class MicroBatcher:
     def __init__(self, encode: Callable[[list[Any]], np.ndarray], wait_ms: float = 2.0, max_batch: int = 32,
-                 name: str = "encoder", on_batch: Callable[[int], None] | None = None):
+                 name: str = "encoder", on_batch: Callable[[int], None] | None = None,
+                 active: Callable[[], int] | None = None):
         self.encode, self.wait, self.max_batch = encode, wait_ms / 1000, max_batch
         self.on_batch = on_batch
+        self.active = active or (lambda: 1 << 30)
         self.jobs: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
@@ -42,15 +46,22 @@ class MicroBatcher:
             if first is None:
                 return
             batch = [first]
-            try:
-                while len(batch) < self.max_batch:
-                    nxt = self.jobs.get(timeout=self.wait) if self.wait > 0 else self.jobs.get_nowait()
-                    if nxt is None:
-                        self.jobs.put(None)
+            deadline = time.monotonic() + self.wait
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self.jobs.get_nowait()
+                except queue.Empty:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self.active() <= len(batch):  # nobody else is on the way
                         break
-                    batch.append(nxt)
-            except queue.Empty:
-                pass
+                    try:
+                        nxt = self.jobs.get(timeout=min(left, 0.0005))
+                    except queue.Empty:
+                        continue
+                if nxt is None:
+                    self.jobs.put(None)
+                    break
+                batch.append(nxt)
             try:
                 out = self.encode([b[0] for b in batch])
                 results = [(fut, loop, out[i], None) for i, (_, fut, loop) in enumerate(batch)]
