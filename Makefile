@@ -21,8 +21,8 @@ ARGS   ?=
 .PHONY: help install test demo world teacher features recall student distill evaluate export index serve clean
 
 help:
-	@echo "make demo    - generate the demo world, train its teacher, extract features, distil the student,"
-	@echo "               print teacher and student recall"
+	@echo "make demo    - the whole pipeline on the demo world: teacher, features, student (recall side by side),"
+	@echo "               ONNX export, index, then the search server on http://127.0.0.1:8000/"
 	@echo "make distill - train a student: CONFIG=configs/demo.json OUT=runs/student ARGS='--set key=value ...'"
 	@echo "make export  - export the demo student to an ONNX bundle (others: dsmd export student RUN --out DIR --data DATA)"
 	@echo "make index   - index the demo test images and captions (others: dsmd index build DIR --bundle B --folder F)"
