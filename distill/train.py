@@ -52,7 +52,7 @@ from distill.features import FeatureStore, SplitFeatures, StoreMismatch
 from distill.student import (Student, create_student, load_student, make_tokenizer, preset_config, save_student,
                              tokenize)
 from distill.train_teacher import cpu_has_bf16
-from dsmd.artifacts import read_json, read_manifest, sha256_file, versions, write_json
+from dsmd.artifacts import read_json, read_manifest, recover_dir, replace_dir, sha256_file, versions, write_json
 from dsmd.datasets import Dataset, Item, load_dataset
 from dsmd.errors import UserError
 from dsmd.retrieval import Recall, chance_rsum, evaluate, format_table
@@ -235,22 +235,6 @@ def encode_split(model: Student, tok, items: list[Item], device: torch.device, b
 # ---------------------------------------------------------------- checkpoints
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Put `tmp` in place of `final`; a kill at any moment leaves one of them whole."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _recover_dir(final: Path) -> None:
-    old = final.with_name(final.name + ".old")
-    if not final.exists() and old.exists():
-        old.rename(final)
-
-
 def save_checkpoint(out: Path, model: Student, tok, cfg: DistillConfig, state: dict) -> Path:
     d = out / "checkpoints" / f"step-{state['step']:08d}"
     tmp = d.with_name("." + d.name + ".tmp")
@@ -276,7 +260,7 @@ def save_best(out: Path, model: Student, tok, cfg: DistillConfig, info: dict) ->
     save_student(model, tok, tmp)
     write_json(tmp / "config.json", cfg.to_json())
     write_json(tmp / "best.json", info)
-    _replace_dir(tmp, out / "best")
+    replace_dir(tmp, out / "best")
 
 
 def _truncate_jsonl(path: Path, step: int) -> None:
@@ -327,7 +311,7 @@ def _train(cfg: DistillConfig, out: Path, restart: bool, dist: Dist, device_kind
     if dist.main:
         if restart and out.exists():
             shutil.rmtree(out)
-        _recover_dir(out / "best")
+        recover_dir(out / "best")
         for tmp in list(out.glob(".*.tmp")) + list((out / "checkpoints").glob(".*.tmp")):
             shutil.rmtree(tmp, ignore_errors=True)  # a checkpoint being written when the run was killed
     dist.barrier()

@@ -73,3 +73,23 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put the folder `tmp` in place of `final`; a kill at any moment leaves one of them whole
+    (the old one as `final.old`, which `recover_dir` puts back)."""
+    import shutil
+
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(final: Path) -> None:
+    """Undo a `replace_dir` killed between its two renames."""
+    old = final.with_name(final.name + ".old")
+    if not final.exists() and old.exists():
+        old.rename(final)

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dsmd.artifacts import sha256_file, versions, write_json
+from dsmd.artifacts import recover_dir, replace_dir, sha256_file, versions, write_json
 from dsmd.bundle import BUNDLE_FORMAT, Bundle, RuntimeOptions
 from dsmd.datasets import Item, load_dataset
 from dsmd.errors import UserError
@@ -231,23 +231,23 @@ def export_graphs(enc: Encoders, folder: Path, opset: int) -> None:
                                         "embedding": {0: "batch"}})
 
 
-def _bundle_recall(b: Bundle, items: list[Item], batch: int = 128) -> Recall:
-    img = np.concatenate([b.encode_pixels(np.stack([b.transform(open_image(it.path)) for it in items[i:i + batch]]))
+def _recall(items: list[Item], transform, encode_pixels, encode_texts, batch: int = 128) -> Recall:
+    """Recall of a split through any pair of encoders (PyTorch's or a bundle's)."""
+    img = np.concatenate([encode_pixels(np.stack([transform(open_image(it.path)) for it in items[i:i + batch]]))
                           for i in range(0, len(items), batch)])
     caps = [c for it in items for c in it.captions]
-    txt = np.concatenate([b.encode_texts(caps[i:i + batch]) for i in range(0, len(caps), batch)])
+    txt = np.concatenate([encode_texts(caps[i:i + batch]) for i in range(0, len(caps), batch)])
     owner = np.array([i for i, it in enumerate(items) for _ in it.captions])
     return evaluate(img, txt, owner)
 
 
-def _torch_recall(enc: Encoders, items: list[Item], batch: int = 128) -> Recall:
-    img = np.concatenate([_torch_pixels(enc, np.stack([image_to_array(open_image(it.path), enc.preprocess)
-                                                       for it in items[i:i + batch]]))
-                          for i in range(0, len(items), batch)])
-    caps = [c for it in items for c in it.captions]
-    txt = np.concatenate([_torch_text(enc, caps[i:i + batch]) for i in range(0, len(caps), batch)])
-    owner = np.array([i for i, it in enumerate(items) for _ in it.captions])
-    return evaluate(img, txt, owner)
+def _bundle_recall(b: Bundle, items: list[Item]) -> Recall:
+    return _recall(items, b.transform, b.encode_pixels, b.encode_texts)
+
+
+def _torch_recall(enc: Encoders, items: list[Item]) -> Recall:
+    return _recall(items, lambda im: image_to_array(im, enc.preprocess), lambda x: _torch_pixels(enc, x),
+                   lambda t: _torch_text(enc, t))
 
 
 def export(enc: Encoders, out: str | Path, data: str | Path | None = None, images: str | None = None,
@@ -308,12 +308,8 @@ def export(enc: Encoders, out: str | Path, data: str | Path | None = None, image
                                                          "seconds": round(time.time() - t0, 1),
                                                          "versions": versions(), "export_cfg": asdict(cfg)}})
     write_json(tmp / "manifest.json", manifest)
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)  # a kill from here on leaves the old bundle beside, never no bundle at all
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    recover_dir(out)  # an earlier export killed mid-swap
+    replace_dir(tmp, out)  # never no bundle at all
     return manifest
 
 

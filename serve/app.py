@@ -47,16 +47,25 @@ class LRU(OrderedDict):
         self.size = size
         self.lock = threading.Lock()
 
-    def get_or(self, key, make):
+    def lookup(self, key):
+        """The cached value (now the most recent), or None."""
         with self.lock:
             if key in self:
                 self.move_to_end(key)
                 return self[key]
-        value = make()
+        return None
+
+    def put(self, key, value) -> None:
         with self.lock:
             self[key] = value
             if len(self) > self.size:
                 self.popitem(last=False)
+
+    def get_or(self, key, make):
+        value = self.lookup(key)
+        if value is None:
+            value = make()
+            self.put(key, value)
         return value
 
 
@@ -330,15 +339,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 async def _cached_text(s: State, text: str) -> np.ndarray:
-    with s.text_cache.lock:
-        if text in s.text_cache:
-            s.text_cache.move_to_end(text)
-            return s.text_cache[text]
-    vector = await s.texts.submit(text)
-    with s.text_cache.lock:
-        s.text_cache[text] = vector
-        if len(s.text_cache) > s.text_cache.size:
-            s.text_cache.popitem(last=False)
+    vector = s.text_cache.lookup(text)
+    if vector is None:
+        vector = await s.texts.submit(text)
+        s.text_cache.put(text, vector)
     return vector
 
 
