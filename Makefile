@@ -4,7 +4,9 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+# pip's -c file: the torch release these machines use (pyproject.toml itself admits any current one).
+CONSTRAINTS ?= constraints.txt
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml $(CONSTRAINTS) | cksum | cut -d' ' -f1)
 
 WORLD    := data/world
 TEACHER  := artifacts/teacher
@@ -18,7 +20,7 @@ CONFIG ?= configs/demo.json
 OUT    ?= runs/student
 ARGS   ?=
 
-.PHONY: help install test demo world teacher features recall student distill evaluate export index serve clean
+.PHONY: help install lock test demo world teacher features recall student distill evaluate export index serve clean
 
 help:
 	@echo "make demo    - the whole pipeline on the demo world: teacher, features, student (recall side by side),"
@@ -33,13 +35,19 @@ help:
 
 # torchscale/fairscale: BEiT-3's reference implementation, for the parity tests only; their own
 # pins are too old to install with dependencies.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[train,test]'
 	$(BIN)/pip install -q --no-deps torchscale==0.3.0 fairscale==0.4.0
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
+
+# The serve image's pinned dependencies (Dockerfile), from pyproject.toml's [serve] extra.
+lock: | $(STAMP)
+	$(BIN)/pip install -q pip-tools
+	$(BIN)/pip-compile --quiet --extra serve --generate-hashes --no-emit-index-url --no-emit-find-links \
+		--strip-extras --output-file requirements-serve.lock pyproject.toml
 
 # The web-page test drives a real headless browser: Debian's chromium and its driver.
 BROWSER := $(VENV)/.chromium

@@ -60,8 +60,8 @@ def run_variant(name: str, seed: int, args) -> dict:
     (Path(args.out) / f"{name}-s{seed}.log").write_text(done.stdout + done.stderr)
     record = {"variant": name, "seed": seed, "seconds": round(seconds, 1), "returncode": done.returncode}
     if (out / "best" / "student.json").exists():
-        from distill.config import load_config
-        from distill.train import evaluate_student
+        from dsmd.distill.config import load_config
+        from dsmd.distill.evaluate import evaluate_student
 
         cfg = load_config(args.config, args.set)
         teacher, student = evaluate_student(out, cfg.data.dataset, cfg.data.features, "test", device="cpu")

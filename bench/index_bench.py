@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -36,11 +35,11 @@ import numpy as np  # noqa: E402
 def throughput(bundle_path: Path, student: Path, data: Path, split: str, threads: int) -> list[dict]:
     import torch
 
-    from distill.student import load_student
     from dsmd.bundle import Bundle, RuntimeOptions
     from dsmd.datasets import load_dataset
+    from dsmd.distill.student import load_student
     from dsmd.images import open_image
-    from index.build import build, dataset_sources
+    from dsmd.index.build import build, dataset_sources
 
     items = load_dataset(data).split(split)
     files = [it.path for it in items]
@@ -92,7 +91,7 @@ def percentile_ms(times: list[float], p: float) -> float:
 def search_bench(n: int, dim: int, kinds: list[str], threads: int) -> list[dict]:
     import faiss
 
-    from index import ann
+    from dsmd.index import ann
 
     faiss.omp_set_num_threads(threads)
     faiss.cvar.distance_compute_blas_threshold = 8

@@ -28,7 +28,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 CAPTIONS = ["a small red circle left of a big blue square", "two yellow stars", "a green triangle",
@@ -53,7 +52,6 @@ def matmul_peak(threads: int) -> float:
     """fp32 GFLOP/s of large square matrix multiplies, the best of PyTorch and ONNX Runtime at
     several sizes: the most this machine was seen to do (torch's 2048² alone measured 170 here
     while ONNX Runtime's ViT reached 320, so one library at one size is not the peak)."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -83,11 +81,11 @@ def flops(fn) -> float:
 
 
 def bench_student(preset: str, dim: int, batches: list[int], threads: int, seconds: float, peak: float) -> list[dict]:
-    from distill.student import create_student
-    from distill.train_teacher import cpu_has_bf16
-    from dsmd.bundle import Bundle, RuntimeOptions
     from dsmd.artifacts import write_json
-    from export.onnx import export_graphs, model_encoders
+    from dsmd.bundle import Bundle, RuntimeOptions
+    from dsmd.distill.distributed import cpu_has_bf16
+    from dsmd.distill.student import create_student
+    from dsmd.export.onnx import export_graphs, model_encoders
 
     torch.manual_seed(0)
     model, tok = create_student(preset, dim, captions=CAPTIONS * 10, log=lambda *a: None)
@@ -96,8 +94,9 @@ def bench_student(preset: str, dim: int, batches: list[int], threads: int, secon
     folder = Path(tempfile.mkdtemp(prefix=f"latency-{preset}-"))
     export_graphs(enc, folder, 17)
     tok.save(str(folder / "tokenizer.json"))
-    from onnxruntime.quantization import QuantType, quantize_dynamic
     import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     logging.getLogger().setLevel(logging.ERROR)
     for part in ("image", "text"):
@@ -150,8 +149,8 @@ def bench_student(preset: str, dim: int, batches: list[int], threads: int, secon
 
 def paper_comparison(threads: int, seconds: float) -> dict:
     """Base student vs a BEiT-3-large-size teacher, batch 1, image + text, PyTorch eager fp32."""
-    from distill.student import create_student
-    from distill.teachers.beit3 import BEiT3Config, BEiT3Retrieval
+    from dsmd.distill.student import create_student
+    from dsmd.distill.teachers.beit3 import BEiT3Config, BEiT3Retrieval
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -52,8 +52,8 @@ def make_bundle(preset: str, out: Path, demo_bundle: Path, variant: str = "fp32"
         return demo_bundle
     import torch
 
-    from export.onnx import ExportCfg, export, model_encoders
-    from distill.student import create_student
+    from dsmd.distill.student import create_student
+    from dsmd.export.onnx import ExportCfg, export, model_encoders
 
     torch.manual_seed(0)
     model, tok = create_student(preset, 768, captions=texts(2000), log=lambda *a: None)
@@ -70,8 +70,8 @@ def make_index(bundle_path: Path, data: Path, out: Path, size: int) -> Path:
     import hashlib
 
     from dsmd.bundle import Bundle
-    from index.build import add_images, dataset_sources, finalize
-    from index.db import IndexDB, NewItem
+    from dsmd.index.build import add_images, dataset_sources, finalize
+    from dsmd.index.db import IndexDB, NewItem
 
     b = Bundle(bundle_path)
     sources = dataset_sources(data, split="test")
@@ -139,7 +139,7 @@ def bare(bundle_path: Path, index_path: Path, queries: list[str], image: bytes, 
     import faiss
 
     from dsmd.bundle import Bundle
-    from index.search import SearchIndex
+    from dsmd.index.search import SearchIndex
 
     faiss.omp_set_num_threads(1)
     b, s = Bundle(bundle_path, variant), SearchIndex(index_path)

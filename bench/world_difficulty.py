@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     bow, bow_sib = bow_recall(images)
     rows, sib = {"bag of words (oracle objects, unbound)": bow}, {"bag of words (oracle objects, unbound)": bow_sib}
     if a.features:
-        from distill.features import FeatureStore
+        from dsmd.distill.features import FeatureStore
 
         store = FeatureStore(a.features)
         f = store.split(a.split)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from distill.balancer import BalancerCfg
+from dsmd.distill.balancer import BalancerCfg
 from dsmd.errors import UserError
 
 LOSSES = ("cd", "fd", "sd", "hnd", "kl")  # the paper's four, and the peers' similarity KL (off by default)

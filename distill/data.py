@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
-from distill.config import AugmentCfg
-from distill.student import tokenize
 from dsmd.datasets import Item
+from dsmd.distill.config import AugmentCfg
+from dsmd.distill.student import tokenize
 from dsmd.images import BadImage, open_image
 from dsmd.preprocess import PreprocessCfg, image_to_array
 

@@ -35,9 +35,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from distill.teachers.base import Teacher
 from dsmd.artifacts import read_json, read_manifest, versions, write_json
 from dsmd.datasets import SPLITS, Dataset, Item
+from dsmd.distill.distributed import Dist, init_dist
+from dsmd.distill.teachers.base import Teacher
 from dsmd.errors import UserError
 from dsmd.images import BadImage, open_image
 from dsmd.preprocess import PreprocessCfg, image_to_array
@@ -129,27 +130,6 @@ class FeatureStore:
 # ---------------------------------------------------------------- extraction
 
 
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-def _init_distributed() -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return _Dist()
-    if not torch.distributed.is_initialized():
-        if torch.cuda.is_available():  # one GPU per rank: NCCL must not see two ranks on cuda:0
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return _Dist(torch.distributed.get_rank(), world)
-
-
 def _job(teacher: Teacher, ds: Dataset, splits: list[str], chunk: int, precision: str) -> dict:
     return {"teacher": teacher.describe(), "dataset": {"name": ds.name, "fingerprint": ds.fingerprint(),
             "source": str(ds.source)}, "splits": splits, "chunk": chunk, "precision": precision,
@@ -239,7 +219,7 @@ def extract(
     out = Path(out)
     splits = splits or [s for s in SPLITS if ds.split(s)]
     job = _job(teacher, ds, splits, chunk, precision)
-    dist = _init_distributed()
+    dist = init_dist("cuda" if torch.cuda.is_available() else "cpu")
     if (out / "job.json").exists():
         _check_same_job(out, job)  # on every rank, so that no rank waits for one that failed
     elif out.exists() and any(out.iterdir()):
@@ -278,7 +258,7 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _extract_split(teacher, items, d: Path, chunk, workers, dist: _Dist, amp, split: str) -> None:
+def _extract_split(teacher, items, d: Path, chunk, workers, dist: Dist, amp, split: str) -> None:
     img_emb = np.load(d / "image_emb.npy", mmap_mode="r+")
     img_ok = np.load(d / "image_ok.npy", mmap_mode="r+")
     img_done = np.load(d / "image_done.npy", mmap_mode="r+")

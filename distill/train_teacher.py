@@ -9,7 +9,6 @@ batch: the hardest negatives the teacher must learn to tell apart.
 from __future__ import annotations
 
 import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from distill.teachers import demo
 from dsmd.artifacts import read_manifest, sha256_file, versions, write_json
+from dsmd.cpus import usable_cpus
 from dsmd.datasets import Dataset, Item, load_dataset
+from dsmd.distill.distributed import cpu_has_bf16
+from dsmd.distill.teachers import demo
 from dsmd.errors import UserError
 from dsmd.images import BadImage, SkipReport, open_image
 from dsmd.preprocess import PreprocessCfg, image_to_array
@@ -83,7 +84,7 @@ def train_teacher(data: str | Path, out: str | Path, cfg: TeacherTrainCfg | None
     """
     cfg = cfg or TeacherTrainCfg()
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    torch.set_num_threads(cfg.threads or usable_cpus())
     rng = np.random.default_rng(cfg.seed)
     ds: Dataset = load_dataset(data)
     train, val = ds.split("train"), ds.split("val")
@@ -169,14 +170,6 @@ def train_teacher(data: str | Path, out: str | Path, cfg: TeacherTrainCfg | None
         "versions": versions(),
     })
     return r
-
-
-def cpu_has_bf16() -> bool:
-    """True where the CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere autocast is slower."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:
-        return False
 
 
 def is_trained(out: str | Path) -> bool:

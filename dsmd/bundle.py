@@ -13,7 +13,6 @@ A bundle folder (written by `dsmd export`):
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from dsmd.artifacts import read_manifest, sha256_file
+from dsmd.cpus import usable_cpus
 from dsmd.errors import UserError
 from dsmd.images import open_image
 from dsmd.preprocess import PreprocessCfg, image_to_array
@@ -52,7 +52,7 @@ def _session(path: Path, opts: RuntimeOptions):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.intra_op_num_threads = opts.threads or os.cpu_count() or 1
+    so.intra_op_num_threads = opts.threads or usable_cpus()
     so.inter_op_num_threads = 1
     levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

@@ -1,5 +1,6 @@
-"""export: student checkpoint → encoder bundle (ONNX image and text encoders).
+"""dsmd.export: a student or teacher checkpoint -> encoder bundle (ONNX image and text encoders).
 
-Not built yet (issue 4). The bundle will carry the `dsmd.preprocess.PreprocessCfg` that the
-student was trained with, so serving preprocesses exactly as training did.
+The bundle carries the `dsmd.preprocess.PreprocessCfg` the model was trained with, so serving
+preprocesses exactly as training did; parity with PyTorch and recall are checked at export.
+The bundle's runtime (`dsmd.bundle`) needs no torch.
 """

@@ -90,8 +90,8 @@ class Encoders:
 
 
 def student_encoders(path: str | Path) -> Encoders:
-    from distill.student import load_student
-    from distill.train import resolve_student
+    from dsmd.distill.checkpoint import resolve_student
+    from dsmd.distill.student import load_student
 
     path = resolve_student(path)
     model, tok = load_student(path)
@@ -107,7 +107,7 @@ def model_encoders(model, tok, source: dict | None = None) -> Encoders:
 
 
 def demo_teacher_encoders(path: str | Path) -> Encoders:
-    from distill.teachers.demo import DemoTeacher
+    from dsmd.distill.teachers.demo import DemoTeacher
 
     t = DemoTeacher.load(path)
     return Encoders(name=t.name, kind="demo-teacher", image=_ImageEncoder(t.model),
@@ -121,7 +121,7 @@ class _HFImage(nn.Module):
         self.model = model
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        from distill.teachers.hf import _pooled
+        from dsmd.distill.teachers.hf import _pooled
 
         return torch.nn.functional.normalize(_pooled(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
 
@@ -132,7 +132,7 @@ class _HFText(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        from distill.teachers.hf import _pooled
+        from dsmd.distill.teachers.hf import _pooled
 
         inputs = {"input_ids": input_ids} if attention_mask is None else {"input_ids": input_ids,
                                                                            "attention_mask": attention_mask}
@@ -142,7 +142,7 @@ class _HFText(nn.Module):
 def hf_teacher_encoders(kind: str, path: str | Path) -> Encoders:
     """A Hugging Face CLIP or SigLIP teacher, tokenised as it was trained (see distill/teachers/hf.py):
     CLIP pads to the longest text and takes the mask; SigLIP pads to max length, ids only."""
-    from distill.teachers.hf import HFTeacher
+    from dsmd.distill.teachers.hf import HFTeacher
 
     t = HFTeacher.load(path, kind)
     hf_tok = t.tokenizer

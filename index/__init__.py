@@ -1,5 +1,8 @@
-"""index: image collections → FAISS index + SQLite metadata, without torch.
+"""dsmd.index: image collections -> FAISS index + SQLite metadata, without torch.
 
-Not built yet (issue 5). It will read data sets with `dsmd.datasets` and open images with
-`dsmd.images.open_image`, as the rest of the project does.
+    build.py    add images and captions, remove, merge shards, finalize (choose and tune the FAISS index)
+    ann.py      which FAISS index fits a size and memory, and its tuning to a recall target
+    db.py       the SQLite items table (vectors, content hashes, captions)
+    search.py   an opened index answering queries (what the server holds)
+    uploads.py  single-image writes to a live index (what POST/DELETE /items do on disk)
 """

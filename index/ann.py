@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from dsmd.cpus import usable_cpus
 
 KINDS = ("flat", "hnsw", "ivfpq")
 FLAT_MAX_CELLS = 10_000_000  # n x dim: about 13k vectors at 768 dims, 39k at 256
@@ -92,7 +94,7 @@ def build(kind: str, dim: int, chunks: Callable[[], Iterator[tuple[np.ndarray, n
     import faiss
 
     threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(os.cpu_count() or 1)  # building uses every core; searching keeps its own setting
+    faiss.omp_set_num_threads(usable_cpus())  # building uses every core; searching keeps its own setting
     try:
         return _build(kind, dim, chunks, n, train_sample, seed, progress, refine)
     finally:

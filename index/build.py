@@ -16,7 +16,6 @@ writes to the same folder.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -31,8 +30,8 @@ from dsmd.artifacts import read_manifest, sha256_json, versions, write_json
 from dsmd.bundle import Bundle
 from dsmd.errors import UserError
 from dsmd.images import BadImage, open_image
-from index import ann
-from index.db import IndexDB, NewItem
+from dsmd.index import ann
+from dsmd.index.db import IndexDB, NewItem
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 INDEX_FORMAT = 1

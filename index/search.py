@@ -17,9 +17,9 @@ import numpy as np
 from dsmd.artifacts import read_manifest
 from dsmd.bundle import Bundle
 from dsmd.errors import UserError
-from index import ann
-from index.build import bundle_fingerprint
-from index.db import IndexDB
+from dsmd.index import ann
+from dsmd.index.build import bundle_fingerprint
+from dsmd.index.db import IndexDB
 
 
 class IndexMismatch(UserError):

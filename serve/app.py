@@ -9,16 +9,10 @@ path and no URL from a request reaches the disk or the network).
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import hmac
 import io
-import os
-import json
 import threading
 import time
-from collections import OrderedDict
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -27,55 +21,28 @@ from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
-from starlette.formparsers import MultiPartException
 
 from dsmd.bundle import Bundle, RuntimeOptions
 from dsmd.errors import UserError
 from dsmd.images import BadImage, open_image
-from serve.batcher import MicroBatcher
-from serve.metrics import Metrics
-from serve.settings import Settings
+from dsmd.index.uploads import UploadRefused, item_id_of, remove_items, store_upload
+from dsmd.serve.batcher import MicroBatcher
+from dsmd.serve.cache import LRU
+from dsmd.serve.metrics import Metrics
+from dsmd.serve.settings import Settings
+from dsmd.serve.uploads import read_upload, upload_spec
 
 STATIC = Path(__file__).parent / "static"
 ItemId = PathParam(..., ge=1, le=2**63 - 1, description="an item id from a search result")
-IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp")
-
-
-class LRU(OrderedDict):
-    def __init__(self, size: int):
-        super().__init__()
-        self.size = size
-        self.lock = threading.Lock()
-
-    def lookup(self, key):
-        """The cached value (now the most recent), or None."""
-        with self.lock:
-            if key in self:
-                self.move_to_end(key)
-                return self[key]
-        return None
-
-    def put(self, key, value) -> None:
-        with self.lock:
-            self[key] = value
-            if len(self) > self.size:
-                self.popitem(last=False)
-
-    def get_or(self, key, make):
-        value = self.lookup(key)
-        if value is None:
-            value = make()
-            self.put(key, value)
-        return value
 
 
 class State:
     """What the app holds while it runs."""
 
     def __init__(self, settings: Settings):
-        from index.search import SearchIndex
-
         import faiss
+
+        from dsmd.index.search import SearchIndex
 
         faiss.omp_set_num_threads(1)  # one query at a time per search; the encoders take the cores
         self.settings = settings
@@ -109,7 +76,7 @@ class State:
         """Open the index as its manifest now says, then swap it in: searches wait only for the swap."""
         import faiss
 
-        from index.search import SearchIndex
+        from dsmd.index.search import SearchIndex
 
         fresh = SearchIndex(self.settings.index)
         faiss.omp_set_num_threads(1)
@@ -196,7 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                              if truncated else {})},
                 "target": "images", "k": k, "results": results, "took_ms": round(1000 * (time.perf_counter() - t0), 2)}
 
-    @app.post("/search/image", summary="Image → images, or → captions with target=texts", openapi_extra=_upload_spec())
+    @app.post("/search/image", summary="Image → images, or → captions with target=texts", openapi_extra=upload_spec())
     async def search_image(request: Request, k: int | None = Query(None), target: str = Query("images"),
                            min_score: float | None = Query(None)):
         s = st(request)
@@ -276,7 +243,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not hmac.compare_digest(sent, f"Bearer {s.settings.token}".encode()):
             raise HTTPException(401, "missing or wrong token: send Authorization: Bearer <token>")
 
-    @app.post("/items", summary="Add an image to the index (needs the token)", openapi_extra=_upload_spec(),
+    @app.post("/items", summary="Add an image to the index (needs the token)", openapi_extra=upload_spec(),
               status_code=201)
     async def add_item(request: Request):
         s = st(request)
@@ -346,47 +313,6 @@ async def _cached_text(s: State, text: str) -> np.ndarray:
     return vector
 
 
-async def read_upload(request: Request, settings: Settings) -> bytes:
-    """The image bytes of a multipart upload (field `file`) or a JSON body {"image_base64": ...},
-    read with a size cap whatever the client claims."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype not in ("multipart/form-data", "application/json"):
-        raise HTTPException(415, "send the image as multipart/form-data (field 'file') or as JSON "
-                                 "{\"image_base64\": ...}")
-    limit = settings.max_upload_bytes
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit * 4 // 3 + 65536:
-        raise HTTPException(413, f"the upload is over the limit of {limit:,} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit * 4 // 3 + 65536:
-            raise HTTPException(413, f"the upload is over the limit of {limit:,} bytes")
-    request._body = bytes(body)  # let Starlette parse the form from what we read
-    if ctype == "application/json":
-        try:
-            payload = json.loads(body)
-            data = base64.b64decode(payload["image_base64"], validate=True)
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, binascii.Error, ValueError,
-                RecursionError):
-            raise HTTPException(422, "the JSON body must be {\"image_base64\": \"<base64 of the image file>\"}") \
-                from None
-    else:
-        try:
-            form = await request.form(max_files=1, max_fields=10)
-        except (MultiPartException, ValueError, KeyError, AssertionError) as e:
-            raise HTTPException(400, f"cannot parse the multipart body: {e}") from None
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise HTTPException(422, "the multipart body needs the image in a field named 'file'")
-        data = await upload.read()
-    if len(data) > limit:
-        raise HTTPException(413, f"the image is {len(data):,} bytes, over the limit of {limit:,}")
-    if not data:
-        raise HTTPException(422, "the image is empty")
-    return data
-
-
 def decode(s: State, data: bytes) -> np.ndarray:
     try:
         img = open_image(data, max_pixels=s.settings.max_pixels)
@@ -412,49 +338,24 @@ def _result(h, target: str) -> dict:
     return out
 
 
-def _upload_spec() -> dict:
-    return {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
-                                           "properties": {"file": {"type": "string", "format": "binary"}}}},
-        "application/json": {"schema": {"type": "object", "required": ["image_base64"],
-                                        "properties": {"image_base64": {"type": "string", "format": "byte"}}}}}}}
-
-
 def _store_and_index(s: State, data: bytes) -> dict:
-    """Store an upload in the index's upload folder and index it; searches go on meanwhile and
-    see the new item once the rebuilt files are swapped in."""
-    from PIL import Image
-
-    from index.build import Source, add_images, finalize
-
-    sha = hashlib.sha256(data).hexdigest()
-    folder = Path(s.settings.upload_dir or Path(s.settings.index) / "uploads")
-    folder.mkdir(parents=True, exist_ok=True)
-    ext = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}.get(
-        Image.open(io.BytesIO(data)).format or "", ".img")
-    path = folder / f"{sha[:32]}{ext}"
+    """Store and index an upload (dsmd.index.uploads); searches go on meanwhile and see the new
+    item once the rebuilt files are swapped in."""
     with s.write_lock:
-        if not path.exists():
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        report = add_images(s.settings.index, s.bundle, [Source(str(path.resolve()), path)], progress=False)
-        if report.skipped:
-            raise HTTPException(422, f"could not index the image: {report.skipped[0]['reason']}")
-        finalize(s.settings.index, s.bundle, progress=False)
+        try:
+            sha = store_upload(s.settings.index, s.bundle, data, s.settings.upload_dir)
+        except UploadRefused as e:
+            raise HTTPException(422, str(e)) from None
         s.swap_index()
     with s.index_lock:
-        row = s.index.db.con.execute("SELECT id FROM items WHERE sha256=?", (sha,)).fetchone()
-        item = s.index.item(row[0]) if row else None
+        item_id = item_id_of(s.index.db, sha)
+        item = s.index.item(item_id) if item_id is not None else None
     if item is None:
         raise HTTPException(409, "the image was removed again while it was being added")
     return item
 
 
 def _remove(s: State, item_id: int) -> None:
-    from index.build import finalize, remove
-
     with s.write_lock:
-        remove(s.settings.index, ids=[item_id])
-        finalize(s.settings.index, s.bundle, progress=False)
+        remove_items(s.settings.index, s.bundle, [item_id])
         s.swap_index()

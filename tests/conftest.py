@@ -11,10 +11,16 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # keep test output readable
 
 TINY_SPLITS = {"train": 96, "val": 24, "test": 24}
 
+# A folder holding world/, bundle/ and index/, made by an install with torch: the serve tests
+# then run in an install without it (tests/test_packaging.py runs them so in a fresh venv).
+PREBUILT = os.environ.get("DSMD_TEST_PREBUILT")
+
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> Path:
     """A 144-image demo world (folder holding dataset_world.json and images/)."""
+    if PREBUILT:
+        return Path(PREBUILT) / "world"
     from dsmd.world import generate
 
     out = tmp_path_factory.mktemp("world")
@@ -25,7 +31,7 @@ def tiny_world(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_teacher(tiny_world, tmp_path_factory) -> Path:
     """A demo teacher trained for a few steps on the tiny world (quality is not the point)."""
-    from distill.train_teacher import TeacherTrainCfg, train_teacher
+    from dsmd.distill.train_teacher import TeacherTrainCfg, train_teacher
 
     out = tmp_path_factory.mktemp("teacher")
     cfg = TeacherTrainCfg(epochs=2, batch_size=32, warmup_steps=2, eval_every=1, threads=1)
@@ -37,9 +43,9 @@ def tiny_teacher(tiny_world, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_store(tiny_world, tiny_teacher, tmp_path_factory) -> Path:
     """The tiny teacher's feature store of the tiny world."""
-    from distill.features import extract
-    from distill.teachers import load_teacher
     from dsmd.datasets import load_dataset
+    from dsmd.distill.features import extract
+    from dsmd.distill.teachers import load_teacher
 
     out = tmp_path_factory.mktemp("store")
     extract(load_teacher("demo", tiny_teacher), load_dataset(tiny_world), out, chunk=32, workers=0)
@@ -49,8 +55,8 @@ def tiny_store(tiny_world, tiny_teacher, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_student(tiny_world, tiny_store, tmp_path_factory) -> Path:
     """A run folder of the tiny student distilled for two epochs (its best/ is the checkpoint)."""
-    from distill.config import load_config
-    from distill.train import train
+    from dsmd.distill.config import load_config
+    from dsmd.distill.train import train
 
     out = tmp_path_factory.mktemp("student")
     cfg = load_config(None, [f"data.dataset={tiny_world}", f"data.features={tiny_store}", "student.preset=tiny",
@@ -58,3 +64,20 @@ def tiny_student(tiny_world, tiny_store, tmp_path_factory) -> Path:
                              "loss.margin=0.2", "run.workers=0", "run.threads=1", "run.stop_at_chance_after=0"])
     train(cfg, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_search(request, tmp_path_factory) -> Path:
+    """A folder with bundle/ (the tiny student exported to ONNX) and index/ (the tiny world's test
+    split indexed with it). Tests that change the index copy it first."""
+    if PREBUILT:
+        return Path(PREBUILT)
+    from dsmd.bundle import Bundle
+    from dsmd.export.onnx import ExportCfg, export, student_encoders
+    from dsmd.index.build import build, dataset_sources
+
+    world, student = request.getfixturevalue("tiny_world"), request.getfixturevalue("tiny_student")
+    root = tmp_path_factory.mktemp("search")
+    export(student_encoders(student), root / "bundle", data=world, cfg=ExportCfg(variants=()), log=lambda *a: None)
+    build(root / "index", Bundle(root / "bundle"), dataset_sources(world, split="test"), progress=False)
+    return root

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from distill.teachers import load_teacher
-from distill.teachers.beit3 import (
+from dsmd.artifacts import sha256_file
+from dsmd.distill.teachers import load_teacher
+from dsmd.distill.teachers.beit3 import (
     PRESETS,
     BEiT3Config,
     BEiT3Retrieval,
@@ -28,7 +29,6 @@ from distill.teachers.beit3 import (
     infer_size,
     load_checkpoint,
 )
-from dsmd.artifacts import sha256_file
 from dsmd.errors import UserError
 from dsmd.preprocess import PreprocessCfg
 

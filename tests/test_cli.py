@@ -7,17 +7,20 @@ import pytest
 
 from dsmd.cli import build_parser, main
 
+COMMANDS = ("generate", "check-data", "teachers", "train-teacher", "features", "recall", "students", "distill",
+            "evaluate", "export", "index", "serve")
+
 
 def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "dsmd.cli", "--help"], capture_output=True, text=True, check=True).stdout
-    for cmd in ("generate", "check-data", "teachers", "train-teacher", "features", "recall"):
+    for cmd in COMMANDS:
         assert cmd in out
     assert "make demo" in out
 
 
 def test_each_command_has_help():
     parser = build_parser()
-    for cmd in ("generate", "check-data", "teachers", "train-teacher", "features", "recall"):
+    for cmd in COMMANDS:
         with pytest.raises(SystemExit) as e:
             parser.parse_args([cmd, "--help"])
         assert e.value.code == 0
@@ -44,3 +47,12 @@ def test_user_errors_are_one_line_not_a_traceback(tmp_path, capsys):
 def test_odd_split_sizes_are_refused(tmp_path, capsys):
     assert main(["generate", "--out", str(tmp_path / "w"), "--train", "3"]) == 2
     assert "even" in capsys.readouterr().err
+
+
+def test_a_command_whose_extra_is_missing_names_the_extra(tmp_path):
+    """In a serve-only install (no torch), a training command says what to install, in one line."""
+    code = ("import sys; sys.modules['torch'] = None; from dsmd.cli import main; "
+            f"sys.exit(main(['distill', '--out', {str(tmp_path / 'run')!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'dsmd[train]'" in done.stderr and "Traceback" not in done.stderr

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from distill.teachers import list_teachers, load_teacher
-from distill.teachers.demo import DemoTeacher
 from dsmd.datasets import load_dataset
+from dsmd.distill.teachers import list_teachers, load_teacher
+from dsmd.distill.teachers.demo import DemoTeacher
 from dsmd.errors import UserError
 from dsmd.images import open_image
 

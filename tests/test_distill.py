@@ -16,10 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill.config import DistillConfig, load_config
-from distill.data import Pairs, epoch_order, micro_batch, random_crop_box
-from distill.student import create_student, load_student, save_student, tokenize
-from distill.train import CollapsedError, Queue, evaluate_student, lr_at, train
+from dsmd.distill.config import DistillConfig, load_config
+from dsmd.distill.data import epoch_order, micro_batch, random_crop_box
+from dsmd.distill.evaluate import CollapsedError, evaluate_student
+from dsmd.distill.student import create_student, load_student, save_student, tokenize
+from dsmd.distill.train import Queue, lr_at, train
 from dsmd.errors import UserError
 from dsmd.retrieval import chance_rsum, evaluate
 
@@ -64,7 +65,7 @@ def test_projections_are_xavier_normal_with_gain_1_414():
 
 
 def test_learnt_vocabulary_is_the_same_every_time():
-    from distill.student import build_tokenizer
+    from dsmd.distill.student import build_tokenizer
 
     vocabs = {tuple(sorted(build_tokenizer(CAPTIONS, 64, 16).get_vocab().items())) for _ in range(5)}
     assert len(vocabs) == 1
@@ -227,7 +228,7 @@ def test_a_run_writes_best_checkpoint_logs_and_plot(finished_run):
 
 
 def test_evaluate_prints_teacher_and_student_from_the_same_split(finished_run, tiny_world, tiny_store):
-    from distill.features import FeatureStore
+    from dsmd.distill.features import FeatureStore
 
     teacher, student = evaluate_student(finished_run, tiny_world, tiny_store, "test", device="cpu")
     f = FeatureStore(tiny_store).split("test")
@@ -250,7 +251,7 @@ def test_resume_refuses_features_of_another_teacher_but_takes_harmless_changes(f
                                                                               tmp_path):
     import shutil
 
-    from distill.features import StoreMismatch
+    from dsmd.distill.features import StoreMismatch
 
     run, store = tmp_path / "run", tmp_path / "store"
     shutil.copytree(finished_run, run)

@@ -19,7 +19,7 @@ from dsmd.images import BadImage
 
 @pytest.fixture(scope="module")
 def bundle(tiny_student, tiny_world, tmp_path_factory) -> Path:
-    from export.onnx import ExportCfg, export, student_encoders
+    from dsmd.export.onnx import ExportCfg, export, student_encoders
 
     out = tmp_path_factory.mktemp("b") / "bundle"
     export(student_encoders(tiny_student), out, data=tiny_world, cfg=ExportCfg(max_drop=600.0), log=lambda *a: None)
@@ -29,8 +29,8 @@ def bundle(tiny_student, tiny_world, tmp_path_factory) -> Path:
 def test_bundle_reproduces_the_pytorch_student(bundle, tiny_student, tiny_world):
     import torch
 
-    from distill.student import load_student
-    from distill.train import encode_split
+    from dsmd.distill.evaluate import encode_split
+    from dsmd.distill.student import load_student
 
     m = json.loads((bundle / "manifest.json").read_text())
     assert m["dim"] == 16 and set(m["variants"]) == {"fp32", "int8"}
@@ -81,7 +81,7 @@ def test_bad_image_bytes_raise_bad_image(bundle):
 
 
 def test_variants_are_refused_when_they_lose_too_much(tiny_student, tiny_world, tmp_path):
-    from export.onnx import ExportCfg, export, student_encoders
+    from dsmd.export.onnx import ExportCfg, export, student_encoders
 
     m = export(student_encoders(tiny_student), tmp_path / "b", data=tiny_world,
                cfg=ExportCfg(variants=("int8", "fp16"), max_drop=-1000.0), log=lambda *a: None)
@@ -92,7 +92,7 @@ def test_variants_are_refused_when_they_lose_too_much(tiny_student, tiny_world, 
 
 
 def test_fp16_variant_ships_with_its_recall_change(tiny_student, tiny_world, tmp_path):
-    from export.onnx import ExportCfg, export, student_encoders
+    from dsmd.export.onnx import ExportCfg, export, student_encoders
 
     m = export(student_encoders(tiny_student), tmp_path / "b", data=tiny_world,
                cfg=ExportCfg(variants=("fp16",), max_drop=600.0), log=lambda *a: None)
@@ -104,7 +104,7 @@ def test_fp16_variant_ships_with_its_recall_change(tiny_student, tiny_world, tmp
 
 
 def test_failed_parity_writes_no_bundle(tiny_student, tmp_path):
-    from export.onnx import ExportCfg, ExportError, export, student_encoders
+    from dsmd.export.onnx import ExportCfg, ExportError, export, student_encoders
 
     with pytest.raises(ExportError, match="min cosine"):
         export(student_encoders(tiny_student), tmp_path / "b", cfg=ExportCfg(min_cosine=1.5), log=lambda *a: None)
@@ -145,8 +145,8 @@ def test_demo_teacher_exports_through_the_same_runtime(tiny_teacher, tiny_world,
 def test_hf_teachers_export_with_their_own_tokenisation(kind, tmp_path):
     from test_hf_teachers import _build_clip, _build_siglip
 
-    from distill.teachers.hf import HFTeacher
-    from export.onnx import export, teacher_encoders
+    from dsmd.distill.teachers.hf import HFTeacher
+    from dsmd.export.onnx import export, teacher_encoders
 
     folder = (_build_clip if kind == "clip" else _build_siglip)(tmp_path / kind)
     if kind == "siglip":  # a sentencepiece-only tokenizer: refused with the reason

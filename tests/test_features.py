@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distill.features import FeatureStore, StoreMismatch, extract
-from distill.teachers import load_teacher
 from dsmd.cli import main as dsmd
 from dsmd.datasets import load_dataset
+from dsmd.distill.features import FeatureStore, StoreMismatch, extract
+from dsmd.distill.teachers import load_teacher
 
 ARRAYS = ("image_emb", "image_ids", "image_ok", "caption_emb", "caption_ids", "caption_image")
 
@@ -131,7 +131,7 @@ def test_a_store_never_mixes_teachers_or_data_sets(reference_store, tiny_world, 
     teacher = load_teacher("demo", other_teacher)
     for p in teacher.model.parameters():  # same architecture, other weights
         p.data.add_(0.01)
-    from distill.teachers import demo
+    from dsmd.distill.teachers import demo
 
     demo.save(teacher.model, teacher.tokenizer, other_teacher)
     store = tmp_path / "store"

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from distill.teachers import load_teacher
-from distill.teachers.hf import preprocess_from_hf
 from dsmd.artifacts import sha256_file
+from dsmd.distill.teachers import load_teacher
+from dsmd.distill.teachers.hf import preprocess_from_hf
 from dsmd.preprocess import image_to_array
 
 transformers = pytest.importorskip("transformers")

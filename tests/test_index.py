@@ -20,15 +20,15 @@ from PIL import Image
 from dsmd.bundle import Bundle
 from dsmd.datasets import load_dataset
 from dsmd.errors import UserError
+from dsmd.index import ann
+from dsmd.index.build import add_texts, build, dataset_sources, finalize, folder_sources, info, merge, remove, shard_of
+from dsmd.index.search import IndexMismatch, SearchIndex
 from dsmd.retrieval import evaluate
-from index import ann
-from index.build import add_texts, build, dataset_sources, finalize, folder_sources, info, merge, remove, shard_of
-from index.search import IndexMismatch, SearchIndex
 
 
 @pytest.fixture(scope="module")
 def bundle_path(tiny_student, tiny_world, tmp_path_factory) -> Path:
-    from export.onnx import ExportCfg, export, student_encoders
+    from dsmd.export.onnx import ExportCfg, export, student_encoders
 
     out = tmp_path_factory.mktemp("bundle") / "b"
     export(student_encoders(tiny_student), out, data=tiny_world, cfg=ExportCfg(variants=()), log=lambda *a: None)
@@ -62,7 +62,7 @@ def test_recall_through_the_index_equals_recall_from_embeddings(test_index, bund
     ranks = np.array(ranks)
     for k in (1, 5, 10):
         assert 100 * np.mean(ranks <= k) == pytest.approx(direct.t2i[k])
-    from index.search import text_to_image_recall
+    from dsmd.index.search import text_to_image_recall
 
     from_vectors, through_index = text_to_image_recall(test_index)
     assert from_vectors == pytest.approx(direct.t2i) and through_index == pytest.approx(direct.t2i)
@@ -123,7 +123,7 @@ def test_a_folder_with_bad_files_indexes_the_good_ones_and_lists_the_rest(bundle
 
 
 def test_a_bundle_of_another_model_is_refused(test_index, bundle_path, tiny_teacher, tiny_world, tmp_path):
-    from export.onnx import ExportCfg, export, teacher_encoders
+    from dsmd.export.onnx import ExportCfg, export, teacher_encoders
 
     export(teacher_encoders("demo", tiny_teacher), tmp_path / "teacher", cfg=ExportCfg(variants=()),
            log=lambda *a: None)

@@ -6,9 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.balancer import Balancer, BalancerCfg
-from distill.losses import (clip_contrastive, contrastive_distill, feature_distill, hard_negative_distill,
-                            hardest_triplet, similarity_distill, similarity_kl)
+from dsmd.distill.balancer import Balancer, BalancerCfg
+from dsmd.distill.losses import (
+    clip_contrastive,
+    contrastive_distill,
+    feature_distill,
+    hard_negative_distill,
+    hardest_triplet,
+    similarity_distill,
+    similarity_kl,
+)
 
 T = torch.tensor
 

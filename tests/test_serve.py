@@ -26,16 +26,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_student, tiny_world, tmp_path_factory):
+def served(tiny_search, tiny_world, tmp_path_factory):
     """(base URL, index folder, world) of a server on a copy of the tiny test index."""
-    from dsmd.bundle import Bundle
-    from export.onnx import ExportCfg, export, student_encoders
-    from index.build import build, dataset_sources
-
     root = tmp_path_factory.mktemp("serve")
-    export(student_encoders(tiny_student), root / "bundle", data=tiny_world, cfg=ExportCfg(variants=()),
-           log=lambda *a: None)
-    build(root / "index", Bundle(root / "bundle"), dataset_sources(tiny_world, split="test"), progress=False)
+    shutil.copytree(tiny_search / "bundle", root / "bundle")
+    shutil.copytree(tiny_search / "index", root / "index")
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "dsmd.cli", "serve", "--bundle", str(root / "bundle"), "--index",
                              str(root / "index"), "--port", str(port), "--token", TOKEN],

@@ -1,6 +1,6 @@
 """Teachers by kind, each loaded from a local path (no weights are ever downloaded).
 
-    >>> from distill.teachers import list_teachers, load_teacher
+    >>> from dsmd.distill.teachers import list_teachers, load_teacher
     >>> teacher = load_teacher("beit3", "beit3_base_patch16_384_f30k_retrieval.pth", tokenizer="beit3.spm")
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.teachers.base import Teacher
+from dsmd.distill.teachers.base import Teacher
 from dsmd.errors import UserError
 
 _KINDS = {
@@ -34,15 +34,15 @@ def load_teacher(kind: str, path: str | Path, device: str = "cpu", **options) ->
     if not path.exists():
         raise FileNotFoundError(f"teacher path {path} does not exist ({kind}: {_KINDS.get(kind, '?')})")
     if kind == "demo":
-        from distill.teachers.demo import DemoTeacher
+        from dsmd.distill.teachers.demo import DemoTeacher
 
         return DemoTeacher.load(path, device=device)
     if kind == "beit3":
-        from distill.teachers.beit3 import BEiT3Teacher
+        from dsmd.distill.teachers.beit3 import BEiT3Teacher
 
         return BEiT3Teacher.load(path, device=device, **options)
     if kind in ("clip", "siglip"):
-        from distill.teachers.hf import HFTeacher
+        from dsmd.distill.teachers.hf import HFTeacher
 
         return HFTeacher.load(path, kind=kind, device=device)
     raise UserError(f"unknown teacher kind {kind!r}; choose one of: {', '.join(_KINDS)}")

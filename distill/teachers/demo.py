@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from distill.teachers.base import Teacher
 from dsmd.artifacts import read_manifest, sha256_file
+from dsmd.distill.teachers.base import Teacher
 from dsmd.errors import UserError
 from dsmd.preprocess import PreprocessCfg
 

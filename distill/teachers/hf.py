@@ -29,8 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from distill.teachers.base import Teacher
 from dsmd.artifacts import sha256_file
+from dsmd.distill.teachers.base import Teacher
 from dsmd.errors import UserError
 from dsmd.preprocess import PreprocessCfg
 

@@ -1,0 +1,111 @@
+"""`dsmd index build|add-texts|remove|merge|info|search|recall`: the FAISS + SQLite index."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _index(a: argparse.Namespace) -> int:
+    from dsmd.bundle import Bundle
+    from dsmd.errors import UserError
+    from dsmd.index import build as B
+
+    if a.action == "info":
+        m = B.info(a.index)
+        print(f"{a.index}: bundle {m['bundle']['name']} (dim {m['bundle']['dim']}), generation {m['generation']}"
+              + (f", {m['pending_changes']} change(s) not yet in the FAISS files: run dsmd index build again"
+                 if m["pending_changes"] else ""))
+        for part in ("images", "texts"):
+            p = m.get(part, {})
+            if p.get("count"):
+                ix = p["index"]
+                print(f"  {part:6s} {p['count']:>10,} vectors  {ix['kind']:5s} {ix['params']} search {ix['search']}  "
+                      f"recall@10 vs exact {ix['recall_at_10']:.3f}  {p['bytes'] / 2**20:.1f} MiB")
+            else:
+                print(f"  {part:6s} empty")
+        print(f"  skipped files: {m['skipped']}")
+        return 0
+    if a.action == "recall":
+        from dsmd.index.search import text_to_image_recall
+
+        direct, via = text_to_image_recall(a.index)
+        print(f"text→image recall of the index's captions ({a.index}):")
+        print("  from the embeddings directly: " + "  ".join(f"R@{k} {v:.2f}" for k, v in direct.items()))
+        print("  through the index:            " + "  ".join(f"R@{k} {v:.2f}" for k, v in via.items()))
+        return 0
+    if a.action == "remove":
+        n = B.remove(a.index, ids=a.id or [], uris=a.uri or [])
+        print(f"removed {n} item(s)")
+        if n:
+            m = B.finalize(a.index, Bundle(a.bundle), kind=a.index_type)
+            print(f"{a.index}: {m['images']['count']} images")
+        return 0
+    if a.action == "merge":
+        n = B.merge(a.index, a.inputs)
+        m = B.finalize(a.index, Bundle(a.bundle), kind=a.index_type)
+        print(f"merged {n} items into {a.index}: {m['images']['count']} images, {m['texts']['count']} texts")
+        return 0
+    bundle = Bundle(a.bundle)
+    if a.action == "search":
+        from dsmd.index.search import SearchIndex
+
+        s = SearchIndex(a.index)
+        s.check_bundle(bundle)
+        target = "texts" if a.image else "images"
+        q = bundle.encode_images([Path(a.image).read_bytes()]) if a.image else bundle.encode_texts([a.text or ""])
+        for h in s.search(q, a.k, target)[0]:
+            what = h.item.get("uri") or h.item.get("text")
+            print(f"  {h.score:7.4f}  #{h.id:<8d} {what}")
+        return 0
+    if a.action == "add-texts":
+        texts = Path(a.file).read_text(encoding="utf-8").splitlines()
+        n = B.add_texts(a.index, bundle, texts)
+        m = B.finalize(a.index, bundle, kind=a.index_type)
+        print(f"added {n} texts: {m['texts']['count']} in the caption index")
+        return 0
+    # build
+    if bool(a.folder) == bool(a.data):
+        raise UserError("give exactly one source: --folder DIR or --data DATASET")
+    sources = B.folder_sources(a.folder) if a.folder else B.dataset_sources(a.data, a.images, a.split)
+    shard = None
+    if a.shard:
+        i, _, n = a.shard.partition("/")
+        try:
+            shard = (int(i), int(n))
+        except ValueError:
+            raise UserError(f"--shard takes i/n, e.g. 0/4, not {a.shard!r}") from None
+    sources = B.shard_of(sources, shard)
+    m = B.build(a.index, bundle, sources, kind=a.index_type, batch=a.batch, workers=a.workers)
+    r = m["last_build"]
+    print(f"{a.index}: added {r['added']}, already indexed {r['already_indexed']}, skipped {r['skipped']} unreadable "
+          f"({r['seconds']:.1f} s); {m['images']['count']} images"
+          + (f" ({m['images']['index']['kind']}, recall@10 {m['images']['index']['recall_at_10']:.3f})"
+             if m['images']['count'] else "") + f", {m['texts']['count']} texts")
+    for sk in r["skipped_files"][:10]:
+        print(f"  skipped {sk['uri']}: {sk['reason']}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    ix = sub.add_parser("index", help="index images (and captions) for search: build, add-texts, remove, merge, "
+                                      "info, search, recall")
+    ix.add_argument("action", choices=["build", "add-texts", "remove", "merge", "info", "search", "recall"])
+    ix.add_argument("index", nargs="?", default="artifacts/index", help="index folder (default: artifacts/index)")
+    ix.add_argument("inputs", nargs="*", help="merge: the shard indexes to merge into INDEX")
+    ix.add_argument("--bundle", default="artifacts/bundle", help="encoder bundle (default: artifacts/bundle)")
+    ix.add_argument("--folder", help="build: a folder of images (recursive)")
+    ix.add_argument("--data", help="build: a data set (Karpathy JSON / JSONL): its images and captions")
+    ix.add_argument("--images", help="image root of --data (default: beside the annotation file)")
+    ix.add_argument("--split", help="build: only this split of --data")
+    ix.add_argument("--shard", help="build: only shard i/n of the sources (merge the shards afterwards)")
+    ix.add_argument("--index-type", choices=["flat", "hnsw", "ivfpq"], help="override the choice by size")
+    ix.add_argument("--batch", type=int, default=64)
+    ix.add_argument("--workers", type=int, default=2, help="image-decoding threads")
+    ix.add_argument("--file", help="add-texts: a text file, one text per line")
+    ix.add_argument("--id", type=int, action="append", help="remove: an item id (repeatable)")
+    ix.add_argument("--uri", action="append", help="remove: an item path (repeatable)")
+    ix.add_argument("--text", help="search: a text query")
+    ix.add_argument("--image", help="search: an image file (finds captions)")
+    ix.add_argument("-k", type=int, default=10)
+    ix.set_defaults(run=_index)

@@ -1,0 +1,34 @@
+"""A small thread-safe LRU: the server's text-embedding cache and thumbnail cache."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+
+class LRU(OrderedDict):
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+        self.lock = threading.Lock()
+
+    def lookup(self, key):
+        """The cached value (now the most recent), or None."""
+        with self.lock:
+            if key in self:
+                self.move_to_end(key)
+                return self[key]
+        return None
+
+    def put(self, key, value) -> None:
+        with self.lock:
+            self[key] = value
+            if len(self) > self.size:
+                self.popitem(last=False)
+
+    def get_or(self, key, make):
+        value = self.lookup(key)
+        if value is None:
+            value = make()
+            self.put(key, value)
+        return value
