@@ -16,19 +16,30 @@ from PIL import Image, ImageOps
 
 # Images larger than this are refused before they are decoded (a 20k x 20k PNG is 1.2 GB of RGB).
 MAX_PIXELS = 64_000_000
+# What data sets and folders may hold. Formats outside the list are never decoded (Pillow would
+# otherwise hand an EPS file to Ghostscript); uploads to the server take a stricter list.
+FILE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 
 
 class BadImage(ValueError):
     """An image that cannot be used; the message says why."""
 
 
-def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS, formats: tuple[str, ...] = FILE_FORMATS,
+               min_side: int | None = None) -> Image.Image:
     """Decode an image file or bytes into an RGB PIL image, EXIF orientation applied.
 
-    GIFs and other animations give their first frame.
+    GIFs and other animations give their first frame. With `min_side`, the image is decoded
+    or reduced to no less than that on its shorter side but not much more: a JPEG is decoded
+    at 1/2, 1/4 or 1/8 scale (libjpeg's own reduction, which never holds the full image), other
+    formats are reduced right after decoding, before any conversion copies them. A model that
+    reads 224 px then never pays for the memory of a 40-Mpixel photo. The size in the file is
+    kept in `img.info["original_size"]`.
 
     Raises:
-        BadImage: unreadable, truncated, not an image, or more than `max_pixels` pixels.
+        BadImage: unreadable, truncated, not an image (or not one of `formats`), or more than
+        `max_pixels` pixels to decode.
     """
     name = "upload" if isinstance(source, bytes) else str(source)
     try:
@@ -39,7 +50,10 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Imag
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(fp)
+                img = Image.open(fp, formats=list(formats))
+                original = img.size
+                if min_side and img.format == "JPEG":
+                    img.draft("RGB", _box_for(img.size, min_side))
                 w, h = img.size
                 if w * h > max_pixels:
                     raise BadImage(f"{name}: {w}x{h} pixels is over the limit of {max_pixels:,}")
@@ -50,11 +64,25 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Imag
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise BadImage(f"{name}: refused as a decompression bomb ({e})") from None
         except Image.UnidentifiedImageError:
-            raise BadImage(f"{name}: not an image file") from None
-        except (OSError, SyntaxError, ValueError) as e:
+            raise BadImage(f"{name}: not an image file"
+                           + (f" (accepted: {', '.join(formats)})" if formats else "")) from None
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise BadImage(f"{name}: corrupt or truncated image ({e})") from None
+        if min_side:
+            factor = min(img.size) // min_side
+            if factor >= 2:
+                img = img.reduce(factor)
         img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
+        img = to_rgb(img)
+        img.info["original_size"] = original  # as stored in the file, before any reduction
+        return img
+
+
+def _box_for(size: tuple[int, int], min_side: int) -> tuple[int, int]:
+    """The draft box that keeps the shorter side at least `min_side` (draft keeps both sides >= the box)."""
+    w, h = size
+    scale = min_side / max(1, min(w, h))
+    return max(1, int(w * scale)), max(1, int(h * scale))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -215,14 +215,17 @@ def exact_kth_score(chunks, queries: np.ndarray, k: int = 10, block: int = 16_38
     return best_s[np.arange(len(queries)), np.maximum(filled - 1, 0)]
 
 
-def write(index, path: Path) -> None:
-    """Write the index to `path` through a temporary file (a kill leaves no half-written file)."""
+def write(index, path: Path, before_replace: Callable[[], None] | None = None) -> None:
+    """Write the index to `path` through a temporary file (a kill leaves no half-written file,
+    only a `.NAME.PID.tmp` that the next finalize deletes). `before_replace`: a hook for the kill tests."""
     import faiss
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     faiss.write_index(index, str(tmp))
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    if before_replace is not None:
+        before_replace()
     os.replace(tmp, path)
 
 

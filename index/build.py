@@ -9,41 +9,41 @@
 Adding embeds only what is new (by content hash) and commits each batch in one transaction,
 so a killed build, started again, picks up where it stopped and never holds an image twice.
 The FAISS files are then rebuilt from the database and the manifest written last: a kill at
-any moment leaves the previous searchable index or the new one. Safe while nothing else
-writes to the same folder.
+any moment leaves the previous searchable index or the new one, and the next finalize deletes
+what the killed one left behind.
+
+Several writers may share a folder (builds, `dsmd index remove`, servers adding uploads):
+every change to the rows holds INDEX/.lock (index/lock.py) for one batch, and a row is never
+inserted twice for one content, whoever else inserted it meanwhile. One finalize runs at a
+time; rows written while it runs are in the database, and an index opened afterwards
+(index/search.py) reconciles its FAISS with them.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
+import os
+import signal
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from dsmd.artifacts import read_manifest, sha256_json, versions, write_json
+from dsmd.artifacts import MANIFEST, read_manifest, sha256_json, versions, write_json
 from dsmd.bundle import Bundle
 from dsmd.errors import UserError
-from dsmd.images import BadImage, open_image
 from dsmd.index import ann
 from dsmd.index.db import IndexDB, NewItem
+from dsmd.index.lock import finalize_lock, folder_lock
+from dsmd.index.sources import Source, dataset_sources, folder_sources, prepared, shard_of
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
+__all__ = ["Report", "Source", "add_images", "add_texts", "build", "bundle_fingerprint", "dataset_sources", "finalize",
+           "folder_sources", "info", "merge", "remove", "shard_of"]
+
 INDEX_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class Source:
-    """One image to index: where it is (uri) and its captions when a data set gives them."""
-
-    uri: str
-    path: Path
-    captions: tuple[str, ...] = ()
+CRASH_AT = "DSMD_INDEX_CRASH_AT"  # tests: kill finalize at a named point (see _crash_point)
 
 
 @dataclass
@@ -70,66 +70,7 @@ def _quiet(progress: bool) -> dict:
     return {} if progress else {"disable": True}
 
 
-# ---------------------------------------------------------------- sources
-
-
-def folder_sources(root: str | Path) -> list[Source]:
-    """Every image file under `root` (recursive; JPEG, PNG, WebP, GIF, BMP), in path order."""
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"{root} is not a folder")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    return [Source(str(p.resolve()), p) for p in files]
-
-
-def dataset_sources(data: str | Path, images: str | None = None, split: str | None = None) -> list[Source]:
-    """The images of a Karpathy/JSONL data set (one split, or all) with their captions."""
-    from dsmd.datasets import load_dataset
-
-    ds = load_dataset(data, images=images)
-    items = ds.split(split) if split else ds.items
-    return [Source(str(it.path.resolve()), it.path, tuple(it.captions)) for it in items]
-
-
-def shard_of(sources: list[Source], shard: tuple[int, int] | None) -> list[Source]:
-    """The sources of shard i of n (by a hash of the uri), for builds split over processes or machines."""
-    if shard is None:
-        return sources
-    i, n = shard
-    if not 0 <= i < n:
-        raise UserError(f"--shard takes i/n with 0 <= i < n, not {i}/{n}")
-    return [s for s in sources if int(hashlib.sha1(s.uri.encode()).hexdigest()[:8], 16) % n == i]
-
-
 # ---------------------------------------------------------------- adding
-
-
-def _prepared(sources: Iterable[Source], bundle: Bundle, workers: int, prefetch: int) -> Iterator[tuple]:
-    """(source, sha256, pixels | None, size | None, error | None), decoded in threads ahead of use."""
-    def work(s: Source):
-        try:
-            data = s.path.read_bytes()
-        except OSError as e:
-            return s, None, None, None, f"cannot read ({e.strerror})"
-        sha = hashlib.sha256(data).hexdigest()
-        try:
-            img = open_image(data)
-        except BadImage as e:
-            return s, sha, None, None, str(e).replace("upload: ", "")
-        return s, sha, bundle.transform(img), img.size, None
-
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        pending: deque = deque()
-        it = iter(sources)
-        for s in it:
-            pending.append(pool.submit(work, s))
-            if len(pending) >= prefetch:
-                break
-        while pending:
-            yield pending.popleft().result()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(pool.submit(work, nxt))
 
 
 def add_images(path: str | Path, bundle: Bundle, sources: list[Source], batch: int = 64, workers: int = 2,
@@ -138,7 +79,7 @@ def add_images(path: str | Path, bundle: Bundle, sources: list[Source], batch: i
     t0 = time.time()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    db = IndexDB(path / "items.sqlite", bundle.dim, bundle_fingerprint(bundle))
+    db = IndexDB(path / "items.sqlite", bundle.dim, bundle_fingerprint(bundle), bundle.variant)
     report = Report()
     known = db.known_hashes()
     pending: list[tuple] = []
@@ -154,12 +95,15 @@ def add_images(path: str | Path, bundle: Bundle, sources: list[Source], batch: i
             n = len(s.captions)
             items.append(NewItem(s.uri, sha, size[0], size[1], list(s.captions), v, cap_vecs[pos:pos + n]))
             pos += n
-        db.replace(items)
-        report.added += len(items)
+        with folder_lock(path):  # one batch: a live upload waits for this commit, not for the build
+            ids = db.replace(items)
+        added = sum(i is not None for i in ids)
+        report.added += added
+        report.already += len(ids) - added  # added meanwhile by another writer
         pending.clear()
 
     bar = tqdm(total=len(sources), desc="index", unit="img", dynamic_ncols=True, **_quiet(progress))
-    for s, sha, pixels, size, error in _prepared(sources, bundle, workers, prefetch=4 * batch):
+    for s, sha, pixels, size, error in prepared(sources, bundle, workers, prefetch=4 * batch):
         bar.update(1)
         if error is not None:
             db.skip(s.uri, error)
@@ -181,17 +125,22 @@ def add_images(path: str | Path, bundle: Bundle, sources: list[Source], batch: i
 
 def add_texts(path: str | Path, bundle: Bundle, texts: list[str], batch: int = 256) -> int:
     """Add free texts (not captions of an indexed image) to the caption index's database."""
-    db = IndexDB(Path(path) / "items.sqlite", bundle.dim, bundle_fingerprint(bundle))
+    db = IndexDB(Path(path) / "items.sqlite", bundle.dim, bundle_fingerprint(bundle), bundle.variant)
     texts = [t for t in texts if t.strip()]
     for i in range(0, len(texts), batch):
-        db.add_texts(texts[i:i + batch], bundle.encode_texts(texts[i:i + batch]))
+        vectors = bundle.encode_texts(texts[i:i + batch])
+        with folder_lock(path):
+            db.add_texts(texts[i:i + batch], vectors)
     db.close()
     return len(texts)
 
 
 def remove(path: str | Path, ids: list[int] = (), uris: list[str] = ()) -> int:
+    """Delete items by id or path (their captions go with them); returns how many. Opened indexes
+    leave them out of their results at once (their rows are gone) and drop them when reopened."""
     db = _open_existing(path)
-    n = db.remove(ids, [str(Path(u).resolve()) if Path(u).exists() else u for u in uris])
+    with folder_lock(path):
+        n = db.remove(ids, [str(Path(u).resolve()) if Path(u).exists() else u for u in uris])
     db.close()
     return n
 
@@ -203,12 +152,17 @@ def merge(out: str | Path, inputs: list[str | Path]) -> int:
     first = _open_existing(inputs[0])
     meta = first.meta()
     first.close()
-    db = IndexDB(out / "items.sqlite", int(meta["dim"]), meta.get("bundle"))
+    with folder_lock(out):
+        return _merge(out, inputs, meta)
+
+
+def _merge(out: Path, inputs: list[str | Path], meta: dict[str, str]) -> int:
+    db = IndexDB(out / "items.sqlite", int(meta["dim"]), meta.get("bundle"), IndexDB.variant(meta))
     added = 0
     for src in inputs:
         s = _open_existing(src)
-        if s.meta().get("bundle") != meta.get("bundle"):
-            raise UserError(f"{src} was built with another bundle than {inputs[0]}: shards must share one")
+        if s.meta().get("bundle") != meta.get("bundle") or IndexDB.variant(s.meta()) != IndexDB.variant(meta):
+            raise UserError(f"{src} was built with another bundle (or variant) than {inputs[0]}: shards must share one")
         known = db.known_hashes()
         rows = s.con.execute("SELECT id, uri, sha256, width, height, captions, vector FROM items ORDER BY id").fetchall()
         items = []
@@ -216,8 +170,6 @@ def merge(out: str | Path, inputs: list[str | Path]) -> int:
             if r[2] in known:
                 continue
             caps = s.con.execute("SELECT text, vector FROM texts WHERE item_id=? ORDER BY id", (r[0],)).fetchall()
-            import json
-
             items.append(NewItem(r[1], r[2], r[3], r[4], json.loads(r[5] or "[]"), np.frombuffer(r[6], np.float32),
                                  np.stack([np.frombuffer(c[1], np.float32) for c in caps]) if caps else None))
             known.add(r[2])
@@ -246,16 +198,34 @@ def finalize(path: str | Path, bundle: Bundle, kind: str | None = None, target: 
              memory_bytes: int | None = None, progress: bool = True, report: Report | None = None) -> dict:
     """(Re)build the FAISS files from the database, tune them, and write the manifest last.
 
-    New FAISS files get new names; the manifest (replaced atomically) names the ones to use;
-    files it no longer names are deleted afterwards. A kill at any moment leaves either the
-    previous manifest with its files or the new one with its. `kind` overrides the choice by
-    size and is remembered for later updates (POST /items, remove, add-texts).
+    New FAISS files get new names; the manifest (replaced atomically) names the ones to use.
+    A kill at any moment leaves either the previous manifest with its files or the new one with
+    its. One finalize runs at a time (INDEX/.finalize.lock); it holds the folder lock only to
+    write the manifest and to delete what no manifest names: older FAISS files and the temporary
+    files of killed runs (`.*.faiss.*.tmp`, `.manifest.json.*.tmp`, half-stored uploads), so
+    rows may be written meanwhile (they are in the next finalize, and reconciled by searchers).
+    `kind` overrides the choice by size and is remembered for later finalizes.
     """
     path = Path(path)
     t0 = time.time()
-    db = _open_existing(path)
-    for stale in path.glob(".*.faiss.*.tmp"):  # left by a finalize that was killed while writing
-        stale.unlink(missing_ok=True)
+    with finalize_lock(path):
+        db = _open_existing(path)
+        try:
+            with folder_lock(path):
+                _clean(path, read_manifest(path))  # what killed runs left: disk space before new files
+            manifest = _rebuild(path, db, bundle, kind, target, memory_bytes, progress, report, t0)
+        finally:
+            db.close()
+        with folder_lock(path):
+            write_json(path / MANIFEST, manifest)
+            _crash_point("manifest-written")
+            _clean(path, manifest)
+    return manifest
+
+
+def _rebuild(path: Path, db: IndexDB, bundle: Bundle, kind: str | None, target: float, memory_bytes: int | None,
+             progress: bool, report: Report | None, t0: float) -> dict:
+    """Write new FAISS files from one snapshot of the rows; returns the manifest that names them."""
     if kind is not None:
         db.set_meta("index_kind", kind)
     kind = kind or db.meta().get("index_kind")
@@ -263,6 +233,7 @@ def finalize(path: str | Path, bundle: Bundle, kind: str | None = None, target: 
     stamp = time.time_ns()
     with db.snapshot():  # one consistent state of the rows for every pass below
         generation = db.generation
+        variant = IndexDB.variant(db.meta()) or bundle.variant
         counts = {"items": db.count("items"), "texts": db.count("texts")}
         for table, name in (("items", "images"), ("texts", "texts")):
             n = counts[table]
@@ -284,15 +255,16 @@ def finalize(path: str | Path, bundle: Bundle, kind: str | None = None, target: 
             kth = ann.exact_kth_score(chunks, queries)
             search, recall = ann.tune(index, chosen, queries, kth, lambda ids, t=table: db.vectors_of(ids, t), target)
             file = path / f"{name}.g{generation}-{stamp}.faiss"
-            ann.write(index, file)
+            ann.write(index, file, before_replace=lambda: _crash_point("faiss-temp"))
+            _crash_point("faiss-written")
             spec = ann.IndexSpec(chosen, params, search, recall, len(queries))
             parts[name] = {"count": n, "file": file.name, "index": spec.to_json(), "build_seconds": round(build_s, 1),
                            "bytes": file.stat().st_size, "tuned_with_queries_from": q_table}
         skipped = db.count("skipped")
-    manifest = {
+    return {
         "artifact": "index", "format": INDEX_FORMAT, "generation": generation,
         "bundle": {"name": bundle.name, "path": str(bundle.path), "fingerprint": bundle_fingerprint(bundle),
-                   "dim": bundle.dim},
+                   "dim": bundle.dim, "variant": variant},
         **parts,
         "skipped": skipped,
         "last_build": report.to_json() if report else None,
@@ -300,13 +272,31 @@ def finalize(path: str | Path, bundle: Bundle, kind: str | None = None, target: 
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": versions(),
     }
-    db.close()
-    write_json(path / "manifest.json", manifest)
-    keep = {p.get("file") for p in parts.values()}
+
+
+TEMP_PATTERNS = (".*.faiss.*.tmp", f".{MANIFEST}.*.tmp", "uploads/.*.tmp")
+
+
+def _clean(path: Path, manifest: dict | None) -> None:
+    """Delete the FAISS files `manifest` does not name and the temporary files of killed runs.
+
+    Only ever called holding both the finalize lock (no other finalize is writing files) and the
+    folder lock (no upload is being stored), so nothing deleted here is still being written.
+    """
+    keep = {p.get("file") for p in (manifest or {}).values() if isinstance(p, dict)}
     for old in path.glob("*.faiss"):
         if old.name not in keep:
             old.unlink(missing_ok=True)
-    return manifest
+    for pattern in TEMP_PATTERNS:
+        for stale in path.glob(pattern):
+            stale.unlink(missing_ok=True)
+
+
+def _crash_point(name: str) -> None:
+    """Kill this process here when the environment asks for it (${CRASH_AT}=name): the kill tests
+    stop a finalize at exact points instead of at moments a loaded machine would make random."""
+    if os.environ.get(CRASH_AT) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _sample_queries(chunks, n: int, size: int = 1000) -> np.ndarray:

@@ -38,15 +38,15 @@ def _index(a: argparse.Namespace) -> int:
         n = B.remove(a.index, ids=a.id or [], uris=a.uri or [])
         print(f"removed {n} item(s)")
         if n:
-            m = B.finalize(a.index, Bundle(a.bundle), kind=a.index_type)
+            m = B.finalize(a.index, Bundle(a.bundle, a.variant), kind=a.index_type)
             print(f"{a.index}: {m['images']['count']} images")
         return 0
     if a.action == "merge":
         n = B.merge(a.index, a.inputs)
-        m = B.finalize(a.index, Bundle(a.bundle), kind=a.index_type)
+        m = B.finalize(a.index, Bundle(a.bundle, a.variant), kind=a.index_type)
         print(f"merged {n} items into {a.index}: {m['images']['count']} images, {m['texts']['count']} texts")
         return 0
-    bundle = Bundle(a.bundle)
+    bundle = Bundle(a.bundle, a.variant)
     if a.action == "search":
         from dsmd.index.search import SearchIndex
 
@@ -99,6 +99,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ix.add_argument("--images", help="image root of --data (default: beside the annotation file)")
     ix.add_argument("--split", help="build: only this split of --data")
     ix.add_argument("--shard", help="build: only shard i/n of the sources (merge the shards afterwards)")
+    ix.add_argument("--variant", default="fp32", help="bundle variant that embeds: fp32 (default), int8, fp16; "
+                                                      "an index holds the vectors of one variant")
     ix.add_argument("--index-type", choices=["flat", "hnsw", "ivfpq"], help="override the choice by size")
     ix.add_argument("--batch", type=int, default=64)
     ix.add_argument("--workers", type=int, default=2, help="image-decoding threads")

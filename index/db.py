@@ -11,7 +11,13 @@ Tables:
              captions (JSON list), added (unix time), vector
     texts    id, item_id (NULL for free texts), text, vector: the caption index
     skipped  uri, reason, at: files that could not be read (listed in the build report)
-    meta     key, value: dim, bundle fingerprint, generation (bumped on every change)
+    meta     key, value: dim, bundle fingerprint, variant (fp32/int8/fp16 of the encoder that
+             made the vectors; an index without one was made with fp32), index_kind when
+             overridden, generation (bumped on every change)
+
+Read-only opening (`readonly=True`: a read-only mount, another user's volume) runs no PRAGMA
+that writes and no CREATE; when SQLite cannot even create its -wal/-shm files beside the
+database, it opens it `immutable` (exact as long as no writer left a -wal file behind).
 """
 
 from __future__ import annotations
@@ -54,15 +60,28 @@ class NewItem:
 class IndexDB:
     """A connection to items.sqlite with the few operations the index needs."""
 
-    def __init__(self, path: Path, dim: int | None = None, bundle: str | None = None):
+    def __init__(self, path: Path, dim: int | None = None, bundle: str | None = None, variant: str | None = None,
+                 readonly: bool = False):
         self.path = Path(path)
-        # check_same_thread=False: the server uses one connection from its worker threads, behind a lock
+        self.readonly = readonly
+        if readonly:
+            if dim is not None or variant is not None:
+                raise ValueError("a read-only IndexDB records no dim, bundle nor variant")
+            self.con = _connect_readonly(self.path)
+            self.dim = int(self.meta().get("dim", 0)) or None
+            return
+        # check_same_thread=False: a connection may be closed (or used, one thread at a time) elsewhere
         self.con = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
         self.con.execute("PRAGMA journal_mode=WAL")
         self.con.execute("PRAGMA synchronous=NORMAL")
         self.con.execute("PRAGMA foreign_keys=ON")
         self.con.executescript(SCHEMA)
         meta = self.meta()
+        if variant is not None:
+            held = self.variant(meta)
+            if held is not None and held != variant:
+                raise UserError(f"{self.path.parent} holds vectors of the {held} variant of its bundle, not {variant}: "
+                                f"add to it with --variant {held}, or build a new index folder with --variant {variant}")
         if dim is not None:
             if "dim" in meta and int(meta["dim"]) != dim:
                 raise UserError(f"{self.path.parent} holds {meta['dim']}-dim vectors; this bundle embeds into {dim} "
@@ -75,6 +94,8 @@ class IndexDB:
                 self._set("dim", str(dim))
                 if bundle is not None:
                     self._set("bundle", bundle)
+                if variant is not None:
+                    self._set("variant", variant)
         self.dim = int(self.meta().get("dim", 0)) or None
 
     # -- plumbing
@@ -93,6 +114,12 @@ class IndexDB:
     def meta(self) -> dict[str, str]:
         return dict(self.con.execute("SELECT key, value FROM meta").fetchall())
 
+    @staticmethod
+    def variant(meta: dict[str, str]) -> str | None:
+        """The encoder variant the vectors were made with: recorded, else fp32 for an index made
+        before variants were recorded, else None for an empty new one."""
+        return meta.get("variant") or ("fp32" if "dim" in meta else None)
+
     def _set(self, key: str, value: str) -> None:
         self.con.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                          (key, value))
@@ -110,23 +137,41 @@ class IndexDB:
 
     # -- writes (each one transaction)
 
-    def replace(self, items: list[NewItem]) -> list[int]:
+    def replace(self, items: list[NewItem]) -> list[int | None]:
         """Insert items (and their captions as texts) atomically; an item at a uri already indexed
-        (its file changed) replaces the old one. Returns their ids."""
-        now = time.time()
-        ids = []
+        (its file changed) replaces the old one. Returns their ids, None for an item whose content
+        is already indexed (under another uri: a live upload may have added it since the caller
+        looked), so two writers never hit the UNIQUE constraint on sha256."""
         with self.transaction():
-            for it in items:
-                self.con.execute("DELETE FROM items WHERE uri=?", (it.uri,))
-                cur = self.con.execute(
-                    "INSERT INTO items(uri, sha256, width, height, captions, added, vector) VALUES(?,?,?,?,?,?,?)",
-                    (it.uri, it.sha256, it.width, it.height, json.dumps(it.captions), now, _blob(it.vector)))
-                ids.append(cur.lastrowid)
-                if it.caption_vectors is not None:
-                    self.con.executemany("INSERT INTO texts(item_id, text, vector) VALUES(?,?,?)",
-                                         [(cur.lastrowid, c, _blob(v)) for c, v in zip(it.captions, it.caption_vectors)])
+            ids = [self._insert(it)[0] for it in items]
             self._bump()
         return ids
+
+    def insert_once(self, item: NewItem) -> tuple[int, bool, list[int]]:
+        """Insert one item unless its content is indexed already, in one transaction:
+        (its id, whether it was created, ids of items it replaced at the same uri)."""
+        with self.transaction():
+            old = [r[0] for r in self.con.execute("SELECT id FROM items WHERE uri=? AND sha256<>?",
+                                                  (item.uri, item.sha256))]
+            new_id, existing = self._insert(item)
+            if new_id is not None:
+                self._bump()
+                return new_id, True, old
+        return int(existing), False, []
+
+    def _insert(self, it: NewItem) -> tuple[int | None, int | None]:
+        """(new id, None), or (None, id of the item holding this content already)."""
+        row = self.con.execute("SELECT id FROM items WHERE sha256=?", (it.sha256,)).fetchone()
+        if row is not None:
+            return None, row[0]
+        self.con.execute("DELETE FROM items WHERE uri=?", (it.uri,))
+        cur = self.con.execute(
+            "INSERT INTO items(uri, sha256, width, height, captions, added, vector) VALUES(?,?,?,?,?,?,?)",
+            (it.uri, it.sha256, it.width, it.height, json.dumps(it.captions), time.time(), _blob(it.vector)))
+        if it.caption_vectors is not None:
+            self.con.executemany("INSERT INTO texts(item_id, text, vector) VALUES(?,?,?)",
+                                 [(cur.lastrowid, c, _blob(v)) for c, v in zip(it.captions, it.caption_vectors)])
+        return cur.lastrowid, None
 
     def add_texts(self, texts: list[str], vectors: np.ndarray) -> None:
         with self.transaction():
@@ -150,7 +195,30 @@ class IndexDB:
                 self._bump()
         return n
 
+    def remove_item(self, item_id: int) -> list[int] | None:
+        """Delete one item; returns the ids of its captions (deleted with it), or None if no such item."""
+        with self.transaction():
+            texts = [r[0] for r in self.con.execute("SELECT id FROM texts WHERE item_id=?", (int(item_id),))]
+            if not self.con.execute("DELETE FROM items WHERE id=?", (int(item_id),)).rowcount:
+                return None
+            self._bump()
+        return texts
+
     # -- reads
+
+    def ids(self, table: str = "items") -> np.ndarray:
+        """Every id of `table`, ascending (int64)."""
+        assert table in ("items", "texts")
+        cur = self.con.execute(f"SELECT id FROM {table} ORDER BY id")
+        return np.fromiter((r[0] for r in cur), np.int64)
+
+    def id_of_sha(self, sha: str) -> int | None:
+        row = self.con.execute("SELECT id FROM items WHERE sha256=?", (sha,)).fetchone()
+        return row[0] if row else None
+
+    def vector_of(self, item_id: int) -> np.ndarray | None:
+        row = self.con.execute("SELECT vector FROM items WHERE id=?", (int(item_id),)).fetchone()
+        return np.frombuffer(row[0], np.float32).copy() if row else None
 
     def known_hashes(self) -> set[str]:
         return {r[0] for r in self.con.execute("SELECT sha256 FROM items")}
@@ -218,6 +286,22 @@ class _Transaction:
     def __exit__(self, exc_type, exc, tb):
         self.con.execute("ROLLBACK" if exc_type else "COMMIT")
         return False
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection: `mode=ro` (reads the -wal of live writers), else `immutable` when SQLite
+    cannot create its -shm file beside the database (a read-only folder)."""
+    if not path.exists():
+        raise UserError(f"{path} does not exist: build the index first (dsmd index build)")
+    for flags in ("mode=ro", "mode=ro&immutable=1"):
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?{flags}", uri=True, timeout=30, isolation_level=None,
+                              check_same_thread=False)
+        try:
+            con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return con
+        except sqlite3.OperationalError:
+            con.close()
+    raise UserError(f"cannot read {path} (not even read-only): check its permissions")
 
 
 def _blob(v: np.ndarray) -> bytes:

@@ -1,29 +1,53 @@
-"""Searching an index folder: FAISS for the neighbours, SQLite for what they are.
+"""Searching an index folder, and changing it live: what the server holds.
 
-Opening checks the bundle against the one the index was built with (dim and fingerprint)
-and refuses a mismatch with a message that says which. Results whose row was removed after
-the FAISS files were written (an update still in progress) are left out, so a search never
-returns an item that no longer exists.
+FAISS finds the neighbours, SQLite (the source of truth) says what they are. Opening reads the
+FAISS files the manifest names, then reconciles them with the rows: rows written since the
+last finalize (live adds, by this process or another) are added to the in-memory index, ids
+whose row is gone are tombstoned. So an index opened at any time serves exactly the rows.
+
+Threads: `search`, `item`, `vector_of`, `count` may be called from many threads at once with
+no lock of the caller's. Each thread reads SQLite through its own connection; FAISS searches
+run in parallel under the read side of a readers-writer lock, whose write side is held only
+while a vector is added or a tombstone set replaced (milliseconds). Writes (`add_image`,
+`remove`) run one at a time per object and hold the folder lock (index/lock.py) across
+processes. `compact` rebuilds the files (finalize) and returns a new object; writes made on
+the old object afterwards are passed on to the new one, so a server swapping references loses
+none.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import os
 import sqlite3
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from dsmd.artifacts import read_manifest
+from dsmd.artifacts import MANIFEST, read_manifest
 from dsmd.bundle import Bundle
 from dsmd.errors import UserError
-from dsmd.index import ann
-from dsmd.index.build import bundle_fingerprint
+from dsmd.index import ann, uploads
+from dsmd.index.build import bundle_fingerprint, finalize
 from dsmd.index.db import IndexDB
+from dsmd.index.live import LivePart
+from dsmd.index.lock import RWLock, folder_lock
+from dsmd.index.recall import text_to_image_recall
+
+TABLES = {"images": "items", "texts": "texts"}
+__all__ = ["Hit", "IndexMismatch", "ReadOnlyIndex", "SearchIndex", "text_to_image_recall"]
 
 
 class IndexMismatch(UserError):
     """The bundle does not embed into the index's space."""
+
+
+class ReadOnlyIndex(UserError):
+    """A write to an index opened read-only."""
 
 
 @dataclass
@@ -34,29 +58,96 @@ class Hit:
 
 
 class SearchIndex:
-    """An opened index: `search(vectors, k, target)` returns hits with their rows."""
+    """An opened index: `search(vectors, k, target)` returns hits with their rows; `add_image` and
+    `remove` change it live; `compact` rebuilds it when the live changes have piled up."""
 
-    def __init__(self, path: str | Path, mmap: bool = False, threads: int | None = None):
+    # needs_compaction(): tombstones past 10% or live additions past 20% of the vectors in the
+    # FAISS files, and never for fewer than 64 changes (a compaction of a small index buys nothing)
+    deleted_fraction = 0.10
+    grown_fraction = 0.20
+    compaction_min = 64
+    lock_timeout = 60.0  # seconds a write waits for another writer (a build's batch, a merge), then IndexBusy
+    open_attempts = 20  # manifest re-reads when its files vanish under a concurrent finalize
+
+    def __init__(self, path: str | Path, mmap: bool = False, threads: int | None = None,
+                 readonly: bool | None = None):
+        """`readonly` None: read-only when the folder or items.sqlite cannot be written (a read-only
+        mount, another user's files). `mmap`: flat and IVF files are memory-mapped, not loaded."""
         import faiss
 
         self.path = Path(path)
-        m = read_manifest(self.path)
-        if m is None:
-            raise UserError(f"{self.path} is not a finished index (no manifest.json): run dsmd index build")
-        self.manifest = m
-        self.dim: int = m["bundle"]["dim"]
+        self.mmap, self.threads = mmap, threads
+        self.readonly = _not_writable(self.path) if readonly is None else bool(readonly)
         if threads:
             faiss.omp_set_num_threads(threads)
         # batched exact search uses BLAS only above this many queries (default 20): batches of
         # 64 were 5-6x faster with it lowered
         faiss.cvar.distance_compute_blas_threshold = 8
-        self.indexes = {}
-        for name in ("images", "texts"):
-            part = m.get(name, {})
-            if part.get("count"):
-                self.indexes[name] = ann.read(self.path / part["file"], part["index"]["kind"],
-                                              part["index"]["search"], mmap)
-        self.db = IndexDB(self.path / "items.sqlite")
+        self._rw = RWLock()  # FAISS searches (read) against FAISS changes (write)
+        self._write_mutex = threading.Lock()  # one write at a time through this object
+        self._local = threading.local()  # this thread's read connection
+        self._conns: list[IndexDB] = []
+        self._conns_lock = threading.Lock()
+        self._epoch = 0  # bumped by close(): threads then open a new connection
+        self._writer: IndexDB | None = None
+        self._successor: SearchIndex | None = None
+        self._open()
+        self._reconcile()
+
+    # ---------------------------------------------------------------- opening
+
+    def _open(self) -> None:
+        """Read the manifest and its FAISS files; re-read the manifest when a finalize replaced it
+        (and deleted the files it named) in between."""
+        for attempt in range(self.open_attempts):
+            stat = _stat(self.path / MANIFEST)
+            m = read_manifest(self.path)
+            if m is None:
+                raise UserError(f"{self.path} is not a finished index (no manifest.json): run dsmd index build")
+            try:
+                parts = {name: self._load(m, name) for name in TABLES}
+                break
+            except FileNotFoundError as e:
+                if attempt == self.open_attempts - 1:
+                    raise UserError(f"{self.path}/manifest.json names {Path(e.filename).name}, which is missing: "
+                                    f"rebuild the FAISS files with dsmd index build") from None
+                time.sleep(0.01 * (attempt + 1))
+        self.manifest: dict = m
+        self.generation: int = int(m["generation"])
+        self.dim: int = m["bundle"]["dim"]
+        self._manifest_stat = stat
+        self._parts: dict[str, LivePart] = parts
+
+    def _load(self, m: dict, name: str) -> LivePart:
+        part = m.get(name, {})
+        if not part.get("count"):
+            return LivePart(None, m["bundle"]["dim"])
+        file, kind = self.path / part["file"], part["index"]["kind"]
+        try:
+            index = ann.read(file, kind, part["index"]["search"], self.mmap)
+        except RuntimeError:  # FAISS says "could not open": gone, or another problem
+            if not file.exists():
+                raise FileNotFoundError(errno.ENOENT, "missing", str(file)) from None
+            raise
+        return LivePart(index, m["bundle"]["dim"], part["index"])
+
+    def _reconcile(self) -> None:
+        """Make the in-memory FAISS hold exactly the rows: add the missing ones, tombstone the gone."""
+        db = self._db()
+        for name, table in TABLES.items():
+            part = self._parts[name]
+            with db.snapshot():
+                rows = db.ids(table)
+                have = part.all_ids()
+                missing = np.setdiff1d(rows, have, assume_unique=True)
+                vectors = [db.vectors_of(missing[i:i + 10_000], table) for i in range(0, len(missing), 10_000)]
+            gone = np.setdiff1d(have, rows, assume_unique=True)
+            with self._rw.write():
+                for i, v in zip(range(0, len(missing), 10_000), vectors):
+                    part.add(missing[i:i + 10_000], v)
+                part.tombstone(gone)
+
+    # ---------------------------------------------------------------- reading
 
     def check_bundle(self, bundle: Bundle) -> None:
         """Refuse a bundle whose vectors would not be comparable with the index's."""
@@ -68,52 +159,230 @@ class SearchIndex:
             raise IndexMismatch(f"the bundle at {bundle.path} is not the one the index at {self.path} was built with "
                                 f"({want['name']} at {want['path']}, fingerprint {want['fingerprint'][:12]}): "
                                 f"rebuild the index with this bundle")
+        held = want.get("variant") or "fp32"  # indexes from before variants were recorded: fp32
+        if bundle.variant != held:
+            raise IndexMismatch(f"the index at {self.path} holds vectors of the {held} variant of {want['name']}, "
+                                f"this bundle runs {bundle.variant}: use --variant {held}, or rebuild the index "
+                                f"(dsmd index build --variant {bundle.variant}) into a new folder")
 
     def count(self, target: str = "images") -> int:
-        return self.indexes[target].ntotal if target in self.indexes else 0
+        """Vectors a search can return now (live adds and removes included)."""
+        return self._parts[_target(target)].count()
 
     def search(self, vectors: np.ndarray, k: int = 10, target: str = "images") -> list[list[Hit]]:
         """Top-k hits for each query row, best first; `target` is "images" or "texts"."""
-        if target not in ("images", "texts"):
-            raise ValueError(f"target must be images or texts, not {target!r}")
+        part = self._parts[_target(target)]
         q = np.ascontiguousarray(np.atleast_2d(vectors), np.float32)
         if q.shape[1] != self.dim:
             raise IndexMismatch(f"queries have {q.shape[1]} dims, the index {self.dim}")
-        index = self.indexes.get(target)
-        if index is None or index.ntotal == 0:
-            return [[] for _ in q]
-        scores, ids = index.search(q, min(k, index.ntotal))
-        wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
-        try:
-            rows = self.db.items(wanted) if target == "images" else self.db.texts(wanted)
-        except sqlite3.OperationalError as e:  # e.g. the database locked by a writer for longer than the timeout
-            raise UserError(f"the index database is busy ({e}); try again") from e
+        with self._rw.read():  # rows read under it too: a removal here never leaves a hole in the top k
+            if part.count() <= 0:
+                return [[] for _ in q]
+            scores, ids = part.search(q, k)
+            wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
+            rows = self._read(lambda db: db.items(wanted) if target == "images" else db.texts(wanted))
+        # a row removed by another process since this object reconciled is left out
         return [[Hit(int(i), float(s), rows[int(i)]) for s, i in zip(srow, irow) if int(i) in rows]
                 for srow, irow in zip(scores, ids)]
 
     def item(self, item_id: int) -> dict | None:
-        return self.db.items([item_id]).get(int(item_id))
+        """The row of an item (same shape as search hits' `item`), or None."""
+        return self._read(lambda db: db.items([int(item_id)]).get(int(item_id)))
+
+    def vector_of(self, item_id: int) -> np.ndarray | None:
+        """The stored image vector of an item (for "more like this"), or None."""
+        return self._read(lambda db: db.vector_of(item_id))
+
+    @property
+    def db(self) -> IndexDB:
+        """This thread's read-only connection, for callers that query the rows directly."""
+        return self._db()
+
+    def _db(self) -> IndexDB:
+        local = self._local
+        if getattr(local, "db", None) is None or local.epoch != self._epoch:
+            local.db, local.epoch = IndexDB(self.path / "items.sqlite", readonly=True), self._epoch
+            with self._conns_lock:
+                self._conns.append(local.db)
+        return local.db
+
+    def _read(self, query):
+        try:
+            return query(self._db())
+        except sqlite3.ProgrammingError:  # closed by close() under this thread: once more on a new one
+            self._local.db = None
+            return query(self._db())
+        except sqlite3.OperationalError as e:  # e.g. the database locked beyond the timeout
+            raise UserError(f"the index database is busy ({e}); try again") from e
+
+    # ---------------------------------------------------------------- writing
+
+    def add_image(self, data: bytes, bundle: Bundle, upload_dir: str | Path | None = None) -> dict:
+        """Store the upload (content-named, in `upload_dir`, default INDEX/uploads), embed it, insert its
+        row and add its vector to the in-memory index: the next search finds it. The same content
+        again (from any thread or process) returns the item it already is. Cost: one embedding,
+        one SQLite transaction, one FAISS add; the encoder runs before the folder lock is taken.
+
+        Raises:
+            UploadRefused: not an image that can be indexed. ReadOnlyIndex: opened read-only.
+            IndexMismatch: the bundle is not the index's. IndexBusy: another writer held the folder too long.
+        """
+        self._writable()
+        self.check_bundle(bundle)
+        sha = hashlib.sha256(data).hexdigest()
+        known = self._read(lambda db: db.id_of_sha(sha))
+        if known is not None and (item := self._adopt(known)) is not None:
+            return item
+        img = uploads.decode(data, 2 * bundle.preprocess.size)
+        vector = uploads.embed(bundle, img)
+        folder = Path(upload_dir) if upload_dir else self.path / "uploads"
+        with self._write_mutex:
+            with folder_lock(self.path, self.lock_timeout):
+                item_id, created, replaced = uploads.insert(self._writer_db(), data, sha, img, vector, folder)
+            if created:
+                for s in self._chain():
+                    s._apply(lambda p: p.add([item_id], vector[None]), lambda p: p.tombstone(replaced))
+        item = self._adopt(item_id)
+        if item is None:
+            raise uploads.UploadRefused("the image was removed again while it was being added; send it again")
+        return item
+
+    def remove(self, item_id: int) -> bool:
+        """Delete the item's row (its captions go with it) and never return it again; False if none."""
+        self._writable()
+        images = lambda p: p.tombstone([item_id])  # noqa: E731 - also when the row was gone already
+        with self._write_mutex:
+            with folder_lock(self.path, self.lock_timeout), self._rw.write():
+                # row and tombstone change together for this object's searches: none sees the row
+                # gone while its id is still served (a hole in its top k)
+                texts = self._writer_db().remove_item(item_id)
+                images(self._parts["images"])
+                self._parts["texts"].tombstone(texts or [])
+            for s in list(self._chain())[1:]:
+                s._apply(images, lambda p: p.tombstone(texts or []))
+        return texts is not None
+
+    def needs_compaction(self) -> bool:
+        """Whether tombstones or live additions have piled up past the thresholds (class attributes)."""
+        for part in self._parts.values():
+            base = part.base_count
+            if len(part.dead) > max(self.compaction_min, self.deleted_fraction * base):
+                return True
+            if len(part.added) > max(self.compaction_min, self.grown_fraction * base):
+                return True
+        return False
+
+    def compact(self, bundle: Bundle) -> SearchIndex:
+        """Rebuild and re-tune the FAISS files from the rows (finalize, under the index's locks) and return
+        the index opened anew. Meant for a background thread: this object keeps serving meanwhile,
+        and writes made through it after the new one opened are passed on to the new one."""
+        self._writable()
+        self.check_bundle(bundle)
+        finalize(self.path, bundle, progress=False)
+        fresh = SearchIndex(self.path, self.mmap, self.threads, readonly=False)
+        with self._write_mutex:
+            fresh._reconcile()  # what was written (here or elsewhere) while it opened
+            self._successor = fresh
+        return fresh
+
+    def changed_on_disk(self) -> bool:
+        """Whether another finalize wrote a new manifest since this object opened (cheap: a stat, and a
+        read of the manifest only when its stat changed)."""
+        stat = _stat(self.path / MANIFEST)
+        if stat is None or stat == self._manifest_stat:
+            return False
+        try:
+            m = read_manifest(self.path)
+        except (OSError, ValueError):  # replaced again while read: ask next time
+            return False
+        changed = m is not None and _identity(m) != _identity(self.manifest)
+        if not changed:
+            self._manifest_stat = stat
+        return changed
 
     def close(self) -> None:
-        self.db.close()
+        """Close the SQLite connections (waiting for searches in flight). A straggler thread that
+        still calls it afterwards gets a new connection rather than an error."""
+        with self._rw.write():
+            self._epoch += 1
+            with self._conns_lock:
+                conns, self._conns = self._conns, []
+            for c in conns:
+                c.close()
+        with self._write_mutex:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+
+    def __enter__(self) -> SearchIndex:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- plumbing of the writes
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise ReadOnlyIndex(f"the index at {self.path} is open read-only (its folder or items.sqlite cannot "
+                                f"be written, or readonly=True): adding and removing items are off")
+
+    def _writer_db(self) -> IndexDB:
+        if self._writer is None:
+            self._writer = IndexDB(self.path / "items.sqlite")
+        return self._writer
+
+    def _chain(self):
+        """This object and the ones compact() opened after it: a write applies to each."""
+        s: SearchIndex | None = self
+        while s is not None:
+            yield s
+            s = s._successor
+
+    def _apply(self, images, texts) -> None:
+        with self._rw.write():
+            images(self._parts["images"])
+            texts(self._parts["texts"])
+
+    def _adopt(self, item_id: int) -> dict | None:
+        """The item's row, its vector added to the in-memory index first if it is not there (written
+        by another process since this object reconciled); None when it has no row."""
+        item = self.item(item_id)
+        if item is None:
+            return None
+        if not self._parts["images"].contains(item_id):
+            vector = self.vector_of(item_id)
+            if vector is None:
+                return None
+            with self._write_mutex:
+                for s in self._chain():
+                    s._apply(lambda p: p.add([item_id], vector[None]), lambda p: None)
+        return item
 
 
-def text_to_image_recall(path: str | Path, ks: tuple[int, ...] = (1, 5, 10)) -> tuple[dict[int, float], dict[int, float]]:
-    """Text→image R@K of the index's captions: (computed directly from the stored vectors,
-    found through the FAISS index). Equal for an exact index; an approximate one may lose a little."""
-    from dsmd.retrieval import evaluate
+def _target(target: str) -> str:
+    if target not in TABLES:
+        raise ValueError(f"target must be images or texts, not {target!r}")
+    return target
 
-    s = SearchIndex(path)
-    item_ids, item_vecs = (np.concatenate(x) for x in zip(*s.db.vectors("items")))
-    rows = s.db.con.execute("SELECT id, item_id FROM texts WHERE item_id IS NOT NULL ORDER BY id").fetchall()
-    if not rows:
-        raise UserError(f"{path} has no captions of its images: build it from a data set to measure recall")
-    text_ids = np.array([r[0] for r in rows])
-    owner_ids = np.array([r[1] for r in rows])
-    text_vecs = s.db.vectors_of(text_ids, "texts")
-    owner_rows = np.searchsorted(item_ids, owner_ids)
-    direct = evaluate(item_vecs, text_vecs, owner_rows).t2i
-    hits = s.search(text_vecs, max(ks), "images")
-    via = {k: 100 * float(np.mean([any(h.id == o for h in row[:k]) for row, o in zip(hits, owner_ids)])) for k in ks}
-    s.close()
-    return {k: direct[k] for k in ks}, via
+
+def _stat(path: Path) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _identity(m: dict) -> tuple:
+    """What makes two manifests serve differently: the rows' generation and the files."""
+    return m.get("generation"), *(m.get(p, {}).get("file") for p in TABLES)
+
+
+def _not_writable(path: Path) -> bool:
+    """Read-only mounts and others' folders: os.access with the effective ids (those that writes
+    would run with) honours both; root passes permission bits, as its writes would."""
+    eff = os.access in os.supports_effective_ids
+    db = path / "items.sqlite"
+    return not os.access(path, os.W_OK, effective_ids=eff) or (db.exists() and not os.access(db, os.W_OK,
+                                                                                          effective_ids=eff))
