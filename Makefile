@@ -20,7 +20,7 @@ CONFIG ?= configs/demo.json
 OUT    ?= runs/student
 ARGS   ?=
 
-.PHONY: help install lock test demo world teacher features recall student distill evaluate export index serve clean
+.PHONY: help install lock bench test demo world teacher features recall student distill evaluate export index serve clean
 
 help:
 	@echo "make demo    - the whole pipeline on the demo world: teacher, features, student (recall side by side),"
@@ -30,6 +30,7 @@ help:
 	@echo "make index   - index the demo test images and captions (others: dsmd index build DIR --bundle B --folder F)"
 	@echo "make serve   - the search server and web page on the demo index (PORT=8000)"
 	@echo "make test    - run the test suite"
+	@echo "make bench   - serving under load (wrk) and encoder latency, demo and base presets (tens of minutes)"
 	@echo "make clean  - remove generated data and artifacts (keeps .venv)"
 	@echo "Everything else: $(BIN)/dsmd --help"
 
@@ -120,6 +121,21 @@ demo: evaluate export index
 	@echo
 	@echo "Try: curl 'http://127.0.0.1:$(PORT)/search?text=a+red+circle+left+of+a+blue+square&k=3'"
 	@$(MAKE) --no-print-directory serve
+
+# Serving under load needs wrk (a C load generator): installed with apt like chromium for the tests.
+WRK := $(VENV)/.wrk
+$(WRK): | $(STAMP)
+	@command -v wrk >/dev/null || { apt-get install -y -q wrk >/dev/null || { apt-get update -q >/dev/null && \
+		apt-get install -y -q wrk >/dev/null; } || { echo "could not install wrk: run 'apt-get install wrk' as root"; \
+		exit 1; }; }
+	touch $@
+
+# The serving benchmark on the demo bundle and the base preset (random weights: timing only), then
+# the encoder latencies; results under bench/results/. Tens of minutes on 2 cores.
+bench: $(BUNDLE)/manifest.json $(WRK)
+	$(BIN)/python bench/load.py --presets base demo
+	$(BIN)/python bench/load.py --presets base --variant int8 --out bench/results/load-int8
+	$(BIN)/python bench/latency.py
 
 clean:
 	rm -rf data artifacts

@@ -1,16 +1,21 @@
-"""Load benchmark: the real server on loopback under a real HTTP client.
+"""Load benchmark: the real server on loopback under wrk, a C load generator (`apt-get install wrk`).
 
 For each bundle (the demo student, and the `base` preset with random weights: timing does not
 depend on them), a 100,000-item index is made: the demo test images and their captions,
 plus synthetic items (random unit vectors pointing at those same image files) up to 100k.
-Then `dsmd serve` is started as its own process and measured:
+First the bare encoder + search is timed in this process (nothing else running), then
+`dsmd serve` is started as its own process and measured with wrk:
 
   cold start     process start -> /readyz answers 200, and the server's resident memory
-  text queries   GET /search?text=...&k=10, unique texts (no cache hits), concurrency 1, 8, 32
-  image queries  POST /search/image (multipart PNG), concurrency 1, 8, 32
-  overhead       HTTP p50 at concurrency 1 / (bare encoder + search p50, same machine, same run)
+  text           GET /search?text=...&k=10, a unique text per request (no cache hits): p50 at
+                 concurrency 1, req/s at 8, a soak at 32 (zero errors), and 256 (past capacity:
+                 only fast 503s, no timeouts)
+  image          POST /search/image (multipart PNG) at concurrency 1 and 8
+  upload flood   maximum-size uploads at concurrency 64: only 2xx/503, resident peak (VmHWM)
+                 under the ceiling the server states in /info
+  overhead       HTTP text p50 at concurrency 1 / bare encode+search p50, same run
 
-Errors (non-2xx, timeouts) are counted. Writes bench/results/load/{results.json,table.md}.
+Writes bench/results/load/{results.json,table.md}.
 
     .venv/bin/python bench/load.py              # after make demo
     .venv/bin/python bench/load.py --presets demo --seconds 5
@@ -19,7 +24,7 @@ Errors (non-2xx, timeouts) are counted. Writes bench/results/load/{results.json,
 from __future__ import annotations
 
 import argparse
-import asyncio
+import io
 import json
 import os
 import platform
@@ -36,6 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+import wrk  # noqa: E402
 
 WORDS = ["red", "blue", "green", "yellow", "small", "big", "circle", "square", "star", "triangle", "left of", "above"]
 
@@ -104,35 +112,6 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-async def load(url: str, make_request, concurrency: int, seconds: float) -> dict:
-    import httpx
-
-    lat, errors, count = [], 0, 0
-    t_end = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
-        async def worker(w: int) -> None:
-            nonlocal errors, count
-            i = w
-            while time.perf_counter() < t_end:
-                t0 = time.perf_counter()
-                try:
-                    r = await make_request(client, i)
-                    if r.status_code >= 300:
-                        errors += 1
-                except Exception:  # noqa: BLE001 - a failed request is an error, counted
-                    errors += 1
-                lat.append(time.perf_counter() - t0)
-                count += 1
-                i += concurrency
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*[worker(w) for w in range(concurrency)])
-        wall = time.perf_counter() - t0
-    return {"concurrency": concurrency, "requests": count, "errors": errors, "qps": count / wall,
-            "p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * float(np.percentile(lat, 99))}
-
-
 def bare(bundle_path: Path, index_path: Path, queries: list[str], image: bytes, variant: str = "fp32",
          n: int = 200) -> dict:
     """Encoder + search without HTTP, one query at a time, same thread settings as the server."""
@@ -160,18 +139,15 @@ def bare(bundle_path: Path, index_path: Path, queries: list[str], image: bytes, 
     return {"text_p50_ms": text, "image_p50_ms": img, "text_encoder_only_p50_ms": enc_only}
 
 
-def bench_preset(preset: str, a, work: Path) -> dict:
+def start_server(bundle: Path, index: Path, variant: str) -> tuple[subprocess.Popen, str, float]:
     import httpx
 
-    variant = a.variant if preset != "demo" else "fp32"
-    bundle = make_bundle(preset, work / f"bundle-{preset}", Path(a.bundle), variant, Path(a.data))
-    index = make_index(bundle, Path(a.data), work / f"index-{preset}", a.items)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "dsmd.cli", "serve", "--bundle", str(bundle), "--index", str(index),
-                             "--port", str(port), "--variant", variant], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "TQDM_DISABLE": "1"})
+                             "--port", str(port), "--variant", variant], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "TQDM_DISABLE": "1"})
     while True:
         try:
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
@@ -181,35 +157,83 @@ def bench_preset(preset: str, a, work: Path) -> dict:
         if proc.poll() is not None or time.perf_counter() - t0 > 120:
             raise RuntimeError("the server did not start")
         time.sleep(0.02)
-    cold = time.perf_counter() - t0
-    rss_ready = rss_mib(proc.pid)
-    qs = texts(200_000, seed=1)
+    return proc, url, time.perf_counter() - t0
+
+
+def max_size_upload(limit: int, work: Path) -> Path:
+    """A multipart body with a JPEG of noise just under the server's upload limit (decoding it is real work)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    side = 2000
+    while True:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, "JPEG", quality=95)
+        if len(buf.getvalue()) > 0.8 * limit or side > 6000:
+            break
+        side += 400
+    data = buf.getvalue()[:limit] if len(buf.getvalue()) > limit else buf.getvalue()
+    path = work / "upload.body"
+    path.write_bytes(wrk.multipart(data, "big.jpg", "image/jpeg"))
+    return path
+
+
+def peak_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def show(preset: str, what: str, r: dict) -> None:
+    others = {k: v for k, v in r["statuses"].items() if k != 200}
+    errs = {k: v for k, v in r["socket_errors"].items() if v}
+    print(f"{preset:5s} {what:14s} c={r['connections']:<3d} {r['req_s']:7.1f} req/s ({r['ok_s']:.1f} ok/s)  "
+          f"p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  max {r['max_ms']:6.0f} ms  "
+          f"non-200 {others or 0}  socket errors {errs or 0}", flush=True)
+
+
+def bench_preset(preset: str, a, work: Path) -> dict:
+    import httpx
+
+    variant = a.variant if preset != "demo" else "fp32"
+    bundle = make_bundle(preset, work / f"bundle-{preset}", Path(a.bundle), variant, Path(a.data))
+    index = make_index(bundle, Path(a.data), work / f"index-{preset}", a.items)
     image = sorted((Path(a.data) / "images").glob("*.png"))[0].read_bytes()
-    result = {"preset": preset, "variant": variant, "items": a.items, "cold_start_s": cold, "rss_ready_mib": rss_ready, "text": [],
-              "image": []}
+    result = {"preset": preset, "variant": variant, "items": a.items}
+    result["bare"] = bare(bundle, index, texts(1000, seed=2), image, variant)  # alone on the machine
+    proc, url, cold = start_server(bundle, index, variant)
+    result.update(cold_start_s=cold, rss_ready_mib=rss_mib(proc.pid))
+    info = httpx.get(f"{url}/info").json()
+    result["memory"] = info["memory"]
+    small = work / "small.body"
+    small.write_bytes(wrk.multipart(image))
+    big = max_size_upload(info["limits"]["max_upload_bytes"], work)
+    runs = [("text", wrk.text_script(), 1, a.seconds), ("text", wrk.text_script(), 8, a.seconds),
+            ("image", wrk.upload_script(small), 1, a.seconds), ("image", wrk.upload_script(small), 8, a.seconds),
+            ("text soak", wrk.text_script(), 32, a.soak), ("text overload", wrk.text_script(), 256, a.seconds),
+            ("upload flood", wrk.upload_script(big), 64, a.seconds)]
     try:
-        for c in a.concurrency:
-            r = asyncio.run(load(url, lambda cl, i: cl.get("/search", params={"text": qs[i], "k": 10}), c, a.seconds))
-            result["text"].append(r)
-            print(f"{preset:5s} text  c={c:<3d} {r['qps']:7.1f} req/s  p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms"
-                  f"  errors {r['errors']}", flush=True)
-        for c in a.concurrency:
-            r = asyncio.run(load(url, lambda cl, i: cl.post("/search/image", params={"k": 10},
-                                                             files={"file": ("q.png", image, "image/png")}),
-                                 c, a.seconds))
-            result["image"].append(r)
-            print(f"{preset:5s} image c={c:<3d} {r['qps']:7.1f} req/s  p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms"
-                  f"  errors {r['errors']}", flush=True)
+        for what, script, c, seconds in runs:
+            r = wrk.run(url, script, c, seconds, threads=1 if c <= 8 else 2)
+            r["what"] = what
+            result.setdefault("runs", []).append(r)
+            show(preset, what, r)
         result["rss_after_mib"] = rss_mib(proc.pid)
+        result["rss_peak_mib"] = peak_mib(proc.pid)
+        result["still_healthy"] = httpx.get(f"{url}/readyz", timeout=5).status_code == 200
     finally:
         proc.terminate()
         proc.wait(10)
-    result["bare"] = bare(bundle, index, texts(1000, seed=2), image, variant)
-    result["overhead_text"] = result["text"][0]["p50_ms"] / result["bare"]["text_p50_ms"]
-    result["overhead_image"] = result["image"][0]["p50_ms"] / result["bare"]["image_p50_ms"]
+    first = {r["what"]: r for r in result["runs"] if r["connections"] in (1,)}
+    result["overhead_text"] = first["text"]["p50_ms"] / result["bare"]["text_p50_ms"]
+    result["overhead_image"] = first["image"]["p50_ms"] / result["bare"]["image_p50_ms"]
+    ceiling = (result["memory"]["ceiling_bytes"] or 0) / 2**20
     print(f"{preset:5s} bare encoder+search p50: text {result['bare']['text_p50_ms']:.2f} ms, image "
-          f"{result['bare']['image_p50_ms']:.2f} ms; HTTP overhead x{result['overhead_text']:.2f} (text), "
-          f"x{result['overhead_image']:.2f} (image); cold start {cold:.2f} s, RSS {rss_ready:.0f} MiB", flush=True)
+          f"{result['bare']['image_p50_ms']:.2f} ms; HTTP/bare x{result['overhead_text']:.2f} (text), "
+          f"x{result['overhead_image']:.2f} (image); cold start {cold:.2f} s; RSS ready {result['rss_ready_mib']:.0f} "
+          f"MiB, after {result['rss_after_mib']:.0f} MiB, peak {result['rss_peak_mib']:.0f} MiB (ceiling "
+          f"{ceiling:.0f} MiB)", flush=True)
     return result
 
 
@@ -219,11 +243,13 @@ def main() -> None:
     p.add_argument("--data", default="data/world")
     p.add_argument("--presets", nargs="+", default=["base", "demo"])
     p.add_argument("--items", type=int, default=100_000)
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--soak", type=float, default=60.0, help="seconds of the concurrency-32 soak")
     p.add_argument("--seconds", type=float, default=10.0, help="per load level")
     p.add_argument("--variant", default="fp32", help="bundle variant for the base preset (int8: built for timing)")
     p.add_argument("--out", default="bench/results/load")
     a = p.parse_args()
+    if not wrk.available():
+        sys.exit("bench/load.py drives wrk: install it (apt-get install wrk, or make bench)")
     os.chdir(ROOT)
     work = Path(tempfile.mkdtemp(prefix="dsmd-load-"))
     try:
@@ -236,17 +262,21 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d"), "seconds_per_level": a.seconds}
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     md = [f"Command: `.venv/bin/python bench/load.py {' '.join(sys.argv[1:])}`; {meta['date']}; "
-          f"{meta['cores']} cores; {a.items:,}-item index (kind chosen by size, as dsmd index build does); client and server on the same machine\n",
-          "| bundle | query | concurrency | req/s | p50 ms | p99 ms | errors |", "|---|---|---:|---:|---:|---:|---:|"]
+          f"{meta['cores']} cores; {a.items:,}-item index (kind chosen by size, as dsmd index build does); wrk "
+          f"and the server on the same machine\n",
+          "| bundle | load | connections | req/s | ok/s | p50 ms | p99 ms | max ms | non-200 | socket errors |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in results:
-        for kind in ("text", "image"):
-            for x in r[kind]:
-                md.append(f"| {r['preset']} {r['variant']} | {kind} | {x['concurrency']} | {x['qps']:.1f} | {x['p50_ms']:.1f} | "
-                          f"{x['p99_ms']:.1f} | {x['errors']} |")
-    md += ["", "| bundle | cold start s | RSS at ready MiB | RSS after load MiB | bare text p50 ms | HTTP/bare text | "
-               "bare image p50 ms | HTTP/bare image |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for x in r["runs"]:
+            others = {k: v for k, v in x["statuses"].items() if k != 200} or "-"
+            errs = {k: v for k, v in x["socket_errors"].items() if v} or "-"
+            md.append(f"| {r['preset']} {r['variant']} | {x['what']} | {x['connections']} | {x['req_s']:.1f} | "
+                      f"{x['ok_s']:.1f} | {x['p50_ms']:.1f} | {x['p99_ms']:.1f} | {x['max_ms']:.0f} | {others} | {errs} |")
+    md += ["", "| bundle | cold start s | RSS ready MiB | RSS after MiB | RSS peak MiB | ceiling MiB | bare text p50 ms | "
+               "HTTP/bare text | bare image p50 ms | HTTP/bare image |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        md.append(f"| {r['preset']} {r['variant']} | {r['cold_start_s']:.2f} | {r['rss_ready_mib']:.0f} | {r['rss_after_mib']:.0f} | "
+        md.append(f"| {r['preset']} {r['variant']} | {r['cold_start_s']:.2f} | {r['rss_ready_mib']:.0f} | "
+                  f"{r['rss_after_mib']:.0f} | {r['rss_peak_mib']:.0f} | {(r['memory']['ceiling_bytes'] or 0) / 2**20:.0f} | "
                   f"{r['bare']['text_p50_ms']:.2f} | {r['overhead_text']:.2f} | {r['bare']['image_p50_ms']:.2f} | "
                   f"{r['overhead_image']:.2f} |")
     (out / "table.md").write_text("\n".join(md) + "\n")

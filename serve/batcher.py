@@ -5,6 +5,12 @@ takes whatever is waiting and, only while other requests are still on their way 
 counts requests in the handlers), waits up to `wait_ms` for them (up to `max_batch`); then it
 runs the encoder once on all of them and hands each request its row. A lone request never
 waits. The event loop never runs the encoder itself.
+
+The queue is bounded: past `max_queue` waiting inputs, `submit` raises `Overloaded` at once
+(the server answers 503), so a burst never builds a backlog that every later request waits
+behind. A request that gives up (its client went away, or its deadline passed) cancels its
+job, and the worker drops cancelled jobs before encoding them. If the worker thread dies,
+`healthy` turns false, `/readyz` says so and `submit` refuses instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -14,35 +20,95 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 
+class Overloaded(Exception):
+    """The encoder's queue is full, or its worker is gone: answer 503 and let the client retry."""
+
+
+@dataclass(eq=False)
+class Job:
+    item: Any
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    cancelled: bool = field(default=False)  # set on the event loop, read by the worker
+
+
 class MicroBatcher:
     def __init__(self, encode: Callable[[list[Any]], np.ndarray], wait_ms: float = 2.0, max_batch: int = 32,
                  name: str = "encoder", on_batch: Callable[[int], None] | None = None,
-                 active: Callable[[], int] | None = None):
+                 active: Callable[[], int] | None = None, max_queue: int = 256,
+                 on_drop: Callable[[int], None] | None = None, delay_ms: float = 0.0):
         self.encode, self.wait, self.max_batch = encode, wait_ms / 1000, max_batch
-        self.on_batch = on_batch
+        self.on_batch, self.on_drop = on_batch, on_drop
         self.active = active or (lambda: 1 << 30)
-        self.jobs: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.delay = delay_ms / 1000
+        self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.name = name
+        self.thread = threading.Thread(target=self._guarded, name=name, daemon=True)
         self.thread.start()
 
-    async def submit(self, item: Any) -> np.ndarray:
+    @property
+    def healthy(self) -> bool:
+        return self.thread.is_alive()
+
+    def queued(self) -> int:
+        return self.jobs.qsize()
+
+    def submit_nowait(self, item: Any) -> Job:
+        """Queue `item`; the job's future gets its embedding. Raises Overloaded when full or dead."""
+        if not self.healthy:
+            raise Overloaded(f"the {self.name} has stopped; the server needs a restart")
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future = loop.create_future()
-        self.jobs.put((item, fut, loop))
-        return await fut
+        job = Job(item, loop.create_future(), loop)
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise Overloaded(f"the {self.name} has {self.jobs.maxsize} inputs waiting") from None
+        return job
+
+    async def submit(self, item: Any) -> np.ndarray:
+        job = self.submit_nowait(item)
+        try:
+            return await job.future
+        finally:
+            job.cancelled = not job.future.done() or job.future.cancelled()
 
     def close(self) -> None:
         """Stop the worker after the requests already queued."""
-        self.jobs.put(None)
+        try:
+            self.jobs.put(None, timeout=5)
+        except queue.Full:
+            pass
+
+    def _guarded(self) -> None:
+        try:
+            self._run()
+        finally:  # a dying worker must not leave anyone waiting
+            while True:
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    _hand(job, None, Overloaded(f"the {self.name} has stopped"))
+
+    def _take(self) -> Job | None:
+        """The next job that still has someone waiting (None: close)."""
+        while True:
+            job = self.jobs.get()
+            if job is None or not job.cancelled:
+                return job
+            if self.on_drop:
+                self.on_drop(1)
 
     def _run(self) -> None:
         while True:
-            first = self.jobs.get()
+            first = self._take()
             if first is None:
                 return
             batch = [first]
@@ -62,18 +128,29 @@ class MicroBatcher:
                     self.jobs.put(None)
                     break
                 batch.append(nxt)
+            if self.delay:
+                time.sleep(self.delay)
+            live = [j for j in batch if not j.cancelled]  # given up while the batch gathered
+            if self.on_drop and len(live) < len(batch):
+                self.on_drop(len(batch) - len(live))
+            if not live:
+                continue
             try:
-                out = self.encode([b[0] for b in batch])
-                results = [(fut, loop, out[i], None) for i, (_, fut, loop) in enumerate(batch)]
+                out = self.encode([j.item for j in live])
+                results = [(j, out[i], None) for i, j in enumerate(live)]
             except Exception as e:  # noqa: BLE001 - handed to each waiting request
-                results = [(fut, loop, None, e) for _, fut, loop in batch]
+                results = [(j, None, e) for j in live]
             if self.on_batch:
-                self.on_batch(len(batch))
-            for fut, loop, value, error in results:
-                try:
-                    loop.call_soon_threadsafe(_settle, fut, value, error)
-                except RuntimeError:  # that request's event loop is closed: nobody is waiting
-                    pass
+                self.on_batch(len(live))
+            for job, value, error in results:
+                _hand(job, value, error)
+
+
+def _hand(job: Job, value, error) -> None:
+    try:
+        job.loop.call_soon_threadsafe(_settle, job.future, value, error)
+    except RuntimeError:  # that request's event loop is closed: nobody is waiting
+        pass
 
 
 def _settle(fut: asyncio.Future, value, error) -> None:

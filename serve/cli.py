@@ -11,7 +11,8 @@ def _serve(a: argparse.Namespace) -> int:
     from dsmd.serve.app import create_app
     from dsmd.serve.settings import Settings
 
-    settings = Settings.from_env(bundle=a.bundle, index=a.index, token=a.token, variant=a.variant, threads=a.threads)
+    settings = Settings.from_env(bundle=a.bundle, index=a.index, token_file=a.token_file, variant=a.variant,
+                                 threads=a.threads, writes=False if a.read_only else None)
     app = create_app(settings)
     print(f"serving {settings.index} with {settings.bundle} on http://{a.host}:{a.port}/  (API docs: /docs)",
           flush=True)
@@ -20,13 +21,20 @@ def _serve(a: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    sv = sub.add_parser("serve", help="the search server and its web page")
+    sv = sub.add_parser("serve", help="the search server and its web page",
+                        description="Every setting also reads from a DSMD_* environment variable (DSMD_MAX_K, "
+                        "DSMD_REQUEST_TIMEOUT_S, ...: see serve/settings.py); flags override them.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sv.add_argument("--bundle", help="encoder bundle (default: $DSMD_BUNDLE or artifacts/bundle)")
     sv.add_argument("--index", help="index folder (default: $DSMD_INDEX or artifacts/index)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--variant", help="bundle variant: fp32 (default), int8, fp16")
-    sv.add_argument("--threads", type=int, help="ONNX Runtime threads per encoder (default: all cores)")
-    sv.add_argument("--token", help="enable POST /items and DELETE /items/{id} for callers with this token")
+    sv.add_argument("--variant", help="bundle variant: fp32 (default), int8, fp16; the index must have been built "
+                    "with the same one")
+    sv.add_argument("--threads", type=int, help="ONNX Runtime threads per encoder (default: the usable cores)")
+    sv.add_argument("--token-file", help="enable POST /items and DELETE /items/{id} for callers presenting the "
+                    "token in this file (or set DSMD_TOKEN; a token on the command line would show in ps)")
+    sv.add_argument("--read-only", action="store_true", help="never write the index (also automatic when its "
+                    "folder cannot be written)")
     sv.add_argument("--log-level", default="warning")
     sv.set_defaults(run=_serve)

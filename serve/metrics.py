@@ -1,51 +1,50 @@
-"""A few Prometheus metrics in the text exposition format (no client library needed)."""
+"""The server's Prometheus metrics (prometheus_client; process metrics come with it).
+
+Each app has a registry of its own, so two apps in one process (tests) never collide.
+"""
 
 from __future__ import annotations
 
-import threading
-from collections import defaultdict
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
-BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class Metrics:
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = defaultdict(int)
-        self.latency: dict[str, list[int]] = defaultdict(lambda: [0] * (len(BUCKETS) + 1))
-        self.latency_sum: dict[str, float] = defaultdict(float)
-        self.batch_sizes: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
-        self.gauges: dict[str, float] = {}
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.requests = Counter("dsmd_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"],
+                                registry=r)
+        self.latency = Histogram("dsmd_request_seconds", "Request latency.", ["endpoint"], buckets=LATENCY_BUCKETS,
+                                 registry=r)
+        self.batches = Histogram("dsmd_encoder_batch_size", "Inputs per encoder call.", ["encoder"],
+                                 buckets=BATCH_BUCKETS, registry=r)
+        self.dropped = Counter("dsmd_encoder_dropped", "Inputs dropped before encoding (client gone or deadline).",
+                               ["encoder"], registry=r)
+        self.rejected = Counter("dsmd_rejected", "Requests answered 503 at admission.", ["reason"], registry=r)
+        self.in_flight = Gauge("dsmd_in_flight", "Requests inside the server.", ["gate"], registry=r)
+        self.queued = Gauge("dsmd_encoder_queued", "Inputs waiting for an encoder.", ["encoder"], registry=r)
+        self.items = Gauge("dsmd_index_items", "Vectors searchable per part.", ["part"], registry=r)
+        self.generation = Gauge("dsmd_index_generation", "Generation of the index manifest being served.",
+                                registry=r)
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
-        with self.lock:
-            self.requests[(endpoint, status)] += 1
-            b = next((i for i, edge in enumerate(BUCKETS) if seconds <= edge), len(BUCKETS))
-            self.latency[endpoint][b] += 1
-            self.latency_sum[endpoint] += seconds
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
 
-    def batch(self, encoder: str, size: int) -> None:
-        with self.lock:
-            self.batch_sizes[encoder][size] += 1
-
-    def render(self) -> str:
-        out = ["# HELP dsmd_requests_total HTTP requests by endpoint and status.", "# TYPE dsmd_requests_total counter"]
-        with self.lock:
-            for (ep, st), n in sorted(self.requests.items()):
-                out.append(f'dsmd_requests_total{{endpoint="{ep}",status="{st}"}} {n}')
-            out += ["# HELP dsmd_request_seconds Request latency.", "# TYPE dsmd_request_seconds histogram"]
-            for ep, counts in sorted(self.latency.items()):
-                total = 0
-                for edge, c in zip(list(BUCKETS) + ["+Inf"], counts):
-                    total += c
-                    out.append(f'dsmd_request_seconds_bucket{{endpoint="{ep}",le="{edge}"}} {total}')
-                out.append(f'dsmd_request_seconds_count{{endpoint="{ep}"}} {total}')
-                out.append(f'dsmd_request_seconds_sum{{endpoint="{ep}"}} {self.latency_sum[ep]:.6f}')
-            out += ["# HELP dsmd_encoder_batch_size_total Encoder calls by batch size.",
-                    "# TYPE dsmd_encoder_batch_size_total counter"]
-            for enc, sizes in sorted(self.batch_sizes.items()):
-                for size, n in sorted(sizes.items()):
-                    out.append(f'dsmd_encoder_batch_size_total{{encoder="{enc}",size="{size}"}} {n}')
-            for name, value in sorted(self.gauges.items()):
-                out += [f"# TYPE {name} gauge", f"{name} {value}"]
-        return "\n".join(out) + "\n"
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,39 +1,97 @@
-"""Server settings: flags of `dsmd serve`, or DSMD_* environment variables (containers)."""
+"""Server settings: flags of `dsmd serve`, or DSMD_* environment variables (containers).
+
+pydantic-settings reads and checks them, so a bad value (`DSMD_MAX_K=-1`, `DSMD_THREADS=x`)
+stops start-up with a message naming the variable, instead of failing on the first request.
+The limits here are what keeps the server's memory under a ceiling you can state: see
+`memory_budget_bytes`.
+"""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from dsmd.errors import UserError
 
 
-@dataclass
-class Settings:
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DSMD_", extra="forbid", validate_assignment=True)
+
     bundle: str = "artifacts/bundle"
     index: str = "artifacts/index"
-    variant: str = "fp32"  # the bundle variant to run: fp32, int8, fp16 (whichever it ships)
-    threads: int = 0  # ONNX Runtime threads per encoder; 0 = the machine's cores
-    default_k: int = 10
-    max_k: int = 100
+    variant: Literal["fp32", "int8", "fp16"] = "fp32"  # the bundle variant to run (whichever it ships)
+    threads: int = Field(0, ge=0)  # ONNX Runtime threads per encoder; 0 = the cores this process may use
+    default_k: int = Field(10, ge=1)
+    max_k: int = Field(100, ge=1, le=10_000)
     min_score: float | None = None  # drop results scoring below this
-    max_upload_bytes: int = 10 * 2**20
-    max_pixels: int = 40_000_000  # decompression-bomb limit of uploads
-    batch_wait_ms: float = 2.0  # how long an encoder call waits for company from concurrent requests
-    max_batch: int = 32
-    text_cache: int = 2048  # recent text queries kept with their embeddings
-    thumb_size: int = 256
-    thumb_cache: int = 2048
+    # -- writes
     token: str | None = None  # enables POST /items and DELETE /items/{id}, for callers presenting it
+    token_file: str | None = None  # read the token from this file (keeps it out of `ps` and the environment)
+    writes: bool = True  # False: never write the index (also automatic when its folder cannot be written)
     upload_dir: str | None = None  # where POST /items stores images (default INDEX/uploads)
+    # -- uploads: what one image may cost
+    max_upload_bytes: int = Field(10 * 2**20, ge=1024)
+    max_pixels: int = Field(12_000_000, ge=64 * 64)  # after a JPEG's reduced decode; other formats as sent
+    # -- admission: past these, a fast 503 with Retry-After instead of a queue that grows
+    max_text_requests: int = Field(64, ge=1)  # /search requests inside the server at once
+    max_image_requests: int = Field(4, ge=1)  # image uploads being read, decoded or searched at once
+    max_write_requests: int = Field(2, ge=1)  # POST/DELETE /items at once
+    decode_slots: int = Field(2, ge=1)  # images decoded at the same moment
+    max_queue: int = Field(256, ge=1)  # inputs waiting for an encoder
+    request_timeout_s: float = Field(5.0, gt=0)  # a request not answered by then gets a 503
+    # -- encoders
+    batch_wait_ms: float = Field(2.0, ge=0)  # how long an encoder call waits for company from concurrent requests
+    max_batch: int = Field(32, ge=1)
+    encode_delay_ms: float = Field(0.0, ge=0)  # fault injection for tests: a slow encoder
+    # -- caches
+    text_cache: int = Field(2048, ge=0)  # recent text queries kept with their embeddings
+    thumb_size: int = Field(256, ge=16, le=1024)
+    thumb_cache: int = Field(2048, ge=0)
+    # -- index maintenance
+    reload_check_s: float = Field(2.0, gt=0)  # how often to look for an index rebuilt by another process
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.default_k > self.max_k:
+            raise ValueError(f"default_k ({self.default_k}) must not exceed max_k ({self.max_k})")
+        if self.token_file:
+            path = Path(self.token_file)
+            if not path.is_file():
+                raise ValueError(f"token_file {path} does not exist")
+            object.__setattr__(self, "token", path.read_text(encoding="utf-8").strip() or None)
+        return self
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
-        """DSMD_BUNDLE, DSMD_INDEX, DSMD_TOKEN, ... override the defaults; keyword arguments override both."""
-        values = {}
-        for f in fields(cls):
-            raw = os.environ.get(f"DSMD_{f.name.upper()}")
-            if raw is None:
-                continue
-            kind = type(f.default) if f.default is not None else str
-            values[f.name] = float(raw) if f.name == "min_score" else kind(raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        """DSMD_* variables override the defaults; keyword arguments (command-line flags) override both.
+
+        Raises:
+            UserError: a value is invalid; the message names the setting and its variable.
+        """
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        except ValidationError as e:
+            problems = "; ".join(_describe(err) for err in e.errors())
+            raise UserError(f"invalid server settings: {problems}") from None
+
+    def memory_budget_bytes(self) -> int:
+        """What requests may add to the resident memory at most, above the loaded model and index.
+
+        Each admitted upload holds its body and at most three transient copies while parsing
+        (JSON text, base64, the decoded bytes); each decode slot an RGB image of `max_pixels`
+        plus one conversion copy, and a resized float array; text requests hold little.
+        """
+        body = self.max_upload_bytes * 4 // 3 + 65536
+        uploads = self.max_image_requests * 4 * body
+        decodes = self.decode_slots * (2 * 4 * self.max_pixels)  # RGBA and RGB copies of the largest image
+        batches = 2 * self.max_batch * 3 * 512 * 512 * 4  # encoder inputs in flight (generous for 384-px models)
+        return uploads + decodes + batches + 64 * 2**20  # and 64 MiB for caches, sockets and the rest
+
+
+def _describe(err: dict) -> str:
+    name = "_".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{name} (DSMD_{name.upper()}): {msg}" if name else msg

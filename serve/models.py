@@ -1,0 +1,119 @@
+"""The API's response bodies, so the OpenAPI spec describes every answer, errors included."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class Error(BaseModel):
+    detail: str = Field(description="what went wrong, and what to do about it")
+
+
+class ImageHit(BaseModel):
+    id: int
+    score: float
+    name: str
+    image_url: str
+    thumbnail_url: str
+    captions: list[str]
+
+
+class TextHit(BaseModel):
+    id: int
+    score: float
+    text: str
+    item_id: int | None = Field(description="the image this text is a caption of (null for a free text)")
+    thumbnail_url: str | None = None
+
+
+class TextQuery(BaseModel):
+    text: str
+    truncated: bool
+    note: str | None = None
+
+
+class TextSearch(BaseModel):
+    query: TextQuery
+    target: str
+    k: int
+    results: list[ImageHit]
+    took_ms: float
+
+
+class ImageQuery(BaseModel):
+    image_bytes: int
+
+
+class ImageSearch(BaseModel):
+    query: ImageQuery
+    target: str
+    k: int
+    results: list[ImageHit] | list[TextHit]
+    took_ms: float
+
+
+class SimilarQuery(BaseModel):
+    item: int
+
+
+class SimilarSearch(BaseModel):
+    query: SimilarQuery
+    target: str
+    k: int
+    results: list[ImageHit]
+    took_ms: float
+
+
+class Item(BaseModel):
+    id: int
+    name: str
+    width: int | None
+    height: int | None
+    captions: list[str]
+    added: float
+    sha256: str
+    image_url: str
+    thumbnail_url: str
+
+
+class Removed(BaseModel):
+    removed: int
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    ready: bool
+    encoders: dict[str, bool] = Field(description="whether each encoder's worker thread is alive")
+
+
+class Info(BaseModel):
+    bundle: dict[str, Any]
+    index: dict[str, Any]
+    limits: dict[str, Any]
+    memory: dict[str, Any]
+    uptime_s: float
+    versions: dict[str, Any]
+
+
+def errors(*codes: int) -> dict:
+    """`responses=` of a route: these status codes answer with an Error body."""
+    return {code: {"model": Error, "description": DESCRIPTIONS[code]} for code in codes}
+
+
+DESCRIPTIONS = {
+    400: "the body cannot be parsed",
+    401: "missing or wrong token",
+    403: "writes are off on this server",
+    404: "no such item, or its file is gone",
+    408: "the upload arrived too slowly",
+    409: "the item changed while the request ran",
+    413: "the upload or text is over the limit",
+    415: "the body is not multipart/form-data or JSON",
+    422: "a parameter or the image is not valid",
+    503: "over capacity or not ready: retry after the Retry-After seconds",
+}
