@@ -46,6 +46,9 @@ class RuntimeOptions:
     threads: int = 0
     optimization: str = "all"
     providers: list[str] | None = None
+    # ONNX Runtime's threads spin between calls by default; in a server whose event loop and
+    # searches share the cores that spinning takes their CPU: off there
+    spinning: bool = True
 
 
 def _session(path: Path, opts: RuntimeOptions):
@@ -54,6 +57,8 @@ def _session(path: Path, opts: RuntimeOptions):
     so = ort.SessionOptions()
     so.intra_op_num_threads = opts.threads or usable_cpus()
     so.inter_op_num_threads = 1
+    if not opts.spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -112,7 +117,9 @@ class Bundle:
         return self.encode_pixels(np.stack(arrays))
 
     def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
-        enc = self.tokenizer.encode_batch(list(texts))
+        return self._feeds(self.tokenizer.encode_batch(list(texts)))
+
+    def _feeds(self, enc: list) -> dict[str, np.ndarray]:
         feeds = {"input_ids": np.array([e.ids for e in enc], np.int64),
                  "attention_mask": np.array([e.attention_mask for e in enc], np.int64)}
         return {k: v for k, v in feeds.items() if k in self.text_inputs}
@@ -120,6 +127,11 @@ class Bundle:
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """Raw strings -> (B, dim); longer texts are cut at the bundle's max tokens."""
         return self.text_session.run(None, self.tokenize(texts))[0]
+
+    def encode_texts_and_cuts(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
+        """`encode_texts`, and for each text whether it was cut (one tokenisation for both)."""
+        enc = self.tokenizer.encode_batch(list(texts))
+        return self.text_session.run(None, self._feeds(enc))[0], [len(e.overflowing) > 0 for e in enc]
 
     def truncated(self, text: str) -> bool:
         """Whether `text` is longer than the text encoder reads."""

@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(2.0, ge=0)  # how long an encoder call waits for company from concurrent requests
     max_batch: int = Field(32, ge=1)
     encode_delay_ms: float = Field(0.0, ge=0)  # fault injection for tests: a slow encoder
+    encoder_spinning: bool = False  # ONNX Runtime threads spin between calls (faster alone, slower when shared)
     # -- caches
     text_cache: int = Field(2048, ge=0)  # recent text queries kept with their embeddings
     thumb_size: int = Field(256, ge=16, le=1024)
