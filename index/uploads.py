@@ -98,11 +98,6 @@ def store_upload(index: str | Path, bundle: Bundle, data: bytes, folder: str | P
     return sha
 
 
-def item_id_of(db: IndexDB, sha: str) -> int | None:
-    """The id of the item with this content hash, or None (removed meanwhile)."""
-    return db.id_of_sha(sha)
-
-
 def remove_items(index: str | Path, bundle: Bundle | None, ids: list[int]) -> None:
     """Remove items by id (their rows; indexes opened afterwards leave them out). `bundle` is unused,
     kept for existing callers: nothing is re-embedded or rebuilt."""

@@ -6,7 +6,6 @@ import base64
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,22 +14,16 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
+from serving import copy_search, free_port
 
 TOKEN = "s3cret"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def served(tiny_search, tiny_world, tmp_path_factory):
     """(base URL, index folder, world) of a server on a copy of the tiny test index."""
     root = tmp_path_factory.mktemp("serve")
-    shutil.copytree(tiny_search / "bundle", root / "bundle")
-    shutil.copytree(tiny_search / "index", root / "index")
+    copy_search(tiny_search, root)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "dsmd.cli", "serve", "--bundle", str(root / "bundle"), "--index",
                              str(root / "index"), "--port", str(port)],
