@@ -12,7 +12,9 @@ All indexes search by inner product on unit vectors (= cosine) and carry the SQL
 
 Each build is tuned on the collection's own vectors: the smallest efSearch / nprobe whose
 recall@10 against exact search reaches the target (0.95) is kept, and the measured recall is
-written in the manifest.
+written in the manifest. A kind that cannot reach the target (HNSW on vectors with no structure:
+100k random 768-d vectors stopped at 0.65 with efSearch 1024) is followed by the next kind that
+fits (`fallbacks`), and when none reaches it the build says so (the manifest's `shortfall`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ KINDS = ("flat", "hnsw", "ivfpq")
 FLAT_MAX_CELLS = 10_000_000  # n x dim: about 13k vectors at 768 dims, 39k at 256
 HNSW_MAX = 5_000_000
 TARGET_RECALL = 0.95
+FLAT_FALLBACK_MAX_CELLS = 100_000_000  # exact search as the last resort: 130k x 768 (400 MB, ~20 ms a query)
+HNSW_EF_GRID = (16, 32, 64, 128, 256, 512, 1024)
+IVF_NPROBE_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 @dataclass
@@ -65,6 +70,19 @@ def bytes_per_vector(kind: str, dim: int, m: int = 32, refine: str = "fp16") -> 
     """Memory of one vector in each kind, id map included."""
     own = {"flat": 4 * dim, "hnsw": 4 * dim + 2 * m * 4, "ivfpq": dim // 8 + 8 + REFINE_BYTES[refine] * dim}[kind]
     return own + ID_MAP_BYTES
+
+
+def fallbacks(kind: str, n: int, dim: int, memory_bytes: int | None = None) -> list[str]:
+    """The kinds to try, in order, when `kind` falls short of the recall target: IVF-PQ with its
+    float16 re-ranking after HNSW (its grid ends near exhaustive search), then exact search while
+    it fits (`memory_bytes`, or FLAT_FALLBACK_MAX_CELLS without one)."""
+    after = {"hnsw": ["ivfpq", "flat"], "ivfpq": ["flat"], "flat": []}[kind]
+    if memory_bytes is None:
+        fits = {"ivfpq": True, "flat": n * dim <= FLAT_FALLBACK_MAX_CELLS}
+    else:
+        fits = {"ivfpq": n * bytes_per_vector("ivfpq", dim, refine=choose_refine(n, dim, memory_bytes)) <= memory_bytes,
+                "flat": n * bytes_per_vector("flat", dim) <= memory_bytes}
+    return [k for k in after if fits[k]]
 
 
 def choose_refine(n: int, dim: int, memory_bytes: int | None) -> str:
@@ -180,14 +198,14 @@ def tune(index, kind: str, queries: np.ndarray, kth_exact: np.ndarray, vectors_o
     if kind == "flat":
         return {}, recall({})
     if kind == "hnsw":
-        grid = [{"efSearch": ef} for ef in (16, 32, 64, 128, 256, 512, 1024)]
+        grid = [{"efSearch": ef} for ef in HNSW_EF_GRID]
     else:
         import faiss
 
         inner = faiss.downcast_index(index.index)
         refined = isinstance(inner, faiss.IndexRefine)
         nlist = faiss.downcast_index(inner.base_index).nlist if refined else inner.nlist
-        grid = [{"nprobe": p, "k_factor": kf} for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if p <= nlist
+        grid = [{"nprobe": p, "k_factor": kf} for p in IVF_NPROBE_GRID if p <= nlist
                 for kf in ((4, 16, 64) if refined else (4,))]
     best, best_recall = grid[-1], -1.0
     for search in grid:

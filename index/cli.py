@@ -25,6 +25,7 @@ def _index(a: argparse.Namespace) -> int:
             else:
                 print(f"  {part:6s} empty")
         print(f"  skipped files: {m['skipped']}")
+        _warn_shortfall(m)
         return 0
     if a.action == "recall":
         from dsmd.index.search import text_to_image_recall
@@ -40,11 +41,13 @@ def _index(a: argparse.Namespace) -> int:
         if n:
             m = B.finalize(a.index, Bundle(a.bundle, a.variant), kind=a.index_type)
             print(f"{a.index}: {m['images']['count']} images")
+            _warn_shortfall(m)
         return 0
     if a.action == "merge":
         n = B.merge(a.index, a.inputs)
         m = B.finalize(a.index, Bundle(a.bundle, a.variant), kind=a.index_type)
         print(f"merged {n} items into {a.index}: {m['images']['count']} images, {m['texts']['count']} texts")
+        _warn_shortfall(m)
         return 0
     bundle = Bundle(a.bundle, a.variant)
     if a.action == "search":
@@ -63,6 +66,7 @@ def _index(a: argparse.Namespace) -> int:
         n = B.add_texts(a.index, bundle, texts)
         m = B.finalize(a.index, bundle, kind=a.index_type)
         print(f"added {n} texts: {m['texts']['count']} in the caption index")
+        _warn_shortfall(m)
         return 0
     # build
     if bool(a.folder) == bool(a.data):
@@ -84,7 +88,15 @@ def _index(a: argparse.Namespace) -> int:
              if m['images']['count'] else "") + f", {m['texts']['count']} texts")
     for sk in r["skipped_files"][:10]:
         print(f"  skipped {sk['uri']}: {sk['reason']}")
+    _warn_shortfall(m)
     return 0
+
+
+def _warn_shortfall(manifest: dict) -> None:
+    """The recall target a FAISS file did not reach, said at the end where it is seen."""
+    for part in ("images", "texts"):
+        if manifest.get(part, {}).get("shortfall"):
+            print(f"warning: {manifest[part]['shortfall']}")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

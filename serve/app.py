@@ -75,6 +75,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.s = State(settings)
+        for part in ("images", "texts"):
+            if app.state.s.index.manifest.get(part, {}).get("shortfall"):
+                log.warning(app.state.s.index.manifest[part]["shortfall"])
         watcher = asyncio.create_task(_watch_index(app.state.s))
         yield
         watcher.cancel()
@@ -291,7 +294,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            "preprocess": s.bundle.preprocess.to_json()},
                 "index": {**{part: {"count": index.count(part),
                                     "kind": m.get(part, {}).get("index", {}).get("kind"),
-                                    "recall_at_10": m.get(part, {}).get("index", {}).get("recall_at_10")}
+                                    "recall_at_10": m.get(part, {}).get("index", {}).get("recall_at_10"),
+                                    "shortfall": m.get(part, {}).get("shortfall")}
                              for part in ("images", "texts")},
                           "generation": index.generation, "writes": s.writes},
                 "limits": {"max_k": cfg.max_k, "max_upload_bytes": cfg.max_upload_bytes, "max_pixels": cfg.max_pixels,

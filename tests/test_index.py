@@ -300,3 +300,62 @@ def test_approximate_indexes_are_tuned_to_the_target_recall(kind):
     assert recall >= 0.95 and search
     _, got = index.search(queries[:5], 1)
     assert (got[:, 0] == ids[::40][:5]).all()  # ids survive; each vector finds itself
+
+
+@pytest.mark.parametrize("kind,n,dim,memory,after", [
+    ("hnsw", 100_000, 768, None, ["ivfpq", "flat"]), ("hnsw", 1_000_000, 768, None, ["ivfpq"]),
+    ("hnsw", 100_000, 768, 100_000 * 700, ["ivfpq"]), ("ivfpq", 100_000, 768, None, ["flat"]),
+    ("ivfpq", 100_000, 768, 100_000 * 1000, []), ("flat", 1_000, 768, None, []),
+])
+def test_fallback_kinds_are_the_ones_that_fit(kind, n, dim, memory, after):
+    assert ann.fallbacks(kind, n, dim, memory) == after
+
+
+def _random_index(path: Path, bundle: Bundle, n: int) -> None:
+    """An index of n items whose vectors are random unit vectors: no structure for a graph to follow."""
+    from dsmd.index.build import bundle_fingerprint
+    from dsmd.index.db import IndexDB, NewItem
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, bundle.dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    db = IndexDB(path / "items.sqlite", bundle.dim, bundle_fingerprint(bundle), bundle.variant)
+    db.replace([NewItem(f"random/{i}.png", f"{i:064x}", 8, 8, [], v) for i, v in enumerate(x)])
+    db.close()
+
+
+def test_a_kind_short_of_the_recall_target_is_followed_by_the_next_that_fits(bundle_path, tmp_path, monkeypatch):
+    b = Bundle(bundle_path)
+    _random_index(tmp_path, b, 3000)
+    monkeypatch.setattr(ann, "FLAT_MAX_CELLS", 0)  # HNSW by size
+    monkeypatch.setattr(ann, "HNSW_EF_GRID", (1,))  # and too small a search budget to reach 0.95
+    m = finalize(tmp_path, b, progress=False)["images"]
+    assert m["tried"][0]["kind"] == "hnsw" and m["tried"][0]["recall_at_10"] < 0.95
+    assert len(m["tried"]) >= 2 and m["index"]["kind"] == m["tried"][-1]["kind"] != "hnsw"
+    assert m["index"]["recall_at_10"] >= 0.95 and m["shortfall"] is None
+    # the next finalize (a compaction) starts from the kind that worked, not from the failure again
+    again = finalize(tmp_path, b, progress=False)["images"]
+    assert [t["kind"] for t in again["tried"]] == [m["index"]["kind"]]
+    assert SearchIndex(tmp_path).search(np.ones((1, b.dim), np.float32), 5)[0]
+
+
+def test_a_build_that_cannot_reach_the_target_says_so_in_info_and_the_server(bundle_path, tmp_path, monkeypatch):
+    from serving import Server
+
+    b = Bundle(bundle_path)
+    index = tmp_path / "idx"
+    index.mkdir()
+    _random_index(index, b, 3000)
+    monkeypatch.setattr(ann, "IVF_NPROBE_GRID", (1,))  # IVF-PQ searching one list of many
+    tight = 3000 * ann.bytes_per_vector("ivfpq", b.dim) + 1  # IVF-PQ fits; flat and HNSW do not
+    m = finalize(index, b, memory_bytes=tight, progress=False)["images"]
+    assert [t["kind"] for t in m["tried"]] == ["ivfpq"] and m["index"]["recall_at_10"] < 0.95
+    assert "short of the target 0.95" in m["shortfall"] and "ivfpq" in m["shortfall"]
+    out = subprocess.run([sys.executable, "-m", "dsmd.cli", "index", "info", str(index)], capture_output=True,
+                         text=True, check=True).stdout
+    assert "warning: the images index reaches recall@10" in out
+    with Server(bundle_path, index) as s:
+        import httpx
+
+        got = httpx.get(f"{s.url}/info").json()["index"]["images"]
+        assert got["shortfall"] == m["shortfall"] and got["recall_at_10"] == m["index"]["recall_at_10"]
