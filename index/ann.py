@@ -188,12 +188,7 @@ def tune(index, kind: str, queries: np.ndarray, kth_exact: np.ndarray, vectors_o
     def recall(search: dict) -> float:
         apply_search_params(index, kind, search)
         _, ids = index.search(queries, k)
-        flat = ids.ravel()
-        ok = flat >= 0
-        exact = np.full(flat.shape, -np.inf, np.float32)
-        exact[ok] = (vectors_of(flat[ok]) * np.repeat(queries, k, axis=0)[ok]).sum(1)
-        hits = exact.reshape(ids.shape) >= kth_exact[:, None] - 1e-5
-        return float(hits.sum(1).mean() / min(k, index.ntotal))
+        return recall_at_k(ids, queries, kth_exact, vectors_of, index.ntotal)
 
     if kind == "flat":
         return {}, recall({})
@@ -216,6 +211,19 @@ def tune(index, kind: str, queries: np.ndarray, kth_exact: np.ndarray, vectors_o
             best, best_recall = search, r
     apply_search_params(index, kind, best)
     return best, best_recall
+
+
+def recall_at_k(ids: np.ndarray, queries: np.ndarray, kth_exact: np.ndarray,
+                vectors_of: Callable[[np.ndarray], np.ndarray], total: int) -> float:
+    """Recall@k of the ids a search returned (one row per query, -1 for none): the share whose exact
+    score is at least the exact k-th score (ties at the k-th place are all correct answers)."""
+    k = ids.shape[1]
+    flat = ids.ravel()
+    ok = flat >= 0
+    exact = np.full(flat.shape, -np.inf, np.float32)
+    exact[ok] = (vectors_of(flat[ok]) * np.repeat(queries, k, axis=0)[ok]).sum(1)
+    hits = exact.reshape(ids.shape) >= kth_exact[:, None] - 1e-5
+    return float(hits.sum(1).mean() / min(k, total))
 
 
 def exact_kth_score(chunks, queries: np.ndarray, k: int = 10, block: int = 16_384) -> np.ndarray:

@@ -195,7 +195,8 @@ def _open_existing(path: str | Path) -> IndexDB:
 
 
 def finalize(path: str | Path, bundle: Bundle, kind: str | None = None, target: float = ann.TARGET_RECALL,
-             memory_bytes: int | None = None, progress: bool = True, report: Report | None = None) -> dict:
+             memory_bytes: int | None = None, progress: bool = True, report: Report | None = None,
+             backend: dict | None = None) -> dict:
     """(Re)build the FAISS files from the database, tune them, and write the manifest last.
 
     New FAISS files get new names; the manifest (replaced atomically) names the ones to use.
@@ -204,7 +205,9 @@ def finalize(path: str | Path, bundle: Bundle, kind: str | None = None, target: 
     write the manifest and to delete what no manifest names: older FAISS files and the temporary
     files of killed runs (`.*.faiss.*.tmp`, `.manifest.json.*.tmp`, half-stored uploads), so
     rows may be written meanwhile (they are in the next finalize, and reconciled by searchers).
-    `kind` overrides the choice by size and is remembered for later finalizes.
+    `kind` overrides the choice by size and is remembered for later finalizes. `backend`:
+    {"name": "milvus", "uri": URI, "collection": NAME} sends the vectors to Milvus instead of
+    FAISS files (index/milvus.py), {"name": "faiss"} back; remembered like `kind`.
     """
     path = Path(path)
     t0 = time.time()
@@ -213,7 +216,7 @@ def finalize(path: str | Path, bundle: Bundle, kind: str | None = None, target: 
         try:
             with folder_lock(path):
                 _clean(path, read_manifest(path))  # what killed runs left: disk space before new files
-            manifest = _rebuild(path, db, bundle, kind, target, memory_bytes, progress, report, t0)
+            manifest = _rebuild(path, db, bundle, kind, target, memory_bytes, progress, report, t0, backend)
         finally:
             db.close()
         with folder_lock(path):
@@ -224,11 +227,14 @@ def finalize(path: str | Path, bundle: Bundle, kind: str | None = None, target: 
 
 
 def _rebuild(path: Path, db: IndexDB, bundle: Bundle, kind: str | None, target: float, memory_bytes: int | None,
-             progress: bool, report: Report | None, t0: float) -> dict:
+             progress: bool, report: Report | None, t0: float, backend: dict | None = None) -> dict:
     """Write new FAISS files from one snapshot of the rows; returns the manifest that names them."""
     if kind is not None:
         db.set_meta("index_kind", kind)
     kind = kind or db.meta().get("index_kind")
+    if backend is not None:
+        db.set_meta("backend", json.dumps(backend))
+    backend = json.loads(db.meta().get("backend") or '{"name": "faiss"}')
     previous = read_manifest(path) or {}
     parts = {}
     stamp = time.time_ns()
@@ -236,7 +242,9 @@ def _rebuild(path: Path, db: IndexDB, bundle: Bundle, kind: str | None, target: 
         generation = db.generation
         variant = IndexDB.variant(db.meta()) or bundle.variant
         counts = {"items": db.count("items"), "texts": db.count("texts")}
-        for table, name in (("items", "images"), ("texts", "texts")):
+        if backend["name"] == "milvus":
+            parts = _milvus_parts(db, backend, counts, target, progress)
+        for table, name in (("items", "images"), ("texts", "texts")) if backend["name"] == "faiss" else ():
             n = counts[table]
             if n == 0:
                 parts[name] = {"count": 0}
@@ -262,7 +270,7 @@ def _rebuild(path: Path, db: IndexDB, bundle: Bundle, kind: str | None, target: 
                                                                                                    tried)}
         skipped = db.count("skipped")
     return {
-        "artifact": "index", "format": INDEX_FORMAT, "generation": generation,
+        "artifact": "index", "format": INDEX_FORMAT, "generation": generation, "backend": backend,
         "bundle": {"name": bundle.name, "path": str(bundle.path), "fingerprint": bundle_fingerprint(bundle),
                    "dim": bundle.dim, "variant": variant},
         **parts,
@@ -272,6 +280,43 @@ def _rebuild(path: Path, db: IndexDB, bundle: Bundle, kind: str | None, target: 
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": versions(),
     }
+
+
+def _milvus_parts(db: IndexDB, backend: dict, counts: dict, target: float, progress: bool) -> dict:
+    """Make the Milvus collections hold exactly the rows and measure their recall (index/milvus.py)."""
+    from dsmd.index import milvus
+
+    client = milvus.connect(backend["uri"])
+    parts = {}
+    try:
+        for table, name in (("items", "images"), ("texts", "texts")):
+            collection = milvus.collection_name(backend["collection"], name)
+            params = milvus.ensure_collection(client, collection, db.dim, backend["uri"])
+            n = counts[table]
+            bar = tqdm(total=n, desc=f"milvus {name}", unit="vec", leave=False, **_quiet(progress))
+            t1 = time.time()
+            inserted, deleted = milvus.sync(client, collection, db.ids(table), lambda ids, t=table: db.vectors_of(ids, t),
+                                            bar.update)
+            bar.close()
+            if n == 0:
+                parts[name] = {"count": 0, "collection": collection}
+                continue
+            other = "texts" if table == "items" else "items"
+            q_table = other if counts[other] else table
+            queries = _sample_queries(lambda t=q_table: db.vectors(t), counts[q_table])
+            kth = ann.exact_kth_score(lambda t=table: db.vectors(t), queries)
+            search, recall = milvus.tune(client, collection, params["index_type"], queries, kth,
+                                         lambda ids, t=table: db.vectors_of(ids, t), n)
+            spec = ann.IndexSpec("milvus", params, search, recall, len(queries))
+            parts[name] = {"count": n, "collection": collection, "index": spec.to_json(),
+                           "build_seconds": round(time.time() - t1, 1), "inserted": inserted, "deleted": deleted,
+                           "bytes": None, "tuned_with_queries_from": q_table, "target_recall": target,
+                           "tried": [{"kind": "milvus", "recall_at_10": round(recall, 4)}],
+                           "shortfall": None if recall >= target else shortfall_message(name, spec, target, [
+                               {"kind": f"milvus {params['index_type']}", "recall_at_10": recall}])}
+    finally:
+        milvus.disconnect(client, backend["uri"])
+    return parts
 
 
 def _build_tuned(db: IndexDB, table: str, name: str, n: int, kind: str | None, target: float,
@@ -349,10 +394,14 @@ def _sample_queries(chunks, n: int, size: int = 1000) -> np.ndarray:
 
 
 def build(path: str | Path, bundle: Bundle, sources: list[Source], kind: str | None = None, batch: int = 64,
-          workers: int = 2, progress: bool = True) -> dict:
-    """Add the new sources, then rebuild the searchable files; returns the manifest."""
+          workers: int = 2, progress: bool = True, backend: dict | None = None) -> dict:
+    """Add the new sources, then rebuild the searchable files (or sync Milvus: `backend`); returns the manifest."""
+    if backend is not None and backend["name"] == "milvus":
+        from dsmd.index import milvus
+
+        milvus.disconnect(milvus.connect(backend["uri"]), backend["uri"])  # unreachable: fail now, not after embedding
     report = add_images(path, bundle, sources, batch=batch, workers=workers, progress=progress)
-    return finalize(path, bundle, kind=kind, progress=progress, report=report)
+    return finalize(path, bundle, kind=kind, progress=progress, report=report, backend=backend)
 
 
 def info(path: str | Path) -> dict:

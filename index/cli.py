@@ -13,7 +13,9 @@ def _index(a: argparse.Namespace) -> int:
 
     if a.action == "info":
         m = B.info(a.index)
-        print(f"{a.index}: bundle {m['bundle']['name']} (dim {m['bundle']['dim']}), generation {m['generation']}"
+        where = m.get("backend") or {"name": "faiss"}
+        print(f"{a.index}: bundle {m['bundle']['name']} (dim {m['bundle']['dim']}), generation {m['generation']}, "
+              f"vectors in {where['name']}" + (f" at {where['uri']}" if where.get("uri") else "")
               + (f", {m['pending_changes']} change(s) not yet in the FAISS files: run dsmd index build again"
                  if m["pending_changes"] else ""))
         for part in ("images", "texts"):
@@ -21,7 +23,8 @@ def _index(a: argparse.Namespace) -> int:
             if p.get("count"):
                 ix = p["index"]
                 print(f"  {part:6s} {p['count']:>10,} vectors  {ix['kind']:5s} {ix['params']} search {ix['search']}  "
-                      f"recall@10 vs exact {ix['recall_at_10']:.3f}  {p['bytes'] / 2**20:.1f} MiB")
+                      f"recall@10 vs exact {ix['recall_at_10']:.3f}"
+                      + (f"  {p['bytes'] / 2**20:.1f} MiB" if p.get("bytes") else f"  collection {p.get('collection')}"))
             else:
                 print(f"  {part:6s} empty")
         print(f"  skipped files: {m['skipped']}")
@@ -39,13 +42,13 @@ def _index(a: argparse.Namespace) -> int:
         n = B.remove(a.index, ids=a.id or [], uris=a.uri or [])
         print(f"removed {n} item(s)")
         if n:
-            m = B.finalize(a.index, Bundle(a.bundle, a.variant), kind=a.index_type)
+            m = B.finalize(a.index, Bundle(a.bundle, a.variant), kind=a.index_type, backend=_backend(a))
             print(f"{a.index}: {m['images']['count']} images")
             _warn_shortfall(m)
         return 0
     if a.action == "merge":
         n = B.merge(a.index, a.inputs)
-        m = B.finalize(a.index, Bundle(a.bundle, a.variant), kind=a.index_type)
+        m = B.finalize(a.index, Bundle(a.bundle, a.variant), kind=a.index_type, backend=_backend(a))
         print(f"merged {n} items into {a.index}: {m['images']['count']} images, {m['texts']['count']} texts")
         _warn_shortfall(m)
         return 0
@@ -64,7 +67,7 @@ def _index(a: argparse.Namespace) -> int:
     if a.action == "add-texts":
         texts = Path(a.file).read_text(encoding="utf-8").splitlines()
         n = B.add_texts(a.index, bundle, texts)
-        m = B.finalize(a.index, bundle, kind=a.index_type)
+        m = B.finalize(a.index, bundle, kind=a.index_type, backend=_backend(a))
         print(f"added {n} texts: {m['texts']['count']} in the caption index")
         _warn_shortfall(m)
         return 0
@@ -80,7 +83,7 @@ def _index(a: argparse.Namespace) -> int:
         except ValueError:
             raise UserError(f"--shard takes i/n, e.g. 0/4, not {a.shard!r}") from None
     sources = B.shard_of(sources, shard)
-    m = B.build(a.index, bundle, sources, kind=a.index_type, batch=a.batch, workers=a.workers)
+    m = B.build(a.index, bundle, sources, kind=a.index_type, batch=a.batch, workers=a.workers, backend=_backend(a))
     r = m["last_build"]
     print(f"{a.index}: added {r['added']}, already indexed {r['already_indexed']}, skipped {r['skipped']} unreadable "
           f"({r['seconds']:.1f} s); {m['images']['count']} images"
@@ -90,6 +93,20 @@ def _index(a: argparse.Namespace) -> int:
         print(f"  skipped {sk['uri']}: {sk['reason']}")
     _warn_shortfall(m)
     return 0
+
+
+def _backend(a: argparse.Namespace) -> dict | None:
+    """--backend/--milvus-uri/--collection as finalize takes them; None keeps what the index was built with."""
+    from dsmd.errors import UserError
+    from dsmd.index import milvus
+
+    if a.backend is None:
+        if a.milvus_uri or a.collection:
+            raise UserError("--milvus-uri and --collection go with --backend milvus")
+        return None
+    if a.backend == "faiss":
+        return {"name": "faiss"}
+    return {"name": "milvus", "uri": a.milvus_uri or milvus.default_uri(a.index), "collection": a.collection or "dsmd"}
 
 
 def _warn_shortfall(manifest: dict) -> None:
@@ -114,6 +131,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ix.add_argument("--variant", default="fp32", help="bundle variant that embeds: fp32 (default), int8, fp16; "
                                                       "an index holds the vectors of one variant")
     ix.add_argument("--index-type", choices=["flat", "hnsw", "ivfpq"], help="override the choice by size")
+    ix.add_argument("--backend", choices=["faiss", "milvus"],
+                    help="build: where the vectors are searched: FAISS files in the folder, or a Milvus collection "
+                         "(default: what the index was built with, else faiss)")
+    ix.add_argument("--milvus-uri", help="--backend milvus: a Milvus server (http://host:19530, token in DSMD_MILVUS_TOKEN) "
+                                  "or a local file for Milvus Lite (default: INDEX/milvus.db)")
+    ix.add_argument("--collection", help="--backend milvus: collection name prefix (default: dsmd; "
+                                         "PREFIX_images and PREFIX_texts)")
     ix.add_argument("--batch", type=int, default=64)
     ix.add_argument("--workers", type=int, default=2, help="image-decoding threads")
     ix.add_argument("--file", help="add-texts: a text file, one text per line")

@@ -70,9 +70,10 @@ class SearchIndex:
     open_attempts = 20  # manifest re-reads when its files vanish under a concurrent finalize
 
     def __init__(self, path: str | Path, mmap: bool = False, threads: int | None = None,
-                 readonly: bool | None = None):
+                 readonly: bool | None = None, milvus_uri: str | None = None):
         """`readonly` None: read-only when the folder or items.sqlite cannot be written (a read-only
-        mount, another user's files). `mmap`: flat and IVF files are memory-mapped, not loaded."""
+        mount, another user's files). `mmap`: flat and IVF files are memory-mapped, not loaded.
+        `milvus_uri`: where the vectors of a Milvus-backed index are, when not where it was built."""
         import faiss
 
         self.path = Path(path)
@@ -91,6 +92,7 @@ class SearchIndex:
         self._epoch = 0  # bumped by close(): threads then open a new connection
         self._writer: IndexDB | None = None
         self._successor: SearchIndex | None = None
+        self._milvus_uri, self._milvus = milvus_uri, None  # a Milvus-backed index's client
         self._open()
         self._reconcile()
 
@@ -113,6 +115,7 @@ class SearchIndex:
                                     f"rebuild the FAISS files with dsmd index build") from None
                 time.sleep(0.01 * (attempt + 1))
         self.manifest: dict = m
+        self.backend: str = (m.get("backend") or {}).get("name", "faiss")
         self.generation: int = int(m["generation"])
         self.dim: int = m["bundle"]["dim"]
         self._manifest_stat = stat
@@ -120,6 +123,8 @@ class SearchIndex:
 
     def _load(self, m: dict, name: str) -> LivePart:
         part = m.get(name, {})
+        if (m.get("backend") or {}).get("name") == "milvus":
+            return self._load_milvus(m, name)
         if not part.get("count"):
             return LivePart(None, m["bundle"]["dim"])
         file, kind = self.path / part["file"], part["index"]["kind"]
@@ -130,6 +135,16 @@ class SearchIndex:
                 raise FileNotFoundError(errno.ENOENT, "missing", str(file)) from None
             raise
         return LivePart(index, m["bundle"]["dim"], part["index"])
+
+    def _load_milvus(self, m: dict, name: str):
+        from dsmd.index import milvus
+
+        if self._milvus is None:
+            self._milvus_at = self._milvus_uri or m["backend"]["uri"]
+            self._milvus = milvus.connect(self._milvus_at)
+        part = m.get(name, {})
+        spec = part.get("index") or {"kind": "milvus", "params": {}, "search": {}}
+        return milvus.MilvusPart(self._milvus, part["collection"], m["bundle"]["dim"], spec)
 
     def _reconcile(self) -> None:
         """Make the in-memory FAISS hold exactly the rows: add the missing ones, tombstone the gone."""
@@ -279,7 +294,7 @@ class SearchIndex:
         self._writable()
         self.check_bundle(bundle)
         finalize(self.path, bundle, progress=False)
-        fresh = SearchIndex(self.path, self.mmap, self.threads, readonly=False)
+        fresh = SearchIndex(self.path, self.mmap, self.threads, readonly=False, milvus_uri=self._milvus_uri)
         with self._write_mutex:
             fresh._reconcile()  # what was written (here or elsewhere) while it opened
             self._successor = fresh
@@ -313,6 +328,11 @@ class SearchIndex:
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
+            if self._milvus is not None:
+                from dsmd.index import milvus
+
+                milvus.disconnect(self._milvus, self._milvus_at)
+                self._milvus = None
 
     def __enter__(self) -> SearchIndex:
         return self

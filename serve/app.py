@@ -297,7 +297,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                     "recall_at_10": m.get(part, {}).get("index", {}).get("recall_at_10"),
                                     "shortfall": m.get(part, {}).get("shortfall")}
                              for part in ("images", "texts")},
-                          "generation": index.generation, "writes": s.writes},
+                          "generation": index.generation, "writes": s.writes, "backend": index.backend},
                 "limits": {"max_k": cfg.max_k, "max_upload_bytes": cfg.max_upload_bytes, "max_pixels": cfg.max_pixels,
                            "max_tokens": s.bundle.preprocess.max_tokens, "request_timeout_s": cfg.request_timeout_s,
                            "max_text_requests": cfg.max_text_requests, "max_image_requests": cfg.max_image_requests,

@@ -10,9 +10,12 @@ def _serve(a: argparse.Namespace) -> int:
 
     from dsmd.serve.app import create_app
     from dsmd.serve.settings import Settings
+    from dsmd.serve.state import check_backend
 
     settings = Settings.from_env(bundle=a.bundle, index=a.index, token_file=a.token_file, variant=a.variant,
-                                 threads=a.threads, writes=False if a.read_only else None)
+                                 threads=a.threads, writes=False if a.read_only else None,
+                                 backend=a.backend, milvus_uri=a.milvus_uri)
+    check_backend(settings)
     app = create_app(settings)
     print(f"serving {settings.index} with {settings.bundle} on http://{a.host}:{a.port}/  (API docs: /docs)",
           flush=True)
@@ -31,6 +34,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--variant", help="bundle variant: fp32 (default), int8, fp16; the index must have been built "
                     "with the same one")
+    sv.add_argument("--backend", choices=["faiss", "milvus"], help="where the index's vectors are searched (default: "
+                    "what the index was built with; given, it must match)")
+    sv.add_argument("--milvus-uri", help="a Milvus-backed index: the Milvus server or Milvus Lite file holding its "
+                    "vectors, when not the one it was built with (token in DSMD_MILVUS_TOKEN)")
     sv.add_argument("--threads", type=int, help="ONNX Runtime threads per encoder (default: the usable cores)")
     sv.add_argument("--token-file", help="enable POST /items and DELETE /items/{id} for callers presenting the "
                     "token in this file (or set DSMD_TOKEN; a token on the command line would show in ps)")

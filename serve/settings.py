@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     bundle: str = "artifacts/bundle"
     index: str = "artifacts/index"
     variant: Literal["fp32", "int8", "fp16"] = "fp32"  # the bundle variant to run (whichever it ships)
+    backend: Literal["faiss", "milvus"] | None = None  # None: as the index was built; else it must be that one
+    milvus_uri: str | None = None  # a Milvus-backed index's vectors, when not at the URI it was built with
     threads: int = Field(0, ge=0)  # ONNX Runtime threads per encoder; 0 = the cores this process may use
     default_k: int = Field(10, ge=1)
     max_k: int = Field(100, ge=1, le=10_000)

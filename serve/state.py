@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from dsmd.bundle import Bundle, RuntimeOptions
+from dsmd.errors import UserError
 from dsmd.images import UPLOAD_FORMATS, open_image
 from dsmd.index.search import SearchIndex
 from dsmd.serve.admission import Gate
@@ -25,6 +26,17 @@ from dsmd.serve.cache import LRU
 from dsmd.serve.memory import limit_malloc, resident_bytes
 from dsmd.serve.metrics import Metrics
 from dsmd.serve.settings import Settings
+
+
+def check_backend(s: Settings) -> None:
+    """Refuse --backend when the index searches its vectors elsewhere (before anything loads)."""
+    from dsmd.artifacts import read_manifest
+
+    m = read_manifest(Path(s.index))
+    held = ((m or {}).get("backend") or {}).get("name", "faiss")
+    if m is not None and s.backend and s.backend != held:
+        raise UserError(f"--backend {s.backend}: the index at {s.index} searches its vectors with {held}; "
+                        f"build it with dsmd index build --backend {s.backend}")
 
 
 class State:
@@ -36,7 +48,8 @@ class State:
         self.settings = s = settings
         self.metrics = m = Metrics()
         self.bundle = Bundle(s.bundle, s.variant, RuntimeOptions(threads=s.threads, spinning=s.encoder_spinning))
-        self.index = SearchIndex(s.index, readonly=True if not s.writes else None)
+        check_backend(s)
+        self.index = SearchIndex(s.index, readonly=True if not s.writes else None, milvus_uri=s.milvus_uri)
         self.index.check_bundle(self.bundle)
         self.writes = s.writes and not self.index.readonly
         self.text_cache = LRU(s.text_cache)
@@ -129,7 +142,8 @@ class State:
         """Open the index again if another process wrote a new manifest (e.g. `dsmd index build`)."""
         if not self.index.changed_on_disk():
             return False
-        self.swap(SearchIndex(self.settings.index, readonly=True if not self.writes else None))
+        self.swap(SearchIndex(self.settings.index, readonly=True if not self.writes else None,
+                              milvus_uri=self.settings.milvus_uri))
         return True
 
     def compact_if_due(self) -> bool:
