@@ -164,20 +164,23 @@ def _merge(out: Path, inputs: list[str | Path], meta: dict[str, str]) -> int:
         if s.meta().get("bundle") != meta.get("bundle") or IndexDB.variant(s.meta()) != IndexDB.variant(meta):
             raise UserError(f"{src} was built with another bundle (or variant) than {inputs[0]}: shards must share one")
         known = db.known_hashes()
-        rows = s.con.execute("SELECT id, uri, sha256, width, height, captions, vector FROM items ORDER BY id").fetchall()
+        rows = s.con.execute("SELECT id, uri, sha256, width, height, captions FROM items ORDER BY id").fetchall()
         items = []
-        for r in rows:
-            if r[2] in known:
+        for start in range(0, len(rows), 1000):
+            batch = [r for r in rows[start:start + 1000] if r[2] not in known]
+            if not batch:
                 continue
-            caps = s.con.execute("SELECT text, vector FROM texts WHERE item_id=? ORDER BY id", (r[0],)).fetchall()
-            items.append(NewItem(r[1], r[2], r[3], r[4], json.loads(r[5] or "[]"), np.frombuffer(r[6], np.float32),
-                                 np.stack([np.frombuffer(c[1], np.float32) for c in caps]) if caps else None))
-            known.add(r[2])
+            vecs = s.vectors_of(np.array([r[0] for r in batch]), "items")
+            for r, v in zip(batch, vecs):
+                caps = s.con.execute("SELECT id, text FROM texts WHERE item_id=? ORDER BY id", (r[0],)).fetchall()
+                cap_vecs = s.vectors_of(np.array([c[0] for c in caps]), "texts") if caps else None
+                items.append(NewItem(r[1], r[2], r[3], r[4], json.loads(r[5] or "[]"), v, cap_vecs))
+                known.add(r[2])
         for i in range(0, len(items), 1000):
             db.replace(items[i:i + 1000])
-        free = s.con.execute("SELECT text, vector FROM texts WHERE item_id IS NULL").fetchall()
+        free = s.con.execute("SELECT id, text FROM texts WHERE item_id IS NULL ORDER BY id").fetchall()
         if free:
-            db.add_texts([f[0] for f in free], np.stack([np.frombuffer(f[1], np.float32) for f in free]))
+            db.add_texts([f[1] for f in free], s.vectors_of(np.array([f[0] for f in free]), "texts"))
         added += len(items)
         s.close()
     db.close()
@@ -411,5 +414,6 @@ def info(path: str | Path) -> dict:
     db = _open_existing(path)
     m = dict(m)
     m["pending_changes"] = db.generation - m["generation"]
+    m["dead_vector_rows"] = db.dead_rows()
     db.close()
     return m

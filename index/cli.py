@@ -28,6 +28,9 @@ def _index(a: argparse.Namespace) -> int:
             else:
                 print(f"  {part:6s} empty")
         print(f"  skipped files: {m['skipped']}")
+        dead = sum(m["dead_vector_rows"].values())
+        if dead:
+            print(f"  vector files: {dead:,} rows of removed items (dead bytes)")
         _warn_shortfall(m)
         return 0
     if a.action == "recall":

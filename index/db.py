@@ -1,19 +1,23 @@
-"""The index's SQLite database: items, caption texts, and their vectors, the source of truth.
+"""The index's SQLite database: items, caption texts, and where their vectors are: the source of truth.
 
-Each image row holds its embedding (float32 blob: exact search through the index gives exactly the
-recall of the embeddings) in the same row as its metadata, and each
-batch of new images is committed in one transaction together with their captions, so a row
-never exists without its vector or a vector without its row, whatever moment a build is
-killed at. The FAISS files are derived from these rows and can always be rebuilt.
+The vectors themselves are in float16 matrix files beside it (index/vectors.py); each row holds
+the row number of its vector there (`vrow`), written and synced before the row is committed.
+Each batch of new images is committed in one transaction together with their captions, so a
+row never exists without its vector, whatever moment a build is killed at. The FAISS files are
+derived from these rows and can always be rebuilt.
 
 Tables:
     items    id, uri (unique), sha256 (unique: one item per content), width, height,
-             captions (JSON list), added (unix time), vector
-    texts    id, item_id (NULL for free texts), text, vector: the caption index
+             captions (JSON list), added (unix time), vrow
+    texts    id, item_id (NULL for free texts), text, vrow: the caption index
     skipped  uri, reason, at: files that could not be read (listed in the build report)
     meta     key, value: dim, bundle fingerprint, variant (fp32/int8/fp16 of the encoder that
              made the vectors; an index without one was made with fp32), index_kind when
              overridden, generation (bumped on every change)
+
+An index made before the vectors moved out (float32 blobs in a `vector` column) is converted the
+first time it is opened with write access (`dsmd index info INDEX` does it), then vacuumed;
+read-only it is refused with that instruction.
 
 Read-only opening (`readonly=True`: a read-only mount, another user's volume) runs no PRAGMA
 that writes and no CREATE; when SQLite cannot even create its -wal/-shm files beside the
@@ -32,14 +36,17 @@ from pathlib import Path
 import numpy as np
 
 from dsmd.errors import UserError
+from dsmd.index.vectors import VectorFile
+
+TABLES = ("items", "texts")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items(
     id INTEGER PRIMARY KEY AUTOINCREMENT, uri TEXT NOT NULL UNIQUE, sha256 TEXT NOT NULL UNIQUE, width INTEGER, height INTEGER,
-    captions TEXT, added REAL NOT NULL, vector BLOB NOT NULL);
+    captions TEXT, added REAL NOT NULL, vrow INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS texts(
     id INTEGER PRIMARY KEY AUTOINCREMENT, item_id INTEGER REFERENCES items(id) ON DELETE CASCADE, text TEXT NOT NULL,
-    vector BLOB NOT NULL);
+    vrow INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS texts_item ON texts(item_id);
 CREATE TABLE IF NOT EXISTS skipped(uri TEXT PRIMARY KEY, reason TEXT NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -64,11 +71,17 @@ class IndexDB:
                  readonly: bool = False):
         self.path = Path(path)
         self.readonly = readonly
+        self._files: dict[str, VectorFile] = {}
         if readonly:
             if dim is not None or variant is not None:
                 raise ValueError("a read-only IndexDB records no dim, bundle nor variant")
             self.con = _connect_readonly(self.path)
             self.dim = int(self.meta().get("dim", 0)) or None
+            if self._legacy():
+                self.con.close()
+                raise UserError(f"{self.path.parent} keeps its vectors inside items.sqlite (an index made before "
+                                f"2026-12-02): open it once with write access to convert it (dsmd index info "
+                                f"{self.path.parent}), or rebuild it")
             return
         # check_same_thread=False: a connection may be closed (or used, one thread at a time) elsewhere
         self.con = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
@@ -76,6 +89,8 @@ class IndexDB:
         self.con.execute("PRAGMA synchronous=NORMAL")
         self.con.execute("PRAGMA foreign_keys=ON")
         self.con.executescript(SCHEMA)
+        if self._legacy():
+            self._convert()
         meta = self.meta()
         if variant is not None:
             held = self.variant(meta)
@@ -134,6 +149,52 @@ class IndexDB:
 
     def close(self) -> None:
         self.con.close()
+        for f in self._files.values():
+            f.close()
+
+    # -- the vector files
+
+    def _vf(self, table: str) -> VectorFile:
+        assert table in TABLES
+        f = self._files.get(table)
+        if f is None:
+            if not self.dim:
+                raise UserError(f"{self.path.parent} has no vectors yet (no dim recorded)")
+            f = self._files[table] = VectorFile(self.path.parent / "vectors" / f"{table}.f16", self.dim,
+                                                not self.readonly)
+        return f
+
+    def _read(self, table: str, rows) -> np.ndarray:
+        return self._vf(table).read(np.fromiter((r for r in rows), np.int64))
+
+    def dead_rows(self) -> dict[str, int]:
+        """Rows of the vector files no database row points to (removed items, killed appends)."""
+        return {t: self._vf(t).rows() - self.count(t) for t in TABLES} if self.dim else {t: 0 for t in TABLES}
+
+    def _legacy(self) -> bool:
+        return "vector" in {r[1] for r in self.con.execute("PRAGMA table_info(items)")}
+
+    def _convert(self) -> None:
+        """Move the float32 blobs of an older index into the vector files (one transaction), then vacuum."""
+        self.dim = int(self.meta().get("dim", 0)) or None
+        with self.transaction():
+            if not self._legacy():  # another process converted it while this one waited for the lock
+                return
+            for table in TABLES:
+                self.con.execute(f"ALTER TABLE {table} ADD COLUMN vrow INTEGER")
+                last = -1
+                while rows := self.con.execute(f"SELECT id, vector FROM {table} WHERE id > ? ORDER BY id LIMIT 10000",
+                                               (last,)).fetchall():
+                    vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), -1)
+                    if self.dim is None:
+                        self.dim = vecs.shape[1]
+                    where = self._vf(table).append(vecs)
+                    self.con.executemany(f"UPDATE {table} SET vrow=? WHERE id=?",
+                                         [(int(w), r[0]) for w, r in zip(where, rows)])
+                    last = rows[-1][0]
+                self.con.execute(f"ALTER TABLE {table} DROP COLUMN vector")
+        self.con.execute("VACUUM")
+        self.con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # -- writes (each one transaction)
 
@@ -165,18 +226,21 @@ class IndexDB:
         if row is not None:
             return None, row[0]
         self.con.execute("DELETE FROM items WHERE uri=?", (it.uri,))
+        vrow = int(self._vf("items").append(it.vector)[0])
         cur = self.con.execute(
-            "INSERT INTO items(uri, sha256, width, height, captions, added, vector) VALUES(?,?,?,?,?,?,?)",
-            (it.uri, it.sha256, it.width, it.height, json.dumps(it.captions), time.time(), _blob(it.vector)))
-        if it.caption_vectors is not None:
-            self.con.executemany("INSERT INTO texts(item_id, text, vector) VALUES(?,?,?)",
-                                 [(cur.lastrowid, c, _blob(v)) for c, v in zip(it.captions, it.caption_vectors)])
+            "INSERT INTO items(uri, sha256, width, height, captions, added, vrow) VALUES(?,?,?,?,?,?,?)",
+            (it.uri, it.sha256, it.width, it.height, json.dumps(it.captions), time.time(), vrow))
+        if it.caption_vectors is not None and len(it.caption_vectors):
+            where = self._vf("texts").append(it.caption_vectors)
+            self.con.executemany("INSERT INTO texts(item_id, text, vrow) VALUES(?,?,?)",
+                                 [(cur.lastrowid, c, int(w)) for c, w in zip(it.captions, where)])
         return cur.lastrowid, None
 
     def add_texts(self, texts: list[str], vectors: np.ndarray) -> None:
         with self.transaction():
-            self.con.executemany("INSERT INTO texts(item_id, text, vector) VALUES(NULL,?,?)",
-                                 [(t, _blob(v)) for t, v in zip(texts, vectors)])
+            where = self._vf("texts").append(vectors)
+            self.con.executemany("INSERT INTO texts(item_id, text, vrow) VALUES(NULL,?,?)",
+                                 [(t, int(w)) for t, w in zip(texts, where)])
             self._bump()
 
     def skip(self, uri: str, reason: str) -> None:
@@ -217,8 +281,8 @@ class IndexDB:
         return row[0] if row else None
 
     def vector_of(self, item_id: int) -> np.ndarray | None:
-        row = self.con.execute("SELECT vector FROM items WHERE id=?", (int(item_id),)).fetchone()
-        return np.frombuffer(row[0], np.float32).copy() if row else None
+        row = self.con.execute("SELECT vrow FROM items WHERE id=?", (int(item_id),)).fetchone()
+        return self._read("items", [row[0]])[0] if row else None
 
     def known_hashes(self) -> set[str]:
         return {r[0] for r in self.con.execute("SELECT sha256 FROM items")}
@@ -232,28 +296,28 @@ class IndexDB:
 
     def vectors(self, table: str = "items", chunk: int = 100_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, float32 vectors) in chunks of rows, in id order (bounded memory)."""
-        assert table in ("items", "texts")
+        assert table in TABLES
         last = -1
         while True:
-            rows = self.con.execute(f"SELECT id, vector FROM {table} WHERE id > ? ORDER BY id LIMIT ?",
+            rows = self.con.execute(f"SELECT id, vrow FROM {table} WHERE id > ? ORDER BY id LIMIT ?",
                                     (last, chunk)).fetchall()
             if not rows:
                 return
             ids = np.array([r[0] for r in rows], np.int64)
-            vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), -1)
+            vecs = self._read(table, (r[1] for r in rows))
             yield ids, vecs
             last = int(ids[-1])
 
     def vectors_of(self, ids: np.ndarray, table: str = "items") -> np.ndarray:
         """The stored vectors of these ids, in the given order."""
-        assert table in ("items", "texts")
-        found: dict[int, bytes] = {}
+        assert table in TABLES
+        found: dict[int, int] = {}
         uniq = sorted({int(i) for i in ids})
         for i in range(0, len(uniq), 900):
             part = uniq[i:i + 900]
             q = ",".join("?" * len(part))
-            found.update(self.con.execute(f"SELECT id, vector FROM {table} WHERE id IN ({q})", part).fetchall())
-        return np.stack([np.frombuffer(found[int(i)], np.float32) for i in ids])
+            found.update(self.con.execute(f"SELECT id, vrow FROM {table} WHERE id IN ({q})", part).fetchall())
+        return self._read(table, (found[int(i)] for i in ids))
 
     def items(self, ids: list[int]) -> dict[int, dict]:
         if not ids:
@@ -303,6 +367,3 @@ def _connect_readonly(path: Path) -> sqlite3.Connection:
             con.close()
     raise UserError(f"cannot read {path} (not even read-only): check its permissions")
 
-
-def _blob(v: np.ndarray) -> bytes:
-    return np.asarray(v, np.float32).tobytes()

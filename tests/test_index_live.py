@@ -85,6 +85,18 @@ def served_ids(s: SearchIndex, target: str = "images") -> np.ndarray:
     return np.setdiff1d(raw, np.fromiter(part.dead, np.int64, len(part.dead)))
 
 
+# The index stores float16 vectors (index/vectors.py), and the tiny test model maps every image to
+# nearly the same point (median cosine 0.9999 between distinct images): scores agree to about 1e-3.
+F16 = 2e-3
+
+
+def best_of(hits, item_id: int):
+    """The hit of `item_id`, asserted to score within float16 precision of the best hit."""
+    mine = next((h for h in hits if h.id == item_id), None)
+    assert mine is not None and mine.score >= hits[0].score - F16, (item_id, [(h.id, h.score) for h in hits])
+    return mine
+
+
 def rows(path: Path, table: str = "items") -> np.ndarray:
     con = sqlite3.connect(path / "items.sqlite")
     ids = np.array([r[0] for r in con.execute(f"SELECT id FROM {table} ORDER BY id")], np.int64)
@@ -116,9 +128,10 @@ def test_a_live_add_is_found_by_the_next_search(live, new_images):
     before = s.count()
     item = s.add_image(new_images[0], bundle)
     assert s.count() == before + 1 and item == s.item(item["id"])
-    hits = s.search(bundle.encode_images([new_images[0]]), 3)[0]
-    assert hits[0].id == item["id"] and hits[0].item == item and hits[0].score == pytest.approx(1.0, abs=1e-4)
-    assert np.allclose(s.vector_of(item["id"]), bundle.encode_images([new_images[0]])[0], atol=1e-5)
+    hits = s.search(bundle.encode_images([new_images[0]]), s.count())[0]
+    mine = best_of(hits, item["id"])
+    assert mine.item == item and mine.score == pytest.approx(1.0, abs=F16)
+    assert np.allclose(s.vector_of(item["id"]), bundle.encode_images([new_images[0]])[0], atol=F16)
     stored = Path(item["uri"])
     assert stored.parent == (path / "uploads").resolve() and stored.read_bytes() == new_images[0]
     assert s.add_image(new_images[0], bundle)["id"] == item["id"] and s.count() == before + 1  # same content
@@ -190,8 +203,8 @@ def test_reopening_serves_exactly_the_rows(live, new_images, tiny_world):
         assert np.array_equal(served_ids(b, target), rows(path, table)), target
     assert b.count() == a.count() + 1 - 1 == 24 + 3 - 2 + 1 - 1
     assert b.count("texts") == 120 - 10  # the captions of items 1 and 2 went with them
-    found = b.search(bundle.encode_images([new_images[3]]), 1)[0][0]
-    assert found.item["sha256"] == __import__("hashlib").sha256(new_images[3]).hexdigest()
+    sha = __import__("hashlib").sha256(new_images[3]).hexdigest()
+    assert best_of(b.search(bundle.encode_images([new_images[3]]), b.count())[0], b.db.id_of_sha(sha))
     hits = b.search(np.eye(DIM, dtype=np.float32), 30)
     assert not {h.id for row in hits for h in row} & {1, 2, added[1]}
 

@@ -151,8 +151,10 @@ def test_adding_and_removing_items_needs_the_token(served):
     assert r.status_code == 201, r.text
     new_id = r.json()["id"]
     assert c.get("/info").json()["index"]["images"]["count"] == before + 1
-    found = c.post("/search/image", params={"k": 1}, files={"file": ("q.png", buf.getvalue())}).json()["results"][0]
-    assert found["id"] == new_id and found["score"] > 0.999
+    # all hits: the tiny model maps every image to nearly one point, and the index keeps float16 vectors
+    hits = c.post("/search/image", params={"k": before + 1}, files={"file": ("q.png", buf.getvalue())}).json()["results"]
+    found = next(h for h in hits if h["id"] == new_id)
+    assert found["score"] > 0.998 and found["score"] >= hits[0]["score"] - 2e-3
     assert c.delete(f"/items/{new_id}").status_code == 401
     assert c.delete(f"/items/{new_id}", headers={"authorization": f"Bearer {TOKEN}"}).status_code == 200
     assert c.get(f"/items/{new_id}").status_code == 404

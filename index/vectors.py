@@ -1,0 +1,85 @@
+"""The index's vectors: one float16 matrix file per table, memory-mapped for reading.
+
+    INDEX/vectors/items.f16   row r = bytes [r·2·dim, (r+1)·2·dim): an image's vector
+    INDEX/vectors/texts.f16   the same for caption and free-text vectors
+
+SQLite keeps the metadata and, per row, the row number of its vector here (`vrow`). Keeping the
+vectors out of SQLite halves them (float16: 1.5 KB at 768 dims, instead of a 3 KB float32 blob
+inside the database) and lets a reader page in only the rows it touches. float16 keeps 11
+significant bits: inner products of unit vectors move by about 1e-3, far below the gaps
+retrieval depends on.
+
+Appending happens inside the caller's SQLite write transaction (`BEGIN IMMEDIATE`), which already
+serialises writers across processes: the rows are written and synced first, the rows that point
+to them committed after, so a committed row never points to a vector that is not on disk. A
+writer killed in between leaves rows at the end that no row points to; the next append writes
+after them. Removed items leave their rows in place (dead bytes, reported by `dsmd index info`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+DTYPE = np.float16
+
+
+class VectorFile:
+    """Appends float16 rows to one file and reads any rows back through a memory map."""
+
+    def __init__(self, path: Path, dim: int, writable: bool):
+        self.path, self.dim, self.writable = Path(path), int(dim), writable
+        self.row_bytes = 2 * self.dim
+        self._map: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    def rows(self) -> int:
+        """Whole rows in the file (a killed append may have left a partial one at the end)."""
+        try:
+            return os.stat(self.path).st_size // self.row_bytes
+        except FileNotFoundError:
+            return 0
+
+    def append(self, vectors: np.ndarray) -> np.ndarray:
+        """Write the vectors after the last row (whole or partial) and sync them; returns their row numbers.
+        Call it inside the SQLite write transaction that stores the row numbers."""
+        if not self.writable:
+            raise PermissionError(f"{self.path} is open read-only")
+        v = np.ascontiguousarray(np.asarray(vectors, np.float32).reshape(-1, self.dim).astype(DTYPE))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            first = -(-os.fstat(fd).st_size // self.row_bytes)  # past a partial row, if any
+            os.pwrite(fd, v.tobytes(), first * self.row_bytes)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        return np.arange(first, first + len(v), dtype=np.int64)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """The vectors of these row numbers, as float32, in the given order."""
+        rows = np.asarray(rows, np.int64)
+        if not len(rows):
+            return np.zeros((0, self.dim), np.float32)
+        m = self._map
+        if m is None or int(rows.max()) >= len(m):
+            m = self._remap()
+            if int(rows.max()) >= len(m):
+                raise ValueError(f"{self.path} holds {len(m)} rows; row {int(rows.max())} was asked for: the "
+                                 f"vector file is shorter than the database says (copied without it?)")
+        return m[rows].astype(np.float32)
+
+    def _remap(self) -> np.ndarray:
+        """Map the file's whole rows again (it has grown since the last map)."""
+        with self._lock:
+            n = self.rows()
+            m = (np.memmap(self.path, DTYPE, "r", shape=(n, self.dim)) if n
+                 else np.zeros((0, self.dim), DTYPE))
+            self._map = m
+            return m
+
+    def close(self) -> None:
+        self._map = None
