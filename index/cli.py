@@ -1,4 +1,4 @@
-"""`dsmd index build|add-texts|remove|merge|info|search|recall`: the FAISS + SQLite index."""
+"""`dsmd index build|embed|add-texts|remove|merge|info|search|recall`: the FAISS (or Milvus) + SQLite index."""
 
 from __future__ import annotations
 
@@ -74,10 +74,28 @@ def _index(a: argparse.Namespace) -> int:
         print(f"added {n} texts: {m['texts']['count']} in the caption index")
         _warn_shortfall(m)
         return 0
-    # build
+    if a.action == "build" and a.from_shards:
+        if a.folder or a.data:
+            raise UserError("--from-shards replaces --folder/--data: the shards hold what was embedded")
+        r = B.add_shards(a.index, bundle, a.from_shards)
+        m = B.finalize(a.index, bundle, kind=a.index_type, report=r, backend=_backend(a))
+        _print_build(a, m)
+        return 0
+    # build, embed
     if bool(a.folder) == bool(a.data):
         raise UserError("give exactly one source: --folder DIR or --data DATASET")
     sources = B.folder_sources(a.folder) if a.folder else B.dataset_sources(a.data, a.images, a.split)
+    if a.action == "embed":
+        from dsmd.index.ray_embed import embed
+
+        m = embed(a.index, a.bundle, sources, a.variant, a.ray, a.actors, a.threads_per_actor, a.gpus_per_actor,
+                  a.batch, a.shard_size)
+        errors = sum(sh["errors"] for sh in m["shards"].values())
+        print(f"{a.index}: {len(m['shards'])} shard(s) of {m['total']} images ({errors} unreadable), "
+              f"{m['embedded_now']} embedded now in {m['seconds']:.1f} s"
+              + (f" ({m['embedded_now'] / m['seconds']:.0f} images/s)" if m["embedded_now"] and m["seconds"] else "")
+              + f"; build the index with: dsmd index build INDEX --bundle {a.bundle} --from-shards {a.index}")
+        return 0
     shard = None
     if a.shard:
         i, _, n = a.shard.partition("/")
@@ -87,6 +105,11 @@ def _index(a: argparse.Namespace) -> int:
             raise UserError(f"--shard takes i/n, e.g. 0/4, not {a.shard!r}") from None
     sources = B.shard_of(sources, shard)
     m = B.build(a.index, bundle, sources, kind=a.index_type, batch=a.batch, workers=a.workers, backend=_backend(a))
+    _print_build(a, m)
+    return 0
+
+
+def _print_build(a: argparse.Namespace, m: dict) -> None:
     r = m["last_build"]
     print(f"{a.index}: added {r['added']}, already indexed {r['already_indexed']}, skipped {r['skipped']} unreadable "
           f"({r['seconds']:.1f} s); {m['images']['count']} images"
@@ -95,7 +118,6 @@ def _index(a: argparse.Namespace) -> int:
     for sk in r["skipped_files"][:10]:
         print(f"  skipped {sk['uri']}: {sk['reason']}")
     _warn_shortfall(m)
-    return 0
 
 
 def _backend(a: argparse.Namespace) -> dict | None:
@@ -120,10 +142,11 @@ def _warn_shortfall(manifest: dict) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    ix = sub.add_parser("index", help="index images (and captions) for search: build, add-texts, remove, merge, "
-                                      "info, search, recall")
-    ix.add_argument("action", choices=["build", "add-texts", "remove", "merge", "info", "search", "recall"])
-    ix.add_argument("index", nargs="?", default="artifacts/index", help="index folder (default: artifacts/index)")
+    ix = sub.add_parser("index", help="index images (and captions) for search: build, embed (on Ray), add-texts, "
+                                      "remove, merge, info, search, recall")
+    ix.add_argument("action", choices=["build", "embed", "add-texts", "remove", "merge", "info", "search", "recall"])
+    ix.add_argument("index", nargs="?", default="artifacts/index", help="index folder (default: artifacts/index); embed: the "
+                                                                    "folder of vector shards")
     ix.add_argument("inputs", nargs="*", help="merge: the shard indexes to merge into INDEX")
     ix.add_argument("--bundle", default="artifacts/bundle", help="encoder bundle (default: artifacts/bundle)")
     ix.add_argument("--folder", help="build: a folder of images (recursive)")
@@ -133,6 +156,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ix.add_argument("--shard", help="build: only shard i/n of the sources (merge the shards afterwards)")
     ix.add_argument("--variant", default="fp32", help="bundle variant that embeds: fp32 (default), int8, fp16; "
                                                       "an index holds the vectors of one variant")
+    ix.add_argument("--from-shards", help="build: the vector shards of dsmd index embed instead of --folder/--data")
+    ix.add_argument("--ray", default="local", help="embed: 'local' (Ray on this machine), 'auto' (the cluster this "
+                                                  "machine belongs to) or a cluster address (default: local)")
+    ix.add_argument("--actors", type=int, help="embed: encoder actors, each opening the bundle once "
+                                               "(default: half the cluster's CPUs)")
+    ix.add_argument("--threads-per-actor", type=int, default=1, help="embed: ONNX Runtime threads (and CPUs) per "
+                                                                      "actor (default: 1)")
+    ix.add_argument("--gpus-per-actor", type=float, default=0, help="embed: GPUs per actor; ONNX Runtime then runs "
+                                                                     "on CUDA (default: 0)")
+    ix.add_argument("--shard-size", type=int, default=10_000, help="embed: images per shard file (default: 10000)")
     ix.add_argument("--index-type", choices=["flat", "hnsw", "ivfpq"], help="override the choice by size")
     ix.add_argument("--backend", choices=["faiss", "milvus"],
                     help="build: where the vectors are searched: FAISS files in the folder, or a Milvus collection "
