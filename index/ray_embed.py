@@ -43,7 +43,7 @@ SHARD_SIZE = 10_000
 def _ray():
     try:
         import ray
-        import ray.data  # noqa: F401 - Ray Data is an extra of ray
+        import ray.data  # Ray Data is an extra of ray
     except ImportError:
         raise UserError("embedding on Ray needs Ray Data: pip install 'dsmd[ray]'") from None
     return ray
