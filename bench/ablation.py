@@ -64,7 +64,8 @@ def run_variant(name: str, seed: int, args) -> dict:
         from dsmd.distill.evaluate import evaluate_student
 
         cfg = load_config(args.config, args.set)
-        teacher, student = evaluate_student(out, cfg.data.dataset, cfg.data.features, "test", device="cpu")
+        teacher, student = evaluate_student(out, cfg.data.dataset, cfg.data.features, "test", images=cfg.data.images,
+                                            device="cpu")
         record.update({"teacher": teacher.to_json(), "student": student.to_json(),
                        "stopped": done.returncode != 0})
     else:

@@ -2,9 +2,13 @@
 
 Per step, with raw losses L_m:
   1. magnitude scaling  s_m = max_j L_j / L_m   (detached; see the guard below)
-  2. rate of each loss  r_m = L̄_m(t-1) / L̄_m(t-2), on *smoothed* raw losses. DWA uses epoch
-     means; we smooth per step with an exponential moving average (factor `ema`), so the
-     weights follow the losses within an epoch too.
+  2. rate of each loss  r_m = L̄_m(t-1) / L̄_m(t-2), on *smoothed* raw losses. DWA (Liu et al.
+     2019, which Eq. 16 follows) uses epoch means: with `window` N > 0, L̄ is the mean of the raw
+     losses over consecutive windows of N steps (N = the steps of an epoch gives DWA exactly),
+     and the weights change once per window. With `window` 0 (the default, kept while the
+     ablation is re-run) L̄ is a per-step exponential moving average (factor `ema`): consecutive
+     values differ little, so the rates stay near 1 and the weights within a few percent of
+     equal.
   3. weights            w_m = K · softmax(r / T)_m
   4. objective          L = Σ w_m · s_m · L_m       (weights and scales are constants for autograd)
 
@@ -39,7 +43,8 @@ class BalancerCfg:
     mode: str = "dsmd"
     temperature: float = 1.0  # T
     total: float | None = None  # K, the sum of the weights; None = number of losses
-    ema: float = 0.9  # smoothing of the raw losses for the rates
+    ema: float = 0.9  # smoothing of the raw losses for the rates (window 0)
+    window: int = 0  # > 0: rates from means over windows of this many steps (DWA's epoch means)
     max_scale: float = 1000.0  # cap on the magnitude-scaling factor
     eps: float = 1e-8  # floor on a loss in the scaling denominator
     fixed: dict[str, float] = field(default_factory=dict)
@@ -47,6 +52,8 @@ class BalancerCfg:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"balancer mode must be one of {MODES}, not {self.mode!r}")
+        if self.window < 0:
+            raise ValueError(f"balancer.window is a number of steps (0: per-step EMA), not {self.window}")
 
 
 class Balancer:
@@ -58,6 +65,8 @@ class Balancer:
         if self.cfg.mode == "fixed" and set(self.cfg.fixed) != set(self.names):
             raise ValueError(f"fixed weights must name exactly {self.names}, got {sorted(self.cfg.fixed)}")
         self.smoothed: list[dict[str, float]] = []  # L̄(t-2), L̄(t-1): at most two entries
+        self.window_sum: dict[str, float] = {n: 0.0 for n in self.names}  # the window being filled
+        self.window_steps = 0
 
     def __call__(self, losses: dict[str, torch.Tensor],
                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -101,13 +110,25 @@ class Balancer:
         weights = {n: k * exps[n] / z for n in self.names}
         if not all(math.isfinite(v) for v in tracked.values()):
             return weights  # a non-finite step (fp16 overflow, skipped by the scaler) must not poison the history
+        if self.cfg.window > 0:
+            for n in self.names:
+                self.window_sum[n] += tracked[n]
+            self.window_steps += 1
+            if self.window_steps == self.cfg.window:
+                mean = {n: self.window_sum[n] / self.window_steps for n in self.names}
+                self.smoothed = (self.smoothed + [mean])[-2:]
+                self.window_sum, self.window_steps = {n: 0.0 for n in self.names}, 0
+            return weights
         prev = self.smoothed[-1] if self.smoothed else tracked
         beta = self.cfg.ema
         self.smoothed = (self.smoothed + [{n: beta * prev[n] + (1 - beta) * tracked[n] for n in self.names}])[-2:]
         return weights
 
     def state_dict(self) -> dict:
-        return {"smoothed": [dict(s) for s in self.smoothed]}
+        return {"smoothed": [dict(s) for s in self.smoothed], "window_sum": dict(self.window_sum),
+                "window_steps": self.window_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.smoothed = [dict(s) for s in state["smoothed"]]
+        self.window_sum = dict(state.get("window_sum", {n: 0.0 for n in self.names}))
+        self.window_steps = int(state.get("window_steps", 0))

@@ -23,8 +23,9 @@ def _train_teacher(a: argparse.Namespace) -> int:
     if is_trained(a.out) and not a.force:
         print(f"{a.out} already holds a trained demo teacher (use --force to train again)")
         return 0
-    cfg = TeacherTrainCfg(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, bf16=not a.no_bf16)
-    r = train_teacher(a.data, a.out, cfg)
+    cfg = TeacherTrainCfg(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, bf16=not a.no_bf16,
+                          threads=a.threads)
+    r = train_teacher(a.data, a.out, cfg, images=a.images)
     print(f"saved the demo teacher to {a.out}: val RSUM {r.rsum:.1f}")
     return 0
 
@@ -90,7 +91,8 @@ def _distill(a: argparse.Namespace) -> int:
     from dsmd.distill.train import train
 
     sets = list(a.set or [])
-    for flag, key in ((a.data, "data.dataset"), (a.features, "data.features"), (a.preset, "student.preset")):
+    for flag, key in ((a.data, "data.dataset"), (a.images, "data.images"), (a.features, "data.features"),
+                      (a.preset, "student.preset")):
         if flag:
             sets.append(f"{key}={flag}")
     cfg = load_config(a.config, sets)
@@ -118,13 +120,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("teachers", help="list the teacher kinds and what path each takes")
     t.set_defaults(run=_teachers)
 
-    tt = sub.add_parser("train-teacher", help="train the demo teacher on the demo world")
-    tt.add_argument("--data", default="data/world", help="data set (default: data/world)")
-    tt.add_argument("--out", default="artifacts/teacher", help="output folder (default: artifacts/teacher)")
-    tt.add_argument("--epochs", type=int, default=20)
-    tt.add_argument("--batch-size", type=int, default=128)
-    tt.add_argument("--lr", type=float, default=2e-3)
-    tt.add_argument("--seed", type=int, default=0)
+    tt = sub.add_parser("train-teacher", help="train the demo teacher on the demo world",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tt.add_argument("--data", default="data/world", help="data set")
+    tt.add_argument("--images", help="image root (default: beside the annotation file, or its images/ folder)")
+    tt.add_argument("--out", default="artifacts/teacher", help="output folder")
+    tt.add_argument("--epochs", type=int, default=20, help="training epochs")
+    tt.add_argument("--batch-size", type=int, default=128, help="images per step")
+    tt.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    tt.add_argument("--seed", type=int, default=0, help="random seed")
+    tt.add_argument("--threads", type=int, default=0, help="torch threads (0: the cores this process may use; "
+                                                             "fewer leave cores to other jobs)")
     tt.add_argument("--no-bf16", action="store_true", help="train in fp32 even where the CPU has bf16")
     tt.add_argument("--force", action="store_true", help="train again even if --out holds a teacher")
     tt.set_defaults(run=_train_teacher)
@@ -157,6 +163,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--config", help="a JSON config (see configs/); default: the paper's recipe")
     d.add_argument("--out", default="runs/student", help="run folder (default: runs/student)")
     d.add_argument("--data", help="override data.dataset")
+    d.add_argument("--images", help="override data.images: the image root of the data set")
     d.add_argument("--features", help="override data.features")
     d.add_argument("--preset", help="override student.preset (base, demo, tiny)")
     d.add_argument("--set", action="append", metavar="KEY=VALUE",

@@ -236,10 +236,10 @@ def create_student(preset: str, dim: int, image_init: str | Path | None = None, 
     cfg = preset_config(preset, dim, **overrides)
     init = {}
     if text_init is not None:
-        text_init = _existing(text_init, "text encoder (--text-init)")
+        text_init = _existing(text_init, "text encoder (student.text_init)")
         hf = json.loads((text_init / "config.json").read_text()) if (text_init / "config.json").exists() else None
         if hf is None:
-            raise UserError(f"{text_init} has no config.json: --text-init takes a Hugging Face BERT directory")
+            raise UserError(f"{text_init} has no config.json: student.text_init takes a Hugging Face BERT directory")
         cfg = replace(cfg, vocab_size=hf["vocab_size"], text_width=hf["hidden_size"],
                       text_depth=hf["num_hidden_layers"], text_heads=hf["num_attention_heads"],
                       text_mlp=hf["intermediate_size"])
@@ -250,20 +250,21 @@ def create_student(preset: str, dim: int, image_init: str | Path | None = None, 
         raise UserError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, more than the text encoder's "
                         f"{cfg.vocab_size}")
     if image_init is not None:
-        init["image"] = str(_existing(image_init, "image encoder (--image-init)"))
+        init["image"] = str(_existing(image_init, "image encoder (student.image_init)"))
     cfg = replace(cfg, init=init)
     model = Student(cfg)
     if image_init is not None:
         _load_timm_vit(model.vision, Path(init["image"]))
         log(f"image encoder: pretrained weights from {init['image']}")
     else:
-        log("image encoder: random initialisation (give --image-init with a timm ViT checkpoint to start pretrained)")
+        log("image encoder: random initialisation (--set student.image_init=PATH, a timm ViT checkpoint, starts it "
+            "pretrained)")
     if text_init is not None:
         _load_hf_bert(model.text, Path(init["text"]))
         log(f"text encoder: pretrained weights from {init['text']}")
     else:
-        log("text encoder: random initialisation (give --text-init with a Hugging Face BERT directory to start "
-            "pretrained)")
+        log("text encoder: random initialisation (--set student.text_init=DIR, a Hugging Face BERT directory, starts "
+            "it pretrained)")
     return model, tokenizer
 
 

@@ -76,7 +76,7 @@ def evaluate_model(model: demo.DemoDualEncoder, tok, pixels: np.ndarray, items: 
 
 
 def train_teacher(data: str | Path, out: str | Path, cfg: TeacherTrainCfg | None = None,
-                  model_cfg: dict | None = None) -> Recall:
+                  model_cfg: dict | None = None, images: str | Path | None = None) -> Recall:
     """Train the demo teacher on `data` (a data set path) and save it to `out`.
 
     Returns the teacher's recall on the val split. The manifest is written last, so a
@@ -86,7 +86,7 @@ def train_teacher(data: str | Path, out: str | Path, cfg: TeacherTrainCfg | None
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads or usable_cpus())
     rng = np.random.default_rng(cfg.seed)
-    ds: Dataset = load_dataset(data)
+    ds: Dataset = load_dataset(data, images=images)
     train, val = ds.split("train"), ds.split("val")
     if not train or not val:
         raise UserError(f"{ds.source} needs train and val splits to train a teacher (has {ds.counts()})")

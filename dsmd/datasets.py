@@ -81,9 +81,11 @@ def load_dataset(path: str | Path, images: str | Path | None = None, check_files
     Args:
         path: the annotation file (`dataset_flickr30k.json`, `*.jsonl`), or a folder holding
             exactly one `dataset_*.json` (as the demo world writes).
-        images: the image root; default: the annotation file's folder, or its `images/`
-            sub-folder when that exists (Karpathy layout as distributed: `flickr30k-images/`
-            must be given explicitly).
+        images: the image root (files are at root / filepath / filename); default: the
+            annotation file's folder or its `images/` sub-folder, whichever holds the first
+            entries' files (so `filepath: "images"` beside an `images/` folder works, and so
+            does the demo world's `images/` without a filepath). COCO's `filepath` values
+            (`train2014`, `val2014`) work with `--images` at the folder holding them.
         check_files: check that every image file exists (cheap: one stat per image).
 
     Raises:
@@ -100,17 +102,24 @@ def load_dataset(path: str | Path, images: str | Path | None = None, check_files
         path = found[0]
     if not path.exists():
         raise DatasetError(f"data set file {path} does not exist")
-    if images is None:  # JSONL paths are relative to the file; Karpathy files to images/ when present
-        images = path.parent / "images" if path.suffix != ".jsonl" and (path.parent / "images").is_dir() else path.parent
-    root = Path(images)
-    if not root.is_dir():
-        raise DatasetError(f"image folder {root} does not exist; pass the folder holding the images with --images")
-
     if path.suffix == ".jsonl":
         raw, name = _read_jsonl(path), path.stem
     else:
         raw, name = _read_karpathy(path)
-    return _build(raw, name, path, root, check_files)
+    given = images is not None
+    root = Path(images) if given else _default_root(path, raw)
+    if not root.is_dir():
+        raise DatasetError(f"image folder {root} does not exist; pass the folder holding the images with --images")
+    return _build(raw, name, path, root, check_files, given)
+
+
+def _default_root(path: Path, rows: list[dict], probe: int = 20) -> Path:
+    """The annotation file's folder or its images/ sub-folder: whichever holds more of the first
+    entries' files (JSONL paths are relative to the file itself)."""
+    candidates = [path.parent] if path.suffix == ".jsonl" else [path.parent / "images", path.parent]
+    candidates = [c for c in candidates if c.is_dir()] or [path.parent]
+    files = [r["file"] for r in rows[:probe] if isinstance(r.get("file"), str) and r["file"]]
+    return max(candidates, key=lambda c: sum((c / f).is_file() for f in files))  # ties: the first, images/
 
 
 def _read_karpathy(path: Path) -> tuple[list[dict], str]:
@@ -168,7 +177,8 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _build(rows: list[dict], name: str, source: Path, root: Path, check_files: bool) -> Dataset:
+def _build(rows: list[dict], name: str, source: Path, root: Path, check_files: bool, root_given: bool = True
+           ) -> Dataset:
     problems: list[str] = []
     mistyped = [r["line"] for r in rows if not _well_typed(r)]
     if mistyped:
@@ -215,7 +225,11 @@ def _build(rows: list[dict], name: str, source: Path, root: Path, check_files: b
     if check_files and not no_file:
         missing = [r["file"] for r in rows if not (root / r["file"]).is_file()]
         if missing:
-            problems.append(f"{len(missing)} of {len(rows)} image files are missing under {root} (first: {_few(missing)})")
+            hint = ("" if len(missing) < len(rows) else
+                    "; give the folder that holds them with --images" + ("" if root_given else
+                    f" (looked in {root}, chosen as the folder holding more of the first files)"))
+            problems.append(f"{len(missing)} of {len(rows)} image files are missing under {root} "
+                            f"(first: {_few(missing)}){hint}")
 
     if problems:
         raise DatasetError(f"data set {source} has {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))

@@ -9,6 +9,12 @@ All indexes search by inner product on unit vectors (= cosine) and carry the SQL
             (2·dim bytes) that re-ranks the shortlist: PQ alone capped recall@10 near 0.8
             here whatever nprobe, and an 8-bit refine still stopped at 0.92 on tight
             clusters; fp16 reaches the target                                         beyond
+    ivfdisk the same IVF-PQ with its inverted lists in a file beside the index (FAISS
+            OnDiskInvertedLists, memory-mapped) and the shortlist re-ranked from the index's
+            float16 vector files (index/vectors.py), also memory-mapped: resident memory is
+            the coarse centroids and 8 bytes of id per vector; the page cache does the rest.
+            Built in blocks merged on disk (`merge_ondisk`), so building needs memory for one
+            block only                                    when IVF-PQ does not fit the memory
 
 Each build is tuned on the collection's own vectors: the smallest efSearch / nprobe whose
 recall@10 against exact search reaches the target (0.95) is kept, and the measured recall is
@@ -29,7 +35,7 @@ import numpy as np
 
 from dsmd.cpus import usable_cpus
 
-KINDS = ("flat", "hnsw", "ivfpq")
+KINDS = ("flat", "hnsw", "ivfpq", "ivfdisk")
 FLAT_MAX_CELLS = 10_000_000  # n x dim: about 13k vectors at 768 dims, 39k at 256
 HNSW_MAX = 5_000_000
 TARGET_RECALL = 0.95
@@ -59,7 +65,9 @@ def choose_kind(n: int, dim: int, memory_bytes: int | None = None) -> str:
         return "flat"
     if n <= HNSW_MAX and (memory_bytes is None or n * bytes_per_vector("hnsw", dim) <= memory_bytes):
         return "hnsw"
-    return "ivfpq"  # with the re-ranking stage that fits (choose_refine)
+    if memory_bytes is None or n * bytes_per_vector("ivfpq", dim) <= memory_bytes:
+        return "ivfpq"
+    return "ivfdisk"  # the same recall from disk, rather than a weaker re-ranking stage in memory
 
 
 ID_MAP_BYTES = 48  # IndexIDMap2: the id array and its reverse hash map, per vector (approximately)
@@ -68,6 +76,8 @@ REFINE_BYTES = {"fp16": 2, "sq8": 1, "none": 0}  # re-ranking codes per dimensio
 
 def bytes_per_vector(kind: str, dim: int, m: int = 32, refine: str = "fp16") -> int:
     """Memory of one vector in each kind, id map included."""
+    if kind == "ivfdisk":
+        return 8  # the ids of the inverted lists, read at opening; codes and vectors stay on disk
     own = {"flat": 4 * dim, "hnsw": 4 * dim + 2 * m * 4, "ivfpq": dim // 8 + 8 + REFINE_BYTES[refine] * dim}[kind]
     return own + ID_MAP_BYTES
 
@@ -76,7 +86,7 @@ def fallbacks(kind: str, n: int, dim: int, memory_bytes: int | None = None) -> l
     """The kinds to try, in order, when `kind` falls short of the recall target: IVF-PQ with its
     float16 re-ranking after HNSW (its grid ends near exhaustive search), then exact search while
     it fits (`memory_bytes`, or FLAT_FALLBACK_MAX_CELLS without one)."""
-    after = {"hnsw": ["ivfpq", "flat"], "ivfpq": ["flat"], "flat": []}[kind]
+    after = {"hnsw": ["ivfpq", "flat"], "ivfpq": ["flat"], "ivfdisk": ["flat"], "flat": []}[kind]
     if memory_bytes is None:
         fits = {"ivfpq": True, "flat": n * dim <= FLAT_FALLBACK_MAX_CELLS}
     else:
@@ -93,30 +103,106 @@ def choose_refine(n: int, dim: int, memory_bytes: int | None) -> str:
     return "none"
 
 
+_ivf_params_override: dict = {}  # benchmarks only (bench/ondisk_bench.py --nlist)
+
+
 def _ivf_params(n: int, dim: int) -> dict:
     """nlist ~ 4·sqrt(n) (a power of two), dim/8 sub-quantisers of 8 bits; both shrunk for small n
     so that k-means has enough points (faiss wants ~39 per centroid)."""
     nlist = max(1, min(65536, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n)))), n // 39))
+    nlist = _ivf_params_override.get("nlist", nlist)
     pq_m = next(m for m in (dim // 8, dim // 4, dim // 2, dim) if m > 0 and dim % m == 0)
     nbits = max(1, min(8, int(math.log2(max(2, n // 39)))))
     return {"nlist": nlist, "pq_m": pq_m, "pq_bits": nbits}
 
 
+class OnDiskIVF:
+    """An IVF-PQ index whose inverted lists are in a file, with its shortlist (k·k_factor per query)
+    re-ranked by exact inner products of the vectors `vectors_of(ids)` returns (the float16 vector
+    files). The ids in the lists are the rows' own ids (no id map)."""
+
+    def __init__(self, ivf, vectors_of: Callable[[np.ndarray], np.ndarray] | None, k_factor: float = 16):
+        self.ivf, self.vectors_of, self.k_factor = ivf, vectors_of, k_factor
+
+    @property
+    def ntotal(self) -> int:
+        return self.ivf.ntotal
+
+    def ids(self) -> np.ndarray:
+        """Every id in the inverted lists, ascending."""
+        import faiss
+
+        lists = self.ivf.invlists
+        parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                 for i in range(self.ivf.nlist) if lists.list_size(i)]
+        return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+    def search(self, queries: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
+        # the shortlist as tuned (for k = 10): a smaller k must not shrink it, or top-1 loses what top-10 keeps
+        short = int(min(self.ntotal, round(max(k, 10) * self.k_factor)))
+        scores, ids = self.ivf.search(queries, short, params=params) if params else self.ivf.search(queries, short)
+        if self.vectors_of is None:
+            return scores[:, :k], ids[:, :k]
+        flat = ids.ravel()
+        ok = flat >= 0
+        exact = np.full(flat.shape, -np.inf, np.float32)
+        if ok.any():
+            exact[ok] = (self.vectors_of(flat[ok]) * np.repeat(queries, short, axis=0)[ok]).sum(1)
+        exact = exact.reshape(ids.shape)
+        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(exact, order, 1), np.take_along_axis(ids, order, 1)
+
+
 def build(kind: str, dim: int, chunks: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]], n: int,
-          train_sample: int = 200_000, seed: int = 0, progress=None, refine: str = "fp16"):
+          train_sample: int = 200_000, seed: int = 0, progress=None, refine: str = "fp16",
+          data_path: Path | None = None, vectors_of: Callable[[np.ndarray], np.ndarray] | None = None):
     """A FAISS index of `kind` over the vectors `chunks()` yields as (ids, vectors), added in batches.
 
     IVF-PQ trains on a sample (at most `train_sample` vectors), so memory stays bounded by the
-    index itself plus one chunk.
+    index itself plus one chunk. `ivfdisk` writes its inverted lists to `data_path` and re-ranks
+    with `vectors_of`.
     """
     import faiss
 
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(usable_cpus())  # building uses every core; searching keeps its own setting
     try:
+        if kind == "ivfdisk":
+            return _build_on_disk(dim, chunks, n, train_sample, seed, progress, data_path, vectors_of)
         return _build(kind, dim, chunks, n, train_sample, seed, progress, refine)
     finally:
         faiss.omp_set_num_threads(threads)
+
+
+def _build_on_disk(dim, chunks, n, train_sample, seed, progress, data_path: Path, vectors_of):
+    """Train IVF-PQ on a sample, fill one copy per chunk (written as a block file), and merge the blocks'
+    inverted lists into `data_path` (FAISS merge_ondisk): memory for one block at a time."""
+    import shutil
+
+    import faiss
+    from faiss.contrib.ondisk import merge_ondisk
+
+    params = _ivf_params(n, dim)
+    ivf = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, params["nlist"], params["pq_m"], params["pq_bits"],
+                           faiss.METRIC_INNER_PRODUCT)
+    ivf.do_polysemous_training = False
+    ivf.train(_sample(chunks, n, max(train_sample, 40 * params["nlist"]), seed))
+    blocks = data_path.with_name(f".{data_path.name}.{os.getpid()}.blocks.tmp")
+    blocks.mkdir(parents=True, exist_ok=True)
+    try:
+        files = []
+        for b, (ids, vecs) in enumerate(chunks()):
+            block = faiss.clone_index(ivf)
+            block.add_with_ids(np.ascontiguousarray(vecs, np.float32), np.asarray(ids, np.int64))
+            files.append(str(blocks / f"{b}.faiss"))
+            faiss.write_index(block, files[-1])
+            del block
+            if progress:
+                progress(len(ids))
+        merge_ondisk(ivf, files, str(data_path))
+    finally:
+        shutil.rmtree(blocks, ignore_errors=True)
+    return OnDiskIVF(ivf, vectors_of), {**params, "storage": "disk", "data_file": data_path.name}
 
 
 def _build(kind, dim, chunks, n, train_sample, seed, progress, refine):
@@ -166,6 +252,10 @@ def _sample(chunks, n: int, size: int, seed: int) -> np.ndarray:
 def apply_search_params(index, kind: str, search: dict) -> None:
     import faiss
 
+    if kind == "ivfdisk":
+        index.ivf.nprobe = int(search.get("nprobe", 16))
+        index.k_factor = float(search.get("k_factor", 16))
+        return
     inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
     if kind == "hnsw":
         faiss.downcast_index(inner).hnsw.efSearch = int(search.get("efSearch", 64))
@@ -195,11 +285,14 @@ def tune(index, kind: str, queries: np.ndarray, kth_exact: np.ndarray, vectors_o
     if kind == "hnsw":
         grid = [{"efSearch": ef} for ef in HNSW_EF_GRID]
     else:
-        import faiss
+        if kind == "ivfdisk":
+            refined, nlist = True, index.ivf.nlist
+        else:
+            import faiss
 
-        inner = faiss.downcast_index(index.index)
-        refined = isinstance(inner, faiss.IndexRefine)
-        nlist = faiss.downcast_index(inner.base_index).nlist if refined else inner.nlist
+            inner = faiss.downcast_index(index.index)
+            refined = isinstance(inner, faiss.IndexRefine)
+            nlist = faiss.downcast_index(inner.base_index).nlist if refined else inner.nlist
         grid = [{"nprobe": p, "k_factor": kf} for p in IVF_NPROBE_GRID if p <= nlist
                 for kf in ((4, 16, 64) if refined else (4,))]
     best, best_recall = grid[-1], -1.0
@@ -247,7 +340,7 @@ def write(index, path: Path, before_replace: Callable[[], None] | None = None) -
     import faiss
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    faiss.write_index(index, str(tmp))
+    faiss.write_index(index.ivf if isinstance(index, OnDiskIVF) else index, str(tmp))
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     if before_replace is not None:
@@ -255,9 +348,15 @@ def write(index, path: Path, before_replace: Callable[[], None] | None = None) -
     os.replace(tmp, path)
 
 
-def read(path: Path, kind: str, search: dict, mmap: bool = False):
+def read(path: Path, kind: str, search: dict, mmap: bool = False,
+         vectors_of: Callable[[np.ndarray], np.ndarray] | None = None):
+    """`vectors_of`: the re-ranking vectors of an ivfdisk index (its lists are in the file its
+    manifest names beside `path`)."""
     import faiss
 
-    index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap and kind != "hnsw" else 0)
+    if kind == "ivfdisk":
+        index = OnDiskIVF(faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR), vectors_of)
+    else:
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap and kind != "hnsw" else 0)
     apply_search_params(index, kind, search)
     return index

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from dsmd.index.db import IndexDB, NewItem
 from dsmd.index.lock import finalize_lock, folder_lock
 from dsmd.index.sources import Source, dataset_sources, folder_sources, prepared, shard_of
 
-__all__ = ["Report", "Source", "add_images", "add_shards", "add_texts", "build", "bundle_fingerprint", "dataset_sources", "finalize",
+__all__ = ["Report", "Source", "add_images", "add_texts", "build", "bundle_fingerprint", "dataset_sources", "finalize",
            "folder_sources", "info", "merge", "remove", "shard_of"]
 
 INDEX_FORMAT = 1
@@ -116,50 +117,6 @@ def add_images(path: str | Path, bundle: Bundle, sources: list[Source], batch: i
             if len(pending) >= batch:
                 flush()
         bar.set_postfix(added=report.added, skipped=len(report.skipped))
-    flush()
-    bar.close()
-    db.close()
-    report.seconds = time.time() - t0
-    return report
-
-
-def add_shards(path: str | Path, bundle: Bundle, shards: str | Path, batch: int = 1000,
-               progress: bool = True) -> Report:
-    """Insert the rows of vector shards (`dsmd index embed`, index/ray_embed.py) in source order, as
-    add_images would have: unreadable files listed, contents seen already skipped. Then `finalize`."""
-    from dsmd.index.ray_embed import read_shards
-
-    t0 = time.time()
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    db = IndexDB(path / "items.sqlite", bundle.dim, bundle_fingerprint(bundle), bundle.variant)
-    report, known, pending = Report(), db.known_hashes(), []
-
-    def flush() -> None:
-        if pending:
-            with folder_lock(path):
-                ids = db.replace(pending)
-            report.added += sum(i is not None for i in ids)
-            report.already += sum(i is None for i in ids)
-            pending.clear()
-
-    bar = tqdm(desc="index (shards)", unit="img", dynamic_ncols=True, **_quiet(progress))
-    for r in read_shards(shards, bundle):
-        bar.update(1)
-        if r["error"]:
-            db.skip(r["uri"], r["error"])
-            report.skipped.append({"uri": r["uri"], "reason": r["error"]})
-        elif r["sha256"] in known:
-            report.already += 1
-        else:
-            known.add(r["sha256"])
-            caps = json.loads(r["captions"])
-            cap_vecs = (np.frombuffer(r["caption_vectors"], np.float16).reshape(len(caps), -1).astype(np.float32)
-                        if caps else None)
-            pending.append(NewItem(r["uri"], r["sha256"], r["width"], r["height"], caps,
-                                   np.frombuffer(r["vector"], np.float16).astype(np.float32), cap_vecs))
-            if len(pending) >= batch:
-                flush()
     flush()
     bar.close()
     db.close()
@@ -279,6 +236,9 @@ def _rebuild(path: Path, db: IndexDB, bundle: Bundle, kind: str | None, target: 
     if kind is not None:
         db.set_meta("index_kind", kind)
     kind = kind or db.meta().get("index_kind")
+    if memory_bytes is not None:
+        db.set_meta("memory_bytes", str(int(memory_bytes)))
+    memory_bytes = memory_bytes or int(db.meta().get("memory_bytes", 0)) or None
     if backend is not None:
         db.set_meta("backend", json.dumps(backend))
     backend = json.loads(db.meta().get("backend") or '{"name": "faiss"}')
@@ -290,7 +250,9 @@ def _rebuild(path: Path, db: IndexDB, bundle: Bundle, kind: str | None, target: 
         variant = IndexDB.variant(db.meta()) or bundle.variant
         counts = {"items": db.count("items"), "texts": db.count("texts")}
         if backend["name"] == "milvus":
-            parts = _milvus_parts(db, backend, counts, target, progress)
+            from dsmd.index import milvus
+
+            parts = milvus.finalize_parts(db, backend, counts, target, progress)
         for table, name in (("items", "images"), ("texts", "texts")) if backend["name"] == "faiss" else ():
             n = counts[table]
             if n == 0:
@@ -304,9 +266,10 @@ def _rebuild(path: Path, db: IndexDB, bundle: Bundle, kind: str | None, target: 
             before = previous.get(name, {})
             settled = before["index"]["kind"] if len(before.get("tried", [])) > 1 and not before.get("shortfall") \
                 else None
+            stem = path / f"{name}.g{generation}-{stamp}"
             index, spec, build_s, tried = _build_tuned(db, table, name, n, kind, target, memory_bytes, queries,
-                                                       progress, settled)
-            file = path / f"{name}.g{generation}-{stamp}.faiss"
+                                                       progress, settled, stem)
+            file = stem.with_name(stem.name + ".faiss")
             ann.write(index, file, before_replace=lambda: _crash_point("faiss-temp"))
             _crash_point("faiss-written")
             del index
@@ -329,45 +292,9 @@ def _rebuild(path: Path, db: IndexDB, bundle: Bundle, kind: str | None, target: 
     }
 
 
-def _milvus_parts(db: IndexDB, backend: dict, counts: dict, target: float, progress: bool) -> dict:
-    """Make the Milvus collections hold exactly the rows and measure their recall (index/milvus.py)."""
-    from dsmd.index import milvus
-
-    client = milvus.connect(backend["uri"])
-    parts = {}
-    try:
-        for table, name in (("items", "images"), ("texts", "texts")):
-            collection = milvus.collection_name(backend["collection"], name)
-            params = milvus.ensure_collection(client, collection, db.dim, backend["uri"])
-            n = counts[table]
-            bar = tqdm(total=n, desc=f"milvus {name}", unit="vec", leave=False, **_quiet(progress))
-            t1 = time.time()
-            inserted, deleted = milvus.sync(client, collection, db.ids(table), lambda ids, t=table: db.vectors_of(ids, t),
-                                            bar.update)
-            bar.close()
-            if n == 0:
-                parts[name] = {"count": 0, "collection": collection}
-                continue
-            other = "texts" if table == "items" else "items"
-            q_table = other if counts[other] else table
-            queries = _sample_queries(lambda t=q_table: db.vectors(t), counts[q_table])
-            kth = ann.exact_kth_score(lambda t=table: db.vectors(t), queries)
-            search, recall = milvus.tune(client, collection, params["index_type"], queries, kth,
-                                         lambda ids, t=table: db.vectors_of(ids, t), n)
-            spec = ann.IndexSpec("milvus", params, search, recall, len(queries))
-            parts[name] = {"count": n, "collection": collection, "index": spec.to_json(),
-                           "build_seconds": round(time.time() - t1, 1), "inserted": inserted, "deleted": deleted,
-                           "bytes": None, "tuned_with_queries_from": q_table, "target_recall": target,
-                           "tried": [{"kind": "milvus", "recall_at_10": round(recall, 4)}],
-                           "shortfall": None if recall >= target else shortfall_message(name, spec, target, [
-                               {"kind": f"milvus {params['index_type']}", "recall_at_10": recall}])}
-    finally:
-        milvus.disconnect(client, backend["uri"])
-    return parts
-
-
 def _build_tuned(db: IndexDB, table: str, name: str, n: int, kind: str | None, target: float,
-                 memory_bytes: int | None, queries: np.ndarray, progress: bool, settled: str | None = None):
+                 memory_bytes: int | None, queries: np.ndarray, progress: bool, settled: str | None = None,
+                 stem: Path | None = None):
     """Build and tune the kind chosen by size (or `kind`, when the user forced one); while it falls
     short of `target`, try the next kind that fits (ann.fallbacks) and keep the first that reaches
     it, else the best. `settled`: the kind an earlier build fell back to, tried first. Returns (index, IndexSpec, build seconds, every attempt's kind and recall)."""
@@ -380,9 +307,11 @@ def _build_tuned(db: IndexDB, table: str, name: str, n: int, kind: str | None, t
         refine = ann.choose_refine(n, db.dim, memory_bytes)
         bar = tqdm(total=n, desc=f"faiss {name} ({chosen})", unit="vec", leave=False, **_quiet(progress))
         t1 = time.time()
-        index, params = ann.build(chosen, db.dim, chunks, n, progress=bar.update, refine=refine)
+        vectors_of = lambda ids: db.vectors_of(ids, table)  # noqa: E731
+        index, params = ann.build(chosen, db.dim, chunks, n, progress=bar.update, refine=refine, vectors_of=vectors_of,
+                                  data_path=stem.with_name(stem.name + ".ivfdata") if stem else None)
         bar.close()
-        search, recall = ann.tune(index, chosen, queries, kth, lambda ids: db.vectors_of(ids, table), target)
+        search, recall = ann.tune(index, chosen, queries, kth, vectors_of, target)
         build_s = time.time() - t1
         tried.append({"kind": chosen, "recall_at_10": round(recall, 4), "seconds": round(build_s, 1)})
         if best is None or recall > best[1].recall_at_10:
@@ -404,7 +333,7 @@ def shortfall_message(name: str, spec: ann.IndexSpec, target: float, tried: list
             f"(--index-type flat) is the remedy where memory allows")
 
 
-TEMP_PATTERNS = (".*.faiss.*.tmp", f".{MANIFEST}.*.tmp", "uploads/.*.tmp")
+TEMP_PATTERNS = (".*.faiss.*.tmp", f".{MANIFEST}.*.tmp", "uploads/.*.tmp", ".*.ivfdata.*.blocks.tmp")
 
 
 def _clean(path: Path, manifest: dict | None) -> None:
@@ -413,13 +342,17 @@ def _clean(path: Path, manifest: dict | None) -> None:
     Only ever called holding both the finalize lock (no other finalize is writing files) and the
     folder lock (no upload is being stored), so nothing deleted here is still being written.
     """
-    keep = {p.get("file") for p in (manifest or {}).values() if isinstance(p, dict)}
-    for old in path.glob("*.faiss"):
+    parts = [p for p in (manifest or {}).values() if isinstance(p, dict)]
+    keep = {p.get("file") for p in parts} | {(p.get("index") or {}).get("params", {}).get("data_file") for p in parts}
+    for old in (*path.glob("*.faiss"), *path.glob("*.ivfdata")):
         if old.name not in keep:
             old.unlink(missing_ok=True)
     for pattern in TEMP_PATTERNS:
         for stale in path.glob(pattern):
-            stale.unlink(missing_ok=True)
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
 
 
 def _crash_point(name: str) -> None:
@@ -441,14 +374,15 @@ def _sample_queries(chunks, n: int, size: int = 1000) -> np.ndarray:
 
 
 def build(path: str | Path, bundle: Bundle, sources: list[Source], kind: str | None = None, batch: int = 64,
-          workers: int = 2, progress: bool = True, backend: dict | None = None) -> dict:
+          workers: int = 2, progress: bool = True, backend: dict | None = None, memory_bytes: int | None = None) -> dict:
     """Add the new sources, then rebuild the searchable files (or sync Milvus: `backend`); returns the manifest."""
     if backend is not None and backend["name"] == "milvus":
         from dsmd.index import milvus
 
         milvus.disconnect(milvus.connect(backend["uri"]), backend["uri"])  # unreachable: fail now, not after embedding
     report = add_images(path, bundle, sources, batch=batch, workers=workers, progress=progress)
-    return finalize(path, bundle, kind=kind, progress=progress, report=report, backend=backend)
+    return finalize(path, bundle, kind=kind, progress=progress, report=report, backend=backend,
+                    memory_bytes=memory_bytes)
 
 
 def info(path: str | Path) -> dict:

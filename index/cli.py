@@ -77,8 +77,11 @@ def _index(a: argparse.Namespace) -> int:
     if a.action == "build" and a.from_shards:
         if a.folder or a.data:
             raise UserError("--from-shards replaces --folder/--data: the shards hold what was embedded")
-        r = B.add_shards(a.index, bundle, a.from_shards)
-        m = B.finalize(a.index, bundle, kind=a.index_type, report=r, backend=_backend(a))
+        from dsmd.index.ray_embed import add_shards
+
+        r = add_shards(a.index, bundle, a.from_shards)
+        m = B.finalize(a.index, bundle, kind=a.index_type, report=r, backend=_backend(a),
+                       memory_bytes=int(a.memory_gib * 2**30) if a.memory_gib else None)
         _print_build(a, m)
         return 0
     # build, embed
@@ -104,7 +107,8 @@ def _index(a: argparse.Namespace) -> int:
         except ValueError:
             raise UserError(f"--shard takes i/n, e.g. 0/4, not {a.shard!r}") from None
     sources = B.shard_of(sources, shard)
-    m = B.build(a.index, bundle, sources, kind=a.index_type, batch=a.batch, workers=a.workers, backend=_backend(a))
+    m = B.build(a.index, bundle, sources, kind=a.index_type, batch=a.batch, workers=a.workers, backend=_backend(a),
+                memory_bytes=int(a.memory_gib * 2**30) if a.memory_gib else None)
     _print_build(a, m)
     return 0
 
@@ -166,7 +170,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ix.add_argument("--gpus-per-actor", type=float, default=0, help="embed: GPUs per actor; ONNX Runtime then runs "
                                                                      "on CUDA (default: 0)")
     ix.add_argument("--shard-size", type=int, default=10_000, help="embed: images per shard file (default: 10000)")
-    ix.add_argument("--index-type", choices=["flat", "hnsw", "ivfpq"], help="override the choice by size")
+    ix.add_argument("--index-type", choices=["flat", "hnsw", "ivfpq", "ivfdisk"], help="override the choice by size")
+    ix.add_argument("--memory-gib", type=float, help="build: memory the FAISS index may take; past it the choice "
+                                                     "goes to IVF-PQ on disk (ivfdisk). Remembered (default: no limit)")
     ix.add_argument("--backend", choices=["faiss", "milvus"],
                     help="build: where the vectors are searched: FAISS files in the folder, or a Milvus collection "
                          "(default: what the index was built with, else faiss)")

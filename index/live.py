@@ -35,7 +35,12 @@ class LivePart:
         self.dim = dim
         self.index = index
         self.spec = spec or {"kind": "flat", "params": {}, "search": {}}
-        self.base_ids = np.sort(faiss.vector_to_array(index.id_map)) if index is not None else np.zeros(0, np.int64)
+        if index is None:
+            self.base_ids = np.zeros(0, np.int64)
+        elif hasattr(index, "id_map"):
+            self.base_ids = np.sort(faiss.vector_to_array(index.id_map))
+        else:  # ann.OnDiskIVF: the rows' ids are in its inverted lists
+            self.base_ids = index.ids()
         self.added: set[int] = set()  # ids added since the file was written (live adds, reconciliation)
         self.segments: list = []  # IndexIDMap2s holding the added vectors, the last one open
         self.dead: frozenset[int] = frozenset()
@@ -153,6 +158,8 @@ def _filtered_params(index, selector) -> tuple | None:
     import faiss
 
     keep = faiss.IDSelectorNot(selector)
+    if not hasattr(index, "index"):  # ann.OnDiskIVF: ids in its lists are the rows' own
+        return faiss.SearchParametersIVF(sel=keep, nprobe=index.ivf.nprobe), (keep, selector)
     inner = faiss.downcast_index(index.index)
     if isinstance(inner, faiss.IndexHNSW):
         params = faiss.SearchParametersHNSW(sel=keep, efSearch=inner.hnsw.efSearch)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -187,6 +188,47 @@ def tune(client, name: str, index_type: str, queries: np.ndarray, kth_exact: np.
         if r > best_recall:
             best, best_recall = {"ef": ef}, r
     return best, best_recall
+
+
+def finalize_parts(db, backend: dict, counts: dict, target: float, progress: bool) -> dict:
+    """A finalize on Milvus: make the collections hold exactly the rows (one snapshot of `db`), measure
+    their recall as FAISS files are measured, and return the manifest's parts."""
+    from tqdm import tqdm
+
+    from dsmd.index import ann
+    from dsmd.index.build import _quiet, _sample_queries, shortfall_message
+
+    client = connect(backend["uri"])
+    parts = {}
+    try:
+        for table, name in (("items", "images"), ("texts", "texts")):
+            collection = collection_name(backend["collection"], name)
+            params = ensure_collection(client, collection, db.dim, backend["uri"])
+            n = counts[table]
+            bar = tqdm(total=n, desc=f"milvus {name}", unit="vec", leave=False, **_quiet(progress))
+            t1 = time.time()
+            inserted, deleted = sync(client, collection, db.ids(table), lambda ids, t=table: db.vectors_of(ids, t),
+                                     bar.update)
+            bar.close()
+            if n == 0:
+                parts[name] = {"count": 0, "collection": collection}
+                continue
+            other = "texts" if table == "items" else "items"
+            q_table = other if counts[other] else table
+            queries = _sample_queries(lambda t=q_table: db.vectors(t), counts[q_table])
+            kth = ann.exact_kth_score(lambda t=table: db.vectors(t), queries)
+            search, recall = tune(client, collection, params["index_type"], queries, kth,
+                                  lambda ids, t=table: db.vectors_of(ids, t), n)
+            spec = ann.IndexSpec("milvus", params, search, recall, len(queries))
+            parts[name] = {"count": n, "collection": collection, "index": spec.to_json(),
+                           "build_seconds": round(time.time() - t1, 1), "inserted": inserted, "deleted": deleted,
+                           "bytes": None, "tuned_with_queries_from": q_table, "target_recall": target,
+                           "tried": [{"kind": "milvus", "recall_at_10": round(recall, 4)}],
+                           "shortfall": None if recall >= target else shortfall_message(name, spec, target, [
+                               {"kind": f"milvus {params['index_type']}", "recall_at_10": recall}])}
+    finally:
+        disconnect(client, backend["uri"])
+    return parts
 
 
 class MilvusPart:

@@ -211,3 +211,49 @@ def read_shards(shards: str | Path, bundle: Bundle):
                         f"not the bundle at {bundle.path} ({bundle.variant}): give that bundle and --variant")
     for name in sorted(m["shards"]):
         yield from pq.read_table(shards / name).to_pylist()
+
+
+def add_shards(path: str | Path, bundle: Bundle, shards: str | Path, batch: int = 1000,
+               progress: bool = True):
+    """Insert the rows of vector shards (`dsmd index embed`, index/ray_embed.py) in source order, as
+    build.add_images would have: unreadable files listed, contents seen already skipped. Then `finalize`."""
+    from dsmd.index.build import Report, _quiet, bundle_fingerprint
+    from dsmd.index.db import IndexDB, NewItem
+    from dsmd.index.lock import folder_lock
+
+    t0 = time.time()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    db = IndexDB(path / "items.sqlite", bundle.dim, bundle_fingerprint(bundle), bundle.variant)
+    report, known, pending = Report(), db.known_hashes(), []
+
+    def flush() -> None:
+        if pending:
+            with folder_lock(path):
+                ids = db.replace(pending)
+            report.added += sum(i is not None for i in ids)
+            report.already += sum(i is None for i in ids)
+            pending.clear()
+
+    bar = tqdm(desc="index (shards)", unit="img", dynamic_ncols=True, **_quiet(progress))
+    for r in read_shards(shards, bundle):
+        bar.update(1)
+        if r["error"]:
+            db.skip(r["uri"], r["error"])
+            report.skipped.append({"uri": r["uri"], "reason": r["error"]})
+        elif r["sha256"] in known:
+            report.already += 1
+        else:
+            known.add(r["sha256"])
+            caps = json.loads(r["captions"])
+            cap_vecs = (np.frombuffer(r["caption_vectors"], np.float16).reshape(len(caps), -1).astype(np.float32)
+                        if caps else None)
+            pending.append(NewItem(r["uri"], r["sha256"], r["width"], r["height"], caps,
+                                   np.frombuffer(r["vector"], np.float16).astype(np.float32), cap_vecs))
+            if len(pending) >= batch:
+                flush()
+    flush()
+    bar.close()
+    db.close()
+    report.seconds = time.time() - t0
+    return report

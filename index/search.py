@@ -128,11 +128,15 @@ class SearchIndex:
         if not part.get("count"):
             return LivePart(None, m["bundle"]["dim"])
         file, kind = self.path / part["file"], part["index"]["kind"]
+        table = TABLES[name]
         try:
-            index = ann.read(file, kind, part["index"]["search"], self.mmap)
+            index = ann.read(file, kind, part["index"]["search"], self.mmap,
+                             vectors_of=lambda ids: self._read(lambda db: db.vectors_of(ids, table)))
         except RuntimeError:  # FAISS says "could not open": gone, or another problem
-            if not file.exists():
-                raise FileNotFoundError(errno.ENOENT, "missing", str(file)) from None
+            data = part["index"]["params"].get("data_file")
+            for needed in (file, *([self.path / data] if data else [])):
+                if not needed.exists():
+                    raise FileNotFoundError(errno.ENOENT, "missing", str(needed)) from None
             raise
         return LivePart(index, m["bundle"]["dim"], part["index"])
 

@@ -151,7 +151,7 @@ def test_preset_layout_equals_torchscale(size):
 def test_infer_size_rejects_unknown_widths():
     with torch.device("meta"):
         sd = BEiT3Retrieval(TINY).state_dict()
-    with pytest.raises(ValueError, match="size= or config="):
+    with pytest.raises(ValueError, match="use an official BEiT-3 retrieval checkpoint"):
         infer_size(sd)
 
 
@@ -232,6 +232,22 @@ def test_loader_reports_wrong_size_and_accepts_bare_state_dict(tmp_path):
         check_state_dict(BEiT3Retrieval(BEiT3Config.tiny(embed_dim=32, heads=2)), model.state_dict())
 
 
+def test_loader_accepts_module_wrapped_and_refuses_truncated_files_in_one_line(tmp_path):
+    model = BEiT3Retrieval.random(TINY)
+    wrapped = tmp_path / "module.pth"
+    torch.save({"module": model.state_dict(), "epoch": 3}, wrapped)  # as unilm's loader also accepts
+    loaded, _ = load_checkpoint(wrapped, config=TINY)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    full = wrapped.read_bytes()
+    for name, data in (("cut.pth", full[: len(full) // 2]), ("empty.pth", b"")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UserError, match="cannot be read as a checkpoint") as err:
+            load_checkpoint(tmp_path / name, config=TINY)
+        assert "\n" not in str(err.value) and "Download it again" in str(err.value)
+    with pytest.raises(UserError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pth", config=TINY)
+
+
 # ---------------------------------------------------------------- tokenizer
 
 
@@ -296,7 +312,7 @@ def test_teacher_load_errors(tmp_path, spm_path):
     BEiT3Retrieval.random(TINY).save_official(ckpt)
     with pytest.raises(FileNotFoundError, match="tokenizer=PATH"):
         BEiT3Teacher.load(ckpt, config=TINY)
-    with pytest.raises(ValueError, match="size= or config="):
+    with pytest.raises(ValueError, match="use an official BEiT-3 retrieval checkpoint"):
         BEiT3Teacher.load(ckpt, tokenizer=spm_path)
     with pytest.raises(ValueError, match="does not match"):
         BEiT3Teacher.load(ckpt, tokenizer=spm_path, size="base")

@@ -166,3 +166,40 @@ def test_gif_gives_its_first_frame(tmp_path):
     frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
     arr = np.asarray(open_image(tmp_path / "a.gif"))
     assert arr.shape == (8, 8, 3)
+
+
+@pytest.mark.parametrize("filepath", ["images", None])
+def test_the_default_image_root_is_the_folder_that_holds_the_files(tmp_path, filepath):
+    """`filepath: "images"` beside an images/ folder, and the demo world's images/ without a filepath."""
+    entries = []
+    for i in range(4):
+        _jpeg(tmp_path / "images" / f"{i}.jpg")
+        e = _flickr_entry(i, f"{i}.jpg", "train", [f"a photo {i}"])
+        if filepath:
+            e["filepath"] = filepath
+        entries.append(e)
+    ann = tmp_path / "dataset_mine.json"
+    ann.write_text(json.dumps({"images": entries}))
+    ds = load_dataset(ann)
+    assert [it.path for it in ds.items] == [tmp_path / "images" / f"{i}.jpg" for i in range(4)]
+    assert all(it.path.is_file() for it in ds.items)
+
+
+def test_coco_filepaths_under_the_annotation_folder_need_no_images_flag(tmp_path):
+    entries = []
+    for i, sub in enumerate(["train2014", "val2014"]):
+        _jpeg(tmp_path / sub / f"COCO_{sub}_{i:012d}.jpg")
+        e = _flickr_entry(i, f"COCO_{sub}_{i:012d}.jpg", "train", ["a man on a surfboard"])
+        e["filepath"] = sub
+        entries.append(e)
+    (tmp_path / "images").mkdir()  # an unrelated images/ folder does not mislead the choice
+    ann = tmp_path / "dataset_coco.json"
+    ann.write_text(json.dumps({"images": entries}))
+    assert load_dataset(ann).items[1].path == tmp_path / "val2014" / "COCO_val2014_000000000001.jpg"
+
+
+def test_images_found_nowhere_name_the_option_that_fixes_it(tmp_path):
+    ann = tmp_path / "dataset_x.json"
+    ann.write_text(json.dumps({"images": [_flickr_entry(0, "a.jpg", "train", ["a cat"])]}))
+    with pytest.raises(DatasetError, match="give the folder that holds them with --images"):
+        load_dataset(ann)

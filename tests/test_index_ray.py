@@ -12,8 +12,9 @@ import pytest
 
 from dsmd.bundle import Bundle
 from dsmd.errors import UserError
-from dsmd.index.build import add_shards, build, dataset_sources, finalize
+from dsmd.index.build import build, dataset_sources, finalize
 from dsmd.index.db import IndexDB
+from dsmd.index.ray_embed import add_shards
 
 pytest.importorskip("ray.data")
 

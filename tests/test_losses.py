@@ -162,3 +162,43 @@ def test_weights_are_constants_for_autograd():
     total, _ = Balancer(["a", "b"])(losses)
     total.backward()
     assert losses["a"].grad.item() == pytest.approx(4.0) and losses["b"].grad.item() == pytest.approx(1.0)
+
+
+def _weights_along(cfg: BalancerCfg, steps: int = 300) -> list[dict[str, float]]:
+    """The weights w_m (factor / scale) over a trajectory where `a` falls fast and `b` slowly, with noise."""
+    import random
+
+    rnd = random.Random(0)
+    bal = Balancer(["a", "b"], cfg)
+    out = []
+    for t in range(steps):
+        a = 4.0 * 0.99 ** t * (1 + 0.05 * rnd.uniform(-1, 1))
+        b = 4.0 * 0.999 ** t * (1 + 0.05 * rnd.uniform(-1, 1))
+        scales = bal._scales({"a": a, "b": b})
+        _, f = bal(_losses(a=a, b=b))
+        out.append({n: f[n] / scales[n] for n in f})
+    return out
+
+
+def test_window_means_give_dwa_rates_and_move_the_weights_where_the_per_step_ema_barely_does():
+    ema = _weights_along(BalancerCfg())
+    window = _weights_along(BalancerCfg(window=30))
+    spread = lambda ws: max(abs(w["b"] - w["a"]) for w in ws[60:])  # noqa: E731
+    # per-step EMA: consecutive smoothed values differ by ~1%: the weights stay within ~1% of equal
+    assert spread(ema) < 0.02
+    # window means 30 steps apart: a has fallen by 0.99^30 = 0.74, b by 0.97: the slow loss gets more weight
+    assert spread(window) > 0.1 and window[-1]["b"] > window[-1]["a"]
+    w_b = 2 * math.exp(0.999 ** 30) / (math.exp(0.99 ** 30) + math.exp(0.999 ** 30))
+    assert window[-1]["b"] == pytest.approx(w_b, abs=0.03)
+    # the weights change only at window boundaries
+    assert window[62] == pytest.approx(window[61]) and window[89] == pytest.approx(window[61])
+    assert abs(window[90]["a"] - window[89]["a"]) > 1e-3
+
+
+def test_window_state_round_trips():
+    one, two = Balancer(["a", "b"], BalancerCfg(window=3)), Balancer(["a", "b"], BalancerCfg(window=3))
+    for v in (4.0, 3.0, 2.5, 2.0, 1.0):
+        one(_losses(a=v, b=1.0))
+    two.load_state_dict(one.state_dict())
+    for v in (0.9, 0.8, 0.7, 0.6):
+        assert one(_losses(a=v, b=1.0))[1] == two(_losses(a=v, b=1.0))[1]

@@ -25,14 +25,25 @@ from dsmd.preprocess import PreprocessCfg
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file: `ckpt["model"]` when present (the official layout), else the file."""
+    """The tensors of a checkpoint file: `ckpt["model"]` (the official layout) or `ckpt["module"]` when
+    present (unilm's own loader takes both), else the file itself."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: give the BEiT-3 retrieval checkpoint (.pth) with --teacher-path")
     try:
-        ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise UserError(f"{path} holds more than tensors, and torch.load(weights_only=True) refuses it. If you "
                          "trust the file, re-save only its weights: torch.save({'model': torch.load(path, "
                          f"weights_only=False)['model']}}, new_path).\n{err}") from err
-    sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
+    except (RuntimeError, EOFError, ValueError, OSError) as err:  # truncated, empty, not a torch file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path} ({path.stat().st_size:,} bytes) cannot be read as a checkpoint ({first}): "
+                        f"is it truncated, e.g. by an interrupted download? Download it again") from None
+    if isinstance(ckpt, dict):
+        sd = next((ckpt[k] for k in ("model", "module") if isinstance(ckpt.get(k), dict)), ckpt)
+    else:
+        sd = ckpt
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{path} is not a BEiT-3 checkpoint: expected {{'model': state_dict}} or a state dict")
     return sd
@@ -51,7 +62,8 @@ def infer_size(sd: Mapping[str, torch.Tensor]) -> str:
         if (dim, depth) == (cfg.embed_dim, cfg.depth):
             return name
     raise UserError(f"cannot tell the BEiT-3 size from the weights (embed dim {dim}, {depth} layers; base is "
-                     f"768/12, large 1024/24): is this a BEiT-3 retrieval checkpoint? Pass size= or config=")
+                     f"768/12, large 1024/24): use an official BEiT-3 retrieval checkpoint "
+                     f"(beit3_{{base,large}}_patch16_384_{{coco,f30k}}_retrieval.pth)")
 
 
 def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str = "checkpoint",
@@ -76,7 +88,7 @@ def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: s
     parts = [block(t, i) for t, i in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if i]
     raise UserError(f"{source} does not match the BEiT-3 model ({len(want)} keys expected):\n" + "\n".join(parts)
                      + "\nUse an official BEiT-3 *retrieval* checkpoint (beit3_{base,large}_patch16_384_*_retrieval"
-                       ".pth) and the matching size=.")
+                       ".pth): its size is read from its weights.")
 
 
 def load_checkpoint(path: str | Path, size: str | None = None, config: BEiT3Config | None = None
