@@ -5,8 +5,9 @@ to a float16 vector file (index/vectors.py) in chunks; the index is built from i
 `dsmd index build` builds `ivfdisk` (index/ann.py: train on a sample, one block file per chunk,
 inverted lists merged into one .ivfdata file) and tuned to recall@10 >= 0.95 on the collection's
 own vectors. A fresh process then opens it as the server would (lists and vectors memory-mapped)
-and answers 300 single queries: p50/p99 and its resident memory, cold (first pass, pages
-read from disk) and warm. SQLite is left out (the rows' metadata is not what grows here).
+and answers 300 single queries twice: p50/p99, first with the page cache dropped (when this
+process may drop it), then warm; memory is reported as anonymous (the process's own) and as
+mapped file pages (page cache, which the kernel reclaims under pressure). SQLite is left out (the rows' metadata is not what grows here).
 
     .venv/bin/python bench/ondisk_bench.py --n 5000000 --nlist 2048
 
@@ -29,6 +30,27 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np
+
+
+class PeakAnon:
+    """The peak of this process's anonymous resident memory (RssAnon: its own allocations, not the
+    file pages it maps, which are page cache the kernel can drop), sampled every 0.2 s."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self.peak = max(self.peak, _rss_mib("RssAnon"))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, _rss_mib("RssAnon"))
 
 
 def _rss_mib(field: str = "VmRSS") -> float:
@@ -54,7 +76,8 @@ def serve(folder: Path, dim: int, search: dict) -> dict:
     ids = index.ids()
     open_s = time.perf_counter() - t0
     queries = _held_out(dim, 300)
-    out = {"open_s": open_s, "ids": len(ids), "rss_after_open_mib": _rss_mib() - base}
+    out = {"open_s": open_s, "ids": len(ids), "rss_after_open_mib": _rss_mib() - base,
+           "anon_after_open_mib": _rss_mib("RssAnon")}
     for run in ("cold", "warm"):
         times = []
         for q in queries:
@@ -64,6 +87,8 @@ def serve(folder: Path, dim: int, search: dict) -> dict:
         out[f"{run}_p50_ms"] = 1000 * float(np.percentile(times, 50))
         out[f"{run}_p99_ms"] = 1000 * float(np.percentile(times, 99))
     out["rss_after_queries_mib"] = _rss_mib() - base
+    out["anon_after_queries_mib"] = _rss_mib("RssAnon")
+    out["file_after_queries_mib"] = _rss_mib("RssFile")
     out["peak_rss_mib"] = _rss_mib("VmHWM")
     return out
 
@@ -75,6 +100,7 @@ def main() -> None:
     p.add_argument("--nlist", type=int, help="coarse lists (default: the build's own choice, ~4 sqrt(n))")
     p.add_argument("--folder", default="/tmp/dsmd-ondisk", help="where the vectors and the index are written")
     p.add_argument("--out", default="bench/results/ondisk")
+    p.add_argument("--reuse-vectors", action="store_true", help="keep FOLDER/vectors.f16 from an earlier run")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the fresh-process half
     p.add_argument("--search", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -83,27 +109,37 @@ def main() -> None:
         print(json.dumps(serve(folder, a.dim, json.loads(a.search))))
         return
 
-    from index_bench import _held_out, clustered
+    from index_bench import _held_out
 
     from dsmd.index import ann
     from dsmd.index.vectors import VectorFile
 
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    reuse = a.reuse_vectors and VectorFile(folder / "vectors.f16", a.dim, writable=False).rows() == a.n
+    if reuse:
+        for f in folder.iterdir():
+            if f.name != "vectors.f16":
+                f.unlink()
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
     vf = VectorFile(folder / "vectors.f16", a.dim, writable=True)
     t0 = time.perf_counter()
-    for i in range(0, a.n, 200_000):
+    # index_bench's clusters (the centres its held-out queries come from), the points drawn chunk by chunk
+    centres = np.random.default_rng(1).normal(size=(1000, a.dim)).astype(np.float32)
+    for i in range(0, 0 if reuse else a.n, 200_000):
         m = min(200_000, a.n - i)
-        vf.append(clustered(m, a.dim, seed=1000 + i // 200_000))
+        r = np.random.default_rng(1000 + i // 200_000)
+        x = centres[r.integers(0, 1000, m)] + 0.6 * r.normal(size=(m, a.dim)).astype(np.float32)
+        vf.append(x / np.linalg.norm(x, axis=1, keepdims=True))
     write_s = time.perf_counter() - t0
-    print(f"wrote {a.n:,} vectors in {write_s:.0f} s", flush=True)
+    print(f"{'kept' if reuse else 'wrote'} {a.n:,} vectors in {write_s:.0f} s", flush=True)
     chunk = 250_000
     chunks = lambda: ((np.arange(i, min(a.n, i + chunk)), vf.read(np.arange(i, min(a.n, i + chunk))))
                       for i in range(0, a.n, chunk))
     if a.nlist:
         ann._ivf_params_override = {"nlist": a.nlist}
     t0 = time.perf_counter()
-    rss0 = _rss_mib("VmHWM")
+    peak = PeakAnon()
     index, params = ann.build("ivfdisk", a.dim, chunks, a.n, data_path=folder / "index.ivfdata", vectors_of=vf.read)
     build_s = time.perf_counter() - t0
     print(f"built in {build_s:.0f} s: {params}", flush=True)
@@ -114,7 +150,7 @@ def main() -> None:
     search, own_recall = ann.tune(index, "ivfdisk", own, kth, vf.read)
     tune_s = time.perf_counter() - t1
     ann.write(index, folder / "index.faiss")
-    build_peak = _rss_mib("VmHWM")
+    build_peak = peak.stop()
     # recall on held-out queries against exact search over the same (float16) vectors
     held = _held_out(a.dim, 300)
     held_kth = ann.exact_kth_score(chunks, held)
@@ -132,7 +168,7 @@ def main() -> None:
     served = json.loads(done.stdout.strip().splitlines()[-1])
     sizes = {f.name: f.stat().st_size for f in folder.iterdir()}
     result = {"n": a.n, "dim": a.dim, "params": params, "search": search, "write_vectors_s": write_s,
-              "build_s": build_s, "tune_s": tune_s, "build_peak_rss_mib": build_peak, "rss_before_build_mib": rss0,
+              "build_s": build_s, "tune_s": tune_s, "build_peak_anon_mib": build_peak,
               "recall_at_10_own": own_recall, "recall_at_10_heldout": held_recall, "bytes": sizes, **served,
               "page_cache_dropped": dropped,
               "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine()}
@@ -148,11 +184,14 @@ def main() -> None:
         ("disk: vectors (float16) / inverted lists / index header",
          (f"{gib(sizes['vectors.f16']):.2f} GiB / {gib(sizes['index.ivfdata']):.2f} GiB / "
           f"{sizes['index.faiss'] / 2**20:.1f} MiB")),
-        ("peak resident memory while building", f"{build_peak / 1024:.2f} GiB"),
+        ("peak anonymous memory while building and tuning (mapped file pages excluded)",
+         f"{build_peak / 1024:.2f} GiB"),
         ("recall@10 own / held-out queries", f"{own_recall:.3f} / {held_recall:.3f}"),
         ("serving process: open", f"{served['open_s']:.1f} s"),
-        ("serving process: resident after open / after 600 queries",
-         f"{served['rss_after_open_mib']:.0f} / {served['rss_after_queries_mib']:.0f} MiB"),
+        ("serving process: anonymous memory after open / after 600 queries",
+         f"{served['anon_after_open_mib']:.0f} / {served['anon_after_queries_mib']:.0f} MiB"),
+        ("serving process: mapped file pages resident after 600 queries (page cache)",
+         f"{served['file_after_queries_mib']:.0f} MiB"),
         ("one query p50 / p99, first pass" + (" (page cache dropped before)" if dropped else
                                                " (page cache could not be dropped: not cold)"), f"{served['cold_p50_ms']:.1f} / {served['cold_p99_ms']:.1f} ms"),
         ("one query p50 / p99, warm", f"{served['warm_p50_ms']:.1f} / {served['warm_p99_ms']:.1f} ms"),

@@ -18,6 +18,7 @@ after them. Removed items leave their rows in place (dead bytes, reported by `ds
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from pathlib import Path
@@ -78,6 +79,9 @@ class VectorFile:
             n = self.rows()
             m = (np.memmap(self.path, DTYPE, "r", shape=(n, self.dim)) if n
                  else np.zeros((0, self.dim), DTYPE))
+            if n and hasattr(m, "_mmap") and hasattr(mmap, "MADV_RANDOM"):
+                # rows are read a shortlist at a time, scattered: no read-ahead of the pages around each
+                m._mmap.madvise(mmap.MADV_RANDOM)
             self._map = m
             return m
 
