@@ -56,3 +56,37 @@ def test_a_command_whose_extra_is_missing_names_the_extra(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 2, done.stderr
     assert "pip install 'dsmd[train]'" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("layout", ["plain", "filepath", "elsewhere"])
+def test_the_pipeline_commands_read_a_karpathy_file_in_each_layout(tmp_path, capsys, layout):
+    """check-data, train-teacher, features and distill on: the demo layout (images/ beside the file, no
+    filepath), a Karpathy file whose filepath is "images" beside images/, and images elsewhere (--images)."""
+    import json
+    import shutil
+
+    world = tmp_path / "w"
+    assert main(["generate", "--out", str(world), "--train", "16", "--val", "4", "--test", "4",
+                 "--image-size", "16"]) == 0
+    ann = world / "dataset_world.json"
+    images: list[str] = []
+    if layout == "filepath":
+        doc = json.loads(ann.read_text())
+        for img in doc["images"]:
+            img["filepath"] = "images"
+        ann.write_text(json.dumps(doc))
+    elif layout == "elsewhere":
+        shutil.move(str(world / "images"), str(tmp_path / "photos"))
+        images = ["--images", str(tmp_path / "photos")]
+    assert main(["check-data", str(ann), *images]) == 0
+    assert main(["train-teacher", "--data", str(ann), *images, "--out", str(tmp_path / "t"), "--epochs", "1",
+                 "--batch-size", "8", "--threads", "1"]) == 0
+    assert main(["features", "--teacher", "demo", "--teacher-path", str(tmp_path / "t"), "--data", str(ann), *images,
+                 "--out", str(tmp_path / "f"), "--workers", "0"]) == 0
+    config = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "configs" / "demo.json")
+    assert main(["distill", "--config", config, "--out", str(tmp_path / "r"), "--data", str(ann),
+                 *images, "--features", str(tmp_path / "f"), "--preset", "tiny", "--set", "optim.epochs=1",
+                 "--set", "optim.batch_size=8", "--set", "loss.queue_size=16", "--set", "run.workers=0",
+                 "--set", "run.threads=1", "--set", "run.stop_at_chance_after=0"]) == 0
+    out = capsys.readouterr()
+    assert "feature store ready" in out.out and "Traceback" not in out.err
