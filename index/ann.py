@@ -148,6 +148,7 @@ class OnDiskIVF:
             ok = ids[i] >= 0
             if ok.any():
                 exact[i, ok] = self.vectors_of(ids[i, ok]) @ queries[i]
+        exact[np.isnan(exact)] = -np.inf  # ids whose row is gone (removed by another writer meanwhile)
         order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(exact, order, 1), np.take_along_axis(ids, order, 1)
 
@@ -179,7 +180,6 @@ def _build_on_disk(dim, chunks, n, train_sample, seed, progress, data_path: Path
     import shutil
 
     import faiss
-    from faiss.contrib.ondisk import merge_ondisk
 
     params = _ivf_params(n, dim)
     ivf = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, params["nlist"], params["pq_m"], params["pq_bits"],
@@ -198,10 +198,31 @@ def _build_on_disk(dim, chunks, n, train_sample, seed, progress, data_path: Path
             del block
             if progress:
                 progress(len(ids))
-        merge_ondisk(ivf, files, str(data_path))
+        _merge_blocks(ivf, files, data_path)
     finally:
         shutil.rmtree(blocks, ignore_errors=True)
     return OnDiskIVF(ivf, vectors_of), {**params, "storage": "disk", "data_file": data_path.name}
+
+
+def _merge_blocks(ivf, files: list[str], data_path: Path) -> None:
+    """FAISS's merge_ondisk, except that the block indexes are freed afterwards (merge_ondisk keeps
+    them, and with them the mappings of the block files, deleted or not) and the lists synced."""
+    import faiss
+
+    from dsmd.index.vectors import sync_dir
+
+    blocks = [faiss.read_index(f, faiss.IO_FLAG_MMAP) for f in files]
+    lists = faiss.InvertedListsPtrVector()
+    for b in blocks:
+        lists.push_back(faiss.extract_index_ivf(b).invlists)
+    merged = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(data_path))
+    ivf.ntotal = merged.merge_from_multiple(lists.data(), lists.size(), False)
+    ivf.replace_invlists(merged, True)
+    merged.this.disown()  # owned by ivf now
+    del lists, blocks  # unmaps the block files
+    with open(data_path, "rb+") as f:
+        os.fsync(f.fileno())
+    sync_dir(data_path.parent)
 
 
 def _build(kind, dim, chunks, n, train_sample, seed, progress, refine):
@@ -345,6 +366,9 @@ def write(index, path: Path, before_replace: Callable[[], None] | None = None) -
     if before_replace is not None:
         before_replace()
     os.replace(tmp, path)
+    from dsmd.index.vectors import sync_dir
+
+    sync_dir(path.parent)
 
 
 def read(path: Path, kind: str, search: dict, mmap: bool = False,

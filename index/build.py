@@ -233,15 +233,13 @@ def finalize(path: str | Path, bundle: Bundle, kind: str | None = None, target: 
 def _rebuild(path: Path, db: IndexDB, bundle: Bundle, kind: str | None, target: float, memory_bytes: int | None,
              progress: bool, report: Report | None, t0: float, backend: dict | None = None) -> dict:
     """Write new FAISS files from one snapshot of the rows; returns the manifest that names them."""
-    if kind is not None:
-        db.set_meta("index_kind", kind)
-    kind = kind or db.meta().get("index_kind")
-    if memory_bytes is not None:
-        db.set_meta("memory_bytes", str(int(memory_bytes)))
-    memory_bytes = memory_bytes or int(db.meta().get("memory_bytes", 0)) or None
-    if backend is not None:
-        db.set_meta("backend", json.dumps(backend))
-    backend = json.loads(db.meta().get("backend") or '{"name": "faiss"}')
+    # given settings are remembered for later finalizes, once this one has succeeded with them
+    given = {"index_kind": kind, "memory_bytes": None if memory_bytes is None else str(int(memory_bytes)),
+             "backend": None if backend is None else json.dumps(backend)}
+    meta = db.meta()
+    kind = kind or meta.get("index_kind")
+    memory_bytes = memory_bytes or int(meta.get("memory_bytes", 0)) or None
+    backend = backend or json.loads(meta.get("backend") or '{"name": "faiss"}')
     previous = read_manifest(path) or {}
     parts = {}
     stamp = time.time_ns()
@@ -262,10 +260,12 @@ def _rebuild(path: Path, db: IndexDB, bundle: Bundle, kind: str | None, target: 
             other = "texts" if table == "items" else "items"
             q_table = other if counts[other] else table
             queries = _sample_queries(lambda t=q_table: db.vectors(t), counts[q_table])
-            # a kind a previous build fell back to is where this one starts (compactions repeat no failure)
-            before = previous.get(name, {})
-            settled = before["index"]["kind"] if len(before.get("tried", [])) > 1 and not before.get("shortfall") \
-                else None
+            # a kind a previous build fell back to is where this one starts (compactions repeat no failure),
+            # while it is still one this size and memory would try
+            by_size = ann.choose_kind(n, db.dim, memory_bytes)
+            settled = previous.get(name, {}).get("settled_kind")
+            if settled not in [by_size, *ann.fallbacks(by_size, n, db.dim, memory_bytes)]:
+                settled = None
             stem = path / f"{name}.g{generation}-{stamp}"
             index, spec, build_s, tried = _build_tuned(db, table, name, n, kind, target, memory_bytes, queries,
                                                        progress, settled, stem)
@@ -275,10 +275,14 @@ def _rebuild(path: Path, db: IndexDB, bundle: Bundle, kind: str | None, target: 
             del index
             parts[name] = {"count": n, "file": file.name, "index": spec.to_json(), "build_seconds": round(build_s, 1),
                            "bytes": file.stat().st_size, "tuned_with_queries_from": q_table, "target_recall": target,
-                           "tried": tried,
+                           "tried": tried, "settled_kind": None if kind or spec.recall_at_10 < target
+                           or spec.kind == by_size else spec.kind,
                            "shortfall": None if spec.recall_at_10 >= target else shortfall_message(name, spec, target,
                                                                                                    tried)}
         skipped = db.count("skipped")
+    for key, value in given.items():
+        if value is not None:
+            db.set_meta(key, value)
     return {
         "artifact": "index", "format": INDEX_FORMAT, "generation": generation, "backend": backend,
         "bundle": {"name": bundle.name, "path": str(bundle.path), "fingerprint": bundle_fingerprint(bundle),

@@ -204,7 +204,23 @@ class IndexDB:
         is already indexed (under another uri: a live upload may have added it since the caller
         looked), so two writers never hit the UNIQUE constraint on sha256."""
         with self.transaction():
-            ids = [self._insert(it)[0] for it in items]
+            # the vectors of the new contents in one append (one sync) for the whole transaction
+            new, seen = [], set()
+            for it in items:
+                if it.sha256 not in seen and self.id_of_sha(it.sha256) is None:
+                    new.append(it)
+                seen.add(it.sha256)
+            rows = iter(self._vf("items").append(np.stack([it.vector for it in new])) if new else [])
+            caps = [it.caption_vectors for it in new if it.caption_vectors is not None and len(it.caption_vectors)]
+            cap_rows = iter(self._vf("texts").append(np.concatenate(caps)) if caps else [])
+            placed = {id(it): (next(rows), it) for it in new}
+            ids = []
+            for it in items:
+                if id(it) in placed:
+                    n = len(it.caption_vectors) if it.caption_vectors is not None else 0
+                    ids.append(self._insert(it, placed[id(it)][0], [next(cap_rows) for _ in range(n)])[0])
+                else:
+                    ids.append(None)
             self._bump()
         return ids
 
@@ -220,18 +236,21 @@ class IndexDB:
                 return new_id, True, old
         return int(existing), False, []
 
-    def _insert(self, it: NewItem) -> tuple[int | None, int | None]:
-        """(new id, None), or (None, id of the item holding this content already)."""
+    def _insert(self, it: NewItem, vrow: int | None = None, cap_rows: list[int] | None = None
+                ) -> tuple[int | None, int | None]:
+        """(new id, None), or (None, id of the item holding this content already). `vrow`, `cap_rows`:
+        where its vectors were appended already (else they are appended here)."""
         row = self.con.execute("SELECT id FROM items WHERE sha256=?", (it.sha256,)).fetchone()
         if row is not None:
             return None, row[0]
         self.con.execute("DELETE FROM items WHERE uri=?", (it.uri,))
-        vrow = int(self._vf("items").append(it.vector)[0])
+        if vrow is None:
+            vrow = int(self._vf("items").append(it.vector)[0])
         cur = self.con.execute(
             "INSERT INTO items(uri, sha256, width, height, captions, added, vrow) VALUES(?,?,?,?,?,?,?)",
-            (it.uri, it.sha256, it.width, it.height, json.dumps(it.captions), time.time(), vrow))
+            (it.uri, it.sha256, it.width, it.height, json.dumps(it.captions), time.time(), int(vrow)))
         if it.caption_vectors is not None and len(it.caption_vectors):
-            where = self._vf("texts").append(it.caption_vectors)
+            where = cap_rows if cap_rows is not None else self._vf("texts").append(it.caption_vectors)
             self.con.executemany("INSERT INTO texts(item_id, text, vrow) VALUES(?,?,?)",
                                  [(cur.lastrowid, c, int(w)) for c, w in zip(it.captions, where)])
         return cur.lastrowid, None
@@ -308,8 +327,9 @@ class IndexDB:
             yield ids, vecs
             last = int(ids[-1])
 
-    def vectors_of(self, ids: np.ndarray, table: str = "items") -> np.ndarray:
-        """The stored vectors of these ids, in the given order."""
+    def vectors_of(self, ids: np.ndarray, table: str = "items", missing_ok: bool = False) -> np.ndarray:
+        """The stored vectors of these ids, in the given order; with `missing_ok`, rows of NaN for ids
+        without a row (removed meanwhile by another writer), else KeyError."""
         assert table in TABLES
         found: dict[int, int] = {}
         uniq = sorted({int(i) for i in ids})
@@ -317,7 +337,12 @@ class IndexDB:
             part = uniq[i:i + 900]
             q = ",".join("?" * len(part))
             found.update(self.con.execute(f"SELECT id, vrow FROM {table} WHERE id IN ({q})", part).fetchall())
-        return self._read(table, (found[int(i)] for i in ids))
+        if not missing_ok or len(found) == len(uniq):
+            return self._read(table, (found[int(i)] for i in ids))
+        have = np.array([int(i) in found for i in ids], bool)
+        out = np.full((len(have), self.dim), np.nan, np.float32)
+        out[have] = self._read(table, (found[int(i)] for i, h in zip(ids, have) if h))
+        return out
 
     def items(self, ids: list[int]) -> dict[int, dict]:
         if not ids:

@@ -22,6 +22,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,8 @@ def connect(uri: str):
         raise UserError("the Milvus back end needs pymilvus (and milvus-lite for a local file): "
                         "pip install 'dsmd[milvus]'") from None
     try:
-        client = MilvusClient(uri=uri, token=os.environ.get(TOKEN_ENV, ""))
+        # a connection of its own: pymilvus shares one per uri, and closing any client would end it for all
+        client = MilvusClient(uri=uri, token=os.environ.get(TOKEN_ENV, ""), alias=f"dsmd-{uuid.uuid4().hex}")
     except Exception as e:  # noqa: BLE001 - pymilvus raises several kinds; each becomes one line
         hint = (" (Milvus Lite opens a file from one process at a time: stop the server or build using it)"
                 if is_lite(uri) else "")
@@ -133,15 +135,18 @@ def all_ids(client, name: str) -> np.ndarray:
     return np.sort(np.concatenate(out)) if out else np.zeros(0, np.int64)
 
 
-def sync(client, name: str, ids: np.ndarray, vectors_of, progress=None) -> tuple[int, int]:
-    """Make the collection hold exactly `ids` (ascending): insert the missing ones (their vectors from
-    `vectors_of`), delete the others. Returns (inserted, deleted)."""
+def sync(client, name: str, ids: np.ndarray, vectors_of, progress=None, ids_now=None) -> tuple[int, int]:
+    """Make the collection hold exactly `ids` (ascending): upsert the missing ones (their vectors from
+    `vectors_of`), delete the others, except those `ids_now()` (a fresh read of the rows, when `ids`
+    is a snapshot) has: a live writer added them meanwhile. Returns (inserted, deleted)."""
     have = all_ids(client, name)
     missing = np.setdiff1d(ids, have, assume_unique=True)
     gone = np.setdiff1d(have, ids, assume_unique=True)
+    if ids_now is not None and len(gone):
+        gone = np.setdiff1d(gone, ids_now(), assume_unique=True)
     for i in range(0, len(missing), INSERT_BATCH):
         chunk = missing[i:i + INSERT_BATCH]
-        insert(client, name, chunk, vectors_of(chunk), upsert=False)
+        insert(client, name, chunk, vectors_of(chunk))  # upsert: a live writer may have added it meanwhile
         if progress:
             progress(len(chunk))
     for i in range(0, len(gone), INSERT_BATCH):
@@ -190,6 +195,17 @@ def tune(client, name: str, index_type: str, queries: np.ndarray, kth_exact: np.
     return best, best_recall
 
 
+def _fresh_ids(db, table: str) -> np.ndarray:
+    """The rows' ids now, outside the snapshot `db` is reading (a second, read-only connection)."""
+    from dsmd.index.db import IndexDB
+
+    fresh = IndexDB(db.path, readonly=True)
+    try:
+        return fresh.ids(table)
+    finally:
+        fresh.close()
+
+
 def finalize_parts(db, backend: dict, counts: dict, target: float, progress: bool) -> dict:
     """A finalize on Milvus: make the collections hold exactly the rows (one snapshot of `db`), measure
     their recall as FAISS files are measured, and return the manifest's parts."""
@@ -208,7 +224,7 @@ def finalize_parts(db, backend: dict, counts: dict, target: float, progress: boo
             bar = tqdm(total=n, desc=f"milvus {name}", unit="vec", leave=False, **_quiet(progress))
             t1 = time.time()
             inserted, deleted = sync(client, collection, db.ids(table), lambda ids, t=table: db.vectors_of(ids, t),
-                                     bar.update)
+                                     bar.update, lambda t=table: _fresh_ids(db, t))
             bar.close()
             if n == 0:
                 parts[name] = {"count": 0, "collection": collection}

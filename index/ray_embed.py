@@ -50,13 +50,25 @@ def _ray():
 
 
 def _digest(sources: list[Source]) -> str:
+    """What a shard was made from: each source's uri, captions, and its file's size and time (a file
+    changed in place makes the shard stale)."""
     h = hashlib.sha256()
     for s in sources:
-        h.update(s.uri.encode())
-        h.update(b"\0")
-        h.update(json.dumps(s.captions).encode())
-        h.update(b"\n")
+        try:
+            st = s.path.stat()
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        h.update(f"{s.uri}\0{json.dumps(s.captions)}\0{stamp}\n".encode())
     return h.hexdigest()
+
+
+def _shard_name(k: int) -> str:
+    return f"shard-{k:06d}.parquet"
+
+
+def _shard_number(name: str) -> int:
+    return int(name.removeprefix("shard-").removesuffix(".parquet"))
 
 
 class _Decode:
@@ -144,12 +156,12 @@ def embed(out: str | Path, bundle_path: str | Path, sources: list[Source], varia
         raise UserError(f"{out} holds shards of another bundle or variant ({manifest.get('bundle', {}).get('name')}): "
                         f"embed into a new folder")
     shards = [sources[i:i + shard_size] for i in range(0, len(sources), shard_size)]
-    for name in [n for n in manifest["shards"] if int(n[6:11]) >= len(shards)]:  # the sources shrank
+    for name in [n for n in manifest["shards"] if _shard_number(n) >= len(shards)]:  # the sources shrank
         del manifest["shards"][name]
         (out / name).unlink(missing_ok=True)
     todo = []
     for k, part in enumerate(shards):
-        name = f"shard-{k:05d}.parquet"
+        name = _shard_name(k)
         done = manifest["shards"].get(name)
         if not (done and done["sources"] == _digest(part) and (out / name).exists()):
             todo.append((k, name, part))
@@ -209,7 +221,11 @@ def read_shards(shards: str | Path, bundle: Bundle):
     if {k: m["bundle"].get(k) for k in want} != want:
         raise UserError(f"the shards in {shards} were embedded with {m['bundle']['name']} ({m['bundle']['variant']}), "
                         f"not the bundle at {bundle.path} ({bundle.variant}): give that bundle and --variant")
-    for name in sorted(m["shards"]):
+    done = sum(sh["count"] for sh in m["shards"].values())
+    if done != m.get("total"):
+        raise UserError(f"{shards} holds {done} of {m.get('total')} images: the embedding did not finish; "
+                        f"run dsmd index embed again (it continues where it stopped)")
+    for name in sorted(m["shards"], key=_shard_number):
         yield from pq.read_table(shards / name).to_pylist()
 
 

@@ -131,7 +131,7 @@ class SearchIndex:
         table = TABLES[name]
         try:
             index = ann.read(file, kind, part["index"]["search"], self.mmap,
-                             vectors_of=lambda ids: self._read(lambda db: db.vectors_of(ids, table)))
+                             vectors_of=lambda ids: self._read(lambda db: db.vectors_of(ids, table, missing_ok=True)))
         except RuntimeError:  # FAISS says "could not open": gone, or another problem
             data = part["index"]["params"].get("data_file")
             for needed in (file, *([self.path / data] if data else [])):
@@ -160,7 +160,11 @@ class SearchIndex:
                 have = part.all_ids()
                 missing = np.setdiff1d(rows, have, assume_unique=True)
                 vectors = [db.vectors_of(missing[i:i + 10_000], table) for i in range(0, len(missing), 10_000)]
-            gone = np.setdiff1d(have, rows, assume_unique=True)
+            # gone: held but without a row now (read again: a row written since the snapshot, and already
+            # added to a shared Milvus collection by its writer, is not gone)
+            gone = np.setdiff1d(have, np.union1d(rows, db.ids(table)), assume_unique=True)
+            if self.backend == "milvus" and self.readonly:
+                continue  # the collection is shared: a read-only server changes nothing in it
             with self._rw.write():
                 for i, v in zip(range(0, len(missing), 10_000), vectors):
                     part.add(missing[i:i + 10_000], v)

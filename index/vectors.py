@@ -28,6 +28,20 @@ import numpy as np
 DTYPE = np.float16
 
 
+def sync_dir(path: Path) -> None:
+    """fsync a folder, so that the files just created or renamed in it are on disk by name."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
+
+
 class VectorFile:
     """Appends float16 rows to one file and reads any rows back through a memory map."""
 
@@ -50,14 +64,17 @@ class VectorFile:
         if not self.writable:
             raise PermissionError(f"{self.path} is open read-only")
         v = np.ascontiguousarray(np.asarray(vectors, np.float32).reshape(-1, self.dim).astype(DTYPE))
+        created = not self.path.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             first = -(-os.fstat(fd).st_size // self.row_bytes)  # past a partial row, if any
             os.pwrite(fd, v.tobytes(), first * self.row_bytes)
-            os.fdatasync(fd)
+            getattr(os, "fdatasync", os.fsync)(fd)  # macOS has no fdatasync
         finally:
             os.close(fd)
+        if created:  # the new file's name must survive a power loss as its rows do
+            sync_dir(self.path.parent)
         return np.arange(first, first + len(v), dtype=np.int64)
 
     def read(self, rows: np.ndarray) -> np.ndarray:

@@ -461,8 +461,10 @@ def test_an_on_disk_ivf_index_serves_from_its_files_and_takes_live_changes(bundl
         found = [h[0].id for h in hits] == np.arange(1, 41)
         assert found.mean() >= 0.9 and all(h[0].score == pytest.approx(1.0, abs=2e-3) for h, ok in zip(hits, found) if ok)
         assert s.remove(1) and 1 not in [h.id for h in s.search(stored[:1], 10)[0]]  # tombstoned in the lists
+        remove(tmp_path, ids=[5])  # another writer's removal: the row is gone, this object has no tombstone yet
+        assert 5 not in [h.id for h in s.search(stored[4:5], 10)[0]]  # re-ranking skips it, no KeyError
     with SearchIndex(tmp_path) as s:  # reopened: the removal reconciled from the rows
-        assert s.count() == 4999 and 1 not in [h.id for h in s.search(stored[:1], 10)[0]]
+        assert s.count() == 4998 and 1 not in [h.id for h in s.search(stored[:1], 10)[0]]
     again = finalize(tmp_path, b, progress=False)["images"]  # the kind is remembered; old files go
     assert again["index"]["kind"] == "ivfdisk" and not data.exists()
     assert sorted(p.name for p in tmp_path.glob("*.ivfdata")) == [again["index"]["params"]["data_file"]]

@@ -81,6 +81,15 @@ def test_milvus_returns_the_top_10_of_exact_search(milvus_index, tiny_world):
               want_i, want_s)
 
 
+def test_closing_one_index_leaves_another_on_the_same_milvus_working(milvus_index):
+    _, index = milvus_index
+    a, b = SearchIndex(index), SearchIndex(index)
+    q = a.db.vectors_of(np.array([1]))
+    a.close()
+    assert b.search(q, 3)[0] and b.count("images") > 0  # its own connection (pymilvus shares one per uri)
+    b.close()
+
+
 def test_live_adds_and_removals_go_to_milvus_and_survive_reopening(milvus_index, tiny_world, tmp_path):
     bundle, built = milvus_index
     index = tmp_path / "index"

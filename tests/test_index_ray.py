@@ -53,7 +53,7 @@ def test_ray_shards_build_the_same_index_as_one_process(tiny_search, world200, t
                           capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "3 shard(s) of 200 images (1 unreadable), 200 embedded now" in done.stdout
-    assert sorted(p.name for p in shards.glob("*.parquet")) == [f"shard-{k:05d}.parquet" for k in range(3)]
+    assert sorted(p.name for p in shards.glob("*.parquet")) == [f"shard-{k:06d}.parquet" for k in range(3)]
 
     report = add_shards(tmp_path / "ray", b, shards, progress=False)
     finalize(tmp_path / "ray", b, progress=False, report=report)
@@ -71,7 +71,17 @@ def test_ray_shards_build_the_same_index_as_one_process(tiny_search, world200, t
     assert m["embedded_now"] == 0 and m["shards"] == again["shards"]
     changed = sources[:-1]
     m = embed(shards, bundle_path, changed, shard_size=80, batch=16, progress=False)
-    assert m["embedded_now"] == 39 and m["shards"]["shard-00002.parquet"]["count"] == 39
+    assert m["embedded_now"] == 39 and m["shards"]["shard-000002.parquet"]["count"] == 39
+    # a file changed in place makes its shard stale; a shard missing from a run is refused at build time
+    victim = next(i for i, src in enumerate(changed) if src.path.name != "000003.png")
+    changed[victim].path.write_bytes(changed[victim + 1].path.read_bytes())
+    m = embed(shards, bundle_path, changed, shard_size=80, batch=16, progress=False)
+    assert m["embedded_now"] == len(changed[victim // 80 * 80:(victim // 80 + 1) * 80])
+    manifest = json.loads((shards / "manifest.json").read_text())
+    del manifest["shards"]["shard-000001.parquet"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="the embedding did not finish"):
+        list(__import__("dsmd.index.ray_embed", fromlist=["x"]).read_shards(shards, b))
 
 
 def test_shards_of_another_bundle_are_refused(tiny_search, tiny_teacher, world200, tmp_path):
