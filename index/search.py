@@ -152,6 +152,8 @@ class SearchIndex:
 
     def _reconcile(self) -> None:
         """Make the in-memory FAISS hold exactly the rows: add the missing ones, tombstone the gone."""
+        if self.backend == "milvus" and self.readonly:
+            return  # the collection is shared: a read-only server changes nothing in it
         db = self._db()
         for name, table in TABLES.items():
             part = self._parts[name]
@@ -163,8 +165,6 @@ class SearchIndex:
             # gone: held but without a row now (read again: a row written since the snapshot, and already
             # added to a shared Milvus collection by its writer, is not gone)
             gone = np.setdiff1d(have, np.union1d(rows, db.ids(table)), assume_unique=True)
-            if self.backend == "milvus" and self.readonly:
-                continue  # the collection is shared: a read-only server changes nothing in it
             with self._rw.write():
                 for i, v in zip(range(0, len(missing), 10_000), vectors):
                     part.add(missing[i:i + 10_000], v)
