@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dsmd.hub import add_offline_option
+
 
 def _teachers(a: argparse.Namespace) -> int:
     from dsmd.distill.teachers import list_teachers
@@ -137,7 +139,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     f = sub.add_parser("features", help="run a teacher over a data set into a feature store (resumable; torchrun shards it)")
     f.add_argument("--teacher", default="demo", help="teacher kind: demo, beit3, clip, siglip (see `dsmd teachers`)")
-    f.add_argument("--teacher-path", default="artifacts/teacher", help="checkpoint file or folder of the teacher")
+    f.add_argument("--teacher-path", default="artifacts/teacher",
+                   help="checkpoint file or folder of the teacher, or its name: a Hub id (clip, siglip) or a BEiT-3 "
+                   "release name such as beit3_base_patch16_384_f30k_retrieval (see `dsmd models list`)")
     f.add_argument("--tokenizer", help="beit3 only: the sentencepiece model (default: beit3.spm beside the .pth)")
     f.add_argument("--data", default="data/world", help="data set (default: data/world)")
     f.add_argument("--images", help="image root (default: beside the annotation file)")
@@ -148,6 +152,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     f.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast for the teacher (auto: fp16 on GPU as BEiT-3's own evaluation, fp32 on CPU)")
+    add_offline_option(f)
     f.set_defaults(run=_features)
 
     r = sub.add_parser("recall", help="print the recall table of a feature store's split")
@@ -169,6 +174,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any setting, e.g. --set optim.lr=5e-4 --set loss.use=[\"fd\",\"sd\"]")
     d.add_argument("--restart", action="store_true", help="delete the run folder and start over")
+    add_offline_option(d)
     d.set_defaults(run=_distill)
 
     e = sub.add_parser("evaluate", help="recall of a student beside its teacher's (from the feature store)")

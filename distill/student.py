@@ -226,17 +226,21 @@ def create_student(preset: str, dim: int, image_init: str | Path | None = None, 
     Args:
         preset: a name from `list_presets()`.
         dim: the teacher's embedding size.
-        image_init: a timm ViT checkpoint (.safetensors, .pth, .bin, or a folder holding one).
-        text_init: a Hugging Face BERT directory (config.json + weights + vocabulary); its
-            config replaces the preset's text tower sizes and its vocabulary is used.
+        image_init: a timm ViT checkpoint (.safetensors, .pth, .bin, or a folder holding one), or
+            a timm name such as vit_base_patch16_224.augreg_in21k (downloaded once, `dsmd.hub`).
+        text_init: a Hugging Face BERT directory (config.json + weights + vocabulary) or Hub id
+            such as bert-base-uncased; its config replaces the preset's text tower sizes and its
+            vocabulary is used.
         tokenizer: a ready tokenizer (when resuming); else built from `text_init` or learnt
             from `captions`.
         overrides: StudentConfig fields.
     """
+    from dsmd import hub
+
     cfg = preset_config(preset, dim, **overrides)
     init = {}
     if text_init is not None:
-        text_init = _existing(text_init, "text encoder (student.text_init)")
+        text_init = hub.resolve_hf(text_init, what="text encoder (student.text_init)")
         hf = json.loads((text_init / "config.json").read_text()) if (text_init / "config.json").exists() else None
         if hf is None:
             raise UserError(f"{text_init} has no config.json: student.text_init takes a Hugging Face BERT directory")
@@ -250,21 +254,22 @@ def create_student(preset: str, dim: int, image_init: str | Path | None = None, 
         raise UserError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, more than the text encoder's "
                         f"{cfg.vocab_size}")
     if image_init is not None:
-        init["image"] = str(_existing(image_init, "image encoder (student.image_init)"))
+        image_init = hub.resolve_timm(image_init)
+        init["image"] = str(image_init)
     cfg = replace(cfg, init=init)
     model = Student(cfg)
     if image_init is not None:
-        _load_timm_vit(model.vision, Path(init["image"]))
+        _load_timm_vit(model.vision, image_init)
         log(f"image encoder: pretrained weights from {init['image']}")
     else:
-        log("image encoder: random initialisation (--set student.image_init=PATH, a timm ViT checkpoint, starts it "
-            "pretrained)")
+        log("image encoder: random initialisation (--set student.image_init=PATH_OR_TIMM_NAME, e.g. "
+            "vit_base_patch16_224.augreg_in21k, starts it pretrained)")
     if text_init is not None:
         _load_hf_bert(model.text, Path(init["text"]))
         log(f"text encoder: pretrained weights from {init['text']}")
     else:
-        log("text encoder: random initialisation (--set student.text_init=DIR, a Hugging Face BERT directory, starts "
-            "it pretrained)")
+        log("text encoder: random initialisation (--set student.text_init=DIR_OR_HUB_ID, e.g. bert-base-uncased, "
+            "starts it pretrained)")
     return model, tokenizer
 
 
@@ -276,13 +281,6 @@ def make_tokenizer(text_init: str | Path | None, captions: list[str] | None, voc
     if captions:
         return build_tokenizer(captions, vocab_size, max_tokens)
     raise UserError("no tokenizer: give a pretrained text encoder (student.text_init) or training captions")
-
-
-def _existing(path: str | Path, what: str) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{what}: {p} does not exist")
-    return p
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

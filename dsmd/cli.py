@@ -3,6 +3,7 @@
     dsmd generate        write the demo world (a captioned-image data set, Karpathy format)
     dsmd check-data      validate a data set and print its splits
     dsmd teachers        list the teacher kinds and what path each takes
+    dsmd models          list|fetch: models by name (Hub ids, timm names, BEiT-3 files) in the cache
     dsmd train-teacher   train the demo teacher on the demo world
     dsmd features        run a teacher over a data set into a feature store (resumable)
     dsmd recall          the recall table of a feature store's split
@@ -13,8 +14,6 @@
     dsmd index           build|add-texts|remove|merge|info|search: FAISS + SQLite index of images and captions
     dsmd serve           the search server and its web page (uvicorn)
 
-This module is the dispatcher on top of the stages: the data-set commands live here, each
-stage adds its own (`distill/cli.py`, `export/cli.py`, `index/cli.py`, `serve/cli.py`).
 This module is the dispatcher on top of the stages: the data-set commands live here, each
 stage adds its own (`distill/cli.py`, `export/cli.py`, `index/cli.py`, `serve/cli.py`).
 Heavy libraries (torch) are imported inside the commands that need them, so `dsmd --help`
@@ -55,6 +54,28 @@ def _check_data(a: argparse.Namespace) -> int:
     return 0
 
 
+def _models(a: argparse.Namespace) -> int:
+    from dsmd import hub
+    from dsmd.errors import UserError
+
+    if a.action == "list":
+        print(f"BEiT-3 release files (from {hub.BEIT3_URL}, cached in {hub.cache_dir() / 'beit3'}):")
+        for name, digest in hub.BEIT3_FILES.items():
+            cached = (hub.cache_dir() / "beit3" / name).is_file()
+            print(f"  {name.removesuffix('.pth'):45s} {'cached' if cached else '      '}  "
+                  f"sha256 {digest or 'not pinned (recorded at download, checked on each use)'}")
+        print("Hugging Face ids (CLIP / SigLIP teachers, the BERT tower) and timm names (the ViT tower) are "
+              f"fetched from {hub.hf_endpoint()} into the Hugging Face cache.")
+        return 0
+    if not a.names:
+        raise UserError("dsmd models fetch takes one or more names, e.g. openai/clip-vit-base-patch16")
+    for name in a.names:
+        path = hub.fetch(name, kind=a.kind)
+        digest = (path.with_name(path.name + ".sha256").read_text().strip()
+                  if path.with_name(path.name + ".sha256").is_file() else None)
+        print(f"{name}: {path}" + (f" (sha256 {digest})" if digest else ""))
+    return 0
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -77,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("data", help="dataset_*.json, a .jsonl file, or a folder holding one")
     c.add_argument("--images", help="image root (default: beside the annotation file)")
     c.set_defaults(run=_check_data)
+
+    m = sub.add_parser("models", help="models by name: list the known BEiT-3 files, fetch names into the cache")
+    m.add_argument("action", choices=["list", "fetch"])
+    m.add_argument("names", nargs="*", help="fetch: Hub ids (openai/clip-vit-base-patch16, bert-base-uncased), "
+                   "timm names (timm/vit_base_patch16_224.augreg_in21k) or BEiT-3 names (see list)")
+    m.add_argument("--kind", default="auto", choices=["auto", "hf", "timm", "beit3"],
+                   help="what the names are (default auto: BEiT-3 table names, timm/..., else a Hub id)")
+    m.set_defaults(run=_models)
     for stage in (distill_cli, export_cli, index_cli, serve_cli):
         stage.add_commands(sub)
     return p
@@ -86,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     from dsmd.errors import UserError
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "offline", False):
+        import os
+
+        os.environ["DSMD_OFFLINE"] = "1"
     try:
         return args.run(args)
     except (UserError, FileNotFoundError) as e:
