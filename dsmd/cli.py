@@ -70,10 +70,10 @@ def _models(a: argparse.Namespace) -> int:
     if not a.names:
         raise UserError("dsmd models fetch takes one or more names, e.g. openai/clip-vit-base-patch16")
     for name in a.names:
-        path = hub.fetch(name, kind=a.kind)
-        digest = (path.with_name(path.name + ".sha256").read_text().strip()
-                  if path.with_name(path.name + ".sha256").is_file() else None)
-        print(f"{name}: {path}" + (f" (sha256 {digest})" if digest else ""))
+        for path in hub.fetch(name, kind=a.kind):
+            record = path.with_name(path.name + ".sha256")
+            digest = record.read_text().strip() if record.is_file() else None
+            print(f"{name}: {path}" + (f" (sha256 {digest})" if digest else ""))
     return 0
 
 

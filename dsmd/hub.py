@@ -24,7 +24,6 @@ name that is not cached is an error that says how to fetch it.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import http.client
 import os
@@ -148,9 +147,9 @@ def _snapshot(repo: str, patterns: list[str], what: str, offline: bool | None) -
         raise UserError(f"{what}: {repo} is neither a local path nor a model on {hf_endpoint()}") from e
     except LocalEntryNotFoundError as e:
         if local_only:
-            raise UserError(f"{what}: {repo} is not in the cache and offline mode is on (DSMD_OFFLINE / "
-                            f"HF_HUB_OFFLINE / --offline). Fetch it first where there is a network: "
-                            f"`dsmd models fetch {repo}`") from e
+            raise UserError(f"{what}: {repo} is not a local path, and as a Hub id it is not in the cache while "
+                            f"offline mode is on (DSMD_OFFLINE / HF_HUB_OFFLINE / --offline). Fetch it first where "
+                            f"there is a network: `dsmd models fetch {repo}`") from e
         raise UserError(f"{what}: could not reach {hf_endpoint()} to download {repo}, and it is not in the "
                         f"cache ({e})") from e
     except HfHubHTTPError as e:
@@ -183,9 +182,12 @@ def resolve_beit3(ref: str | Path, offline: bool | None = None,
         raise UserError(f"{ref} does not exist, and it is not a BEiT-3 release file; names known: "
                         f"{', '.join(sorted(table))}")
     dest = cache_dir() / "beit3" / name
+    if dest.is_file():  # no lock to read: torchrun's ranks check a cached file side by side
+        _check_cached(dest, table[name])
+        return dest
     local_only = is_offline() if offline is None else offline
     with _file_lock(dest):
-        if dest.is_file():
+        if dest.is_file():  # another process finished the download while this one waited
             _check_cached(dest, table[name])
             return dest
         if local_only:
@@ -237,8 +239,8 @@ def download(url: str, dest: Path, sha256: str | None = None, progress: bool = T
         part.unlink()
         raise UserError(f"{url}: the downloaded file's sha256 is {digest}, not the expected {sha256}; it was "
                         "deleted. Is the URL (or DSMD_BEIT3_URL) right?")
+    dest.with_name(dest.name + ".sha256").write_text(digest + "\n")  # before the file: never one unrecorded
     part.replace(dest)
-    dest.with_name(dest.name + ".sha256").write_text(digest + "\n")
     return digest
 
 
@@ -264,8 +266,16 @@ def _check_cached(path: Path, pinned: str | None) -> None:
 
 @contextmanager
 def _file_lock(dest: Path) -> Iterator[None]:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(dest.with_name(dest.name + ".lock"), "w") as f:
+    """One downloader of `dest` at a time, across processes (flock on DEST.lock)."""
+    import fcntl  # POSIX only: imported here so that `dsmd` itself still imports elsewhere
+
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        f = open(dest.with_name(dest.name + ".lock"), "w")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise UserError(f"cannot write to the model cache {dest.parent} ({e}): set DSMD_CACHE to a folder this "
+                        "user can write, or give the file's local path") from e
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -273,14 +283,22 @@ def _file_lock(dest: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def fetch(ref: str, kind: str = "auto") -> Path:
-    """Download `ref` into the cache (for `dsmd models fetch`): kind auto, hf, timm or beit3."""
+def fetch(ref: str, kind: str = "auto") -> list[Path]:
+    """Download `ref` into the cache (for `dsmd models fetch`): kind auto, hf, timm or beit3.
+
+    A BEiT-3 checkpoint comes with beit3.spm, so that it loads offline afterwards.
+    """
+    if is_offline():
+        raise UserError("offline mode is on (DSMD_OFFLINE / HF_HUB_OFFLINE): fetching needs the network")
     if kind == "auto":
         kind = "beit3" if beit3_file_name(ref) else "timm" if ref.startswith(("timm/", "hf-hub:timm/")) else "hf"
     if kind == "beit3":
-        return resolve_beit3(ref, offline=False)
+        files = [resolve_beit3(ref, offline=False)]
+        if files[0].suffix == ".pth":
+            files.append(resolve_beit3("beit3.spm", offline=False))
+        return files
     if kind == "timm":
-        return resolve_timm(ref, offline=False)
+        return [resolve_timm(ref, offline=False)]
     if kind == "hf":
-        return resolve_hf(ref, offline=False)
+        return [resolve_hf(ref, offline=False)]
     raise UserError(f"unknown model kind {kind!r}: auto, hf, timm or beit3")

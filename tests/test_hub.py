@@ -16,7 +16,7 @@ from test_hf_teachers import _build_clip
 
 from dsmd import hub
 from dsmd.cli import main
-from dsmd.distill.student import create_student
+from dsmd.distill.student import create_student, make_tokenizer
 from dsmd.distill.teachers import load_teacher
 from dsmd.distill.teachers.beit3_model import BEiT3Retrieval
 from dsmd.errors import UserError
@@ -74,7 +74,11 @@ def test_towers_download_by_name_then_load_offline(caches, tmp_path, monkeypatch
         monkeypatch.setenv("DSMD_OFFLINE", "1")
         again, _ = create_student("tiny", 16, image_init="timm/vit_tiny_test.in1k", text_init="acme/bert-tiny",
                                   log=quiet)
+        # the trainer builds the tokenizer from the same name (distill/train.py)
+        assert make_tokenizer("acme/bert-tiny", None, 40, 16).encode("a red circle").tokens == \
+            ["[CLS]", "a", "red", "circle", "[SEP]"]
         assert len(fake.requests) == seen
+    assert again.cfg.init == {"text": "acme/bert-tiny", "image": "timm/vit_tiny_test.in1k"}  # the names, as given
     torch.testing.assert_close(again.vision.blocks[1].mlp.fc1.weight, vit.blocks[1].mlp.fc1.weight)
     assert tok.encode("a red circle").tokens == ["[CLS]", "a", "red", "circle", "[SEP]"]
     with pytest.raises(UserError, match="offline mode is on.*dsmd models fetch acme/other"):
@@ -124,6 +128,8 @@ def test_beit3_by_name_resumes_checks_sha256_and_fetches_its_tokenizer(caches, t
         teacher = load_teacher("beit3", name, config=TINY)
         assert fake.requests.count(f"GET /files/{name}.pth") == 2  # the second asked for the rest (Range)
         assert not part.exists()
+        assert [p.name for p in hub.fetch(name)] == [f"{name}.pth", "beit3.spm"]  # cached: no new download
+        assert fake.requests.count(f"GET /files/{name}.pth") == 2
 
         # a pinned digest that does not match: the download is deleted and refused
         monkeypatch.setitem(hub.BEIT3_FILES, "beit3_large_patch16_384_coco_retrieval.pth", "0" * 64)
@@ -167,3 +173,5 @@ def test_models_fetch_command(caches, tmp_path, monkeypatch, capsys):
     assert main(["features", "--offline", "--teacher", "clip", "--teacher-path", "acme/not-cached",
                  "--data", str(tmp_path / "none")]) == 2
     assert "offline mode is on" in capsys.readouterr().err
+    assert main(["models", "fetch", "acme/bert-tiny"]) == 2  # offline: fetching is refused, not attempted
+    assert "fetching needs the network" in capsys.readouterr().err

@@ -51,8 +51,8 @@ def load_teacher(kind: str, path: str | Path, device: str = "cpu", **options) ->
 
         checkpoint = hub.resolve_beit3(path)
         tokenizer = options.pop("tokenizer", None)
-        if tokenizer is None and not checkpoint.with_name("beit3.spm").exists() and not Path(path).exists():
-            tokenizer = "beit3.spm"  # fetched by name, so fetch its tokenizer too
+        if tokenizer is None and not Path(path).exists():
+            tokenizer = "beit3.spm"  # the checkpoint came by name: its tokenizer too (fetched, or checked)
         if tokenizer is not None:
             tokenizer = hub.resolve_beit3(tokenizer)
         return BEiT3Teacher.load(checkpoint, device=device, tokenizer=tokenizer, **options)
