@@ -3,12 +3,12 @@
 Per step, with raw losses L_m:
   1. magnitude scaling  s_m = max_j L_j / L_m   (detached; see the guard below)
   2. rate of each loss  r_m = L̄_m(t-1) / L̄_m(t-2), on *smoothed* raw losses. DWA (Liu et al.
-     2019, which Eq. 16 follows) uses epoch means: with `window` N > 0, L̄ is the mean of the raw
-     losses over consecutive windows of N steps (N = the steps of an epoch gives DWA exactly),
-     and the weights change once per window. With `window` 0 (the default, kept while the
-     ablation is re-run) L̄ is a per-step exponential moving average (factor `ema`): consecutive
-     values differ little, so the rates stay near 1 and the weights within a few percent of
-     equal.
+     2019, which Eq. 16 follows) uses epoch means: with `window` N > 0 (default 100), L̄ is the
+     mean of the raw losses over consecutive windows of N steps (N = the steps of an epoch gives
+     DWA exactly; 100 steps give a two-epoch demo run twelve windows), and the weights change
+     once per window. A step is a call: with gradient accumulation, a micro-batch. With `window` 0, L̄ is a per-step exponential moving average (factor
+     `ema`, the earlier default): consecutive values differ little, so the rates stay near 1
+     and the weights within a few percent of equal after the first few hundred steps.
   3. weights            w_m = K · softmax(r / T)_m
   4. objective          L = Σ w_m · s_m · L_m       (weights and scales are constants for autograd)
 
@@ -44,7 +44,7 @@ class BalancerCfg:
     temperature: float = 1.0  # T
     total: float | None = None  # K, the sum of the weights; None = number of losses
     ema: float = 0.9  # smoothing of the raw losses for the rates (window 0)
-    window: int = 0  # > 0: rates from means over windows of this many steps (DWA's epoch means)
+    window: int = 100  # rates from means over windows of this many steps (DWA's epoch means); 0: per-step EMA
     max_scale: float = 1000.0  # cap on the magnitude-scaling factor
     eps: float = 1e-8  # floor on a loss in the scaling denominator
     fixed: dict[str, float] = field(default_factory=dict)
@@ -67,6 +67,7 @@ class Balancer:
         self.smoothed: list[dict[str, float]] = []  # L̄(t-2), L̄(t-1): at most two entries
         self.window_sum: dict[str, float] = {n: 0.0 for n in self.names}  # the window being filled
         self.window_steps = 0
+        self.weights: dict[str, float] = {n: 1.0 for n in self.names}  # w_m of the last call (plots, logs)
 
     def __call__(self, losses: dict[str, torch.Tensor],
                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -81,13 +82,15 @@ class Balancer:
         mode = self.cfg.mode
         if mode == "none":
             factors = {n: 1.0 for n in self.names}
+            self.weights = dict(factors)
         elif mode == "fixed":
             factors = dict(self.cfg.fixed)
+            self.weights = dict(factors)
         else:
             scales = self._scales(raw)
             tracked = raw if mode == "dsmd" else {n: scales[n] * raw[n] for n in self.names}
-            weights = self._weights(tracked)
-            factors = {n: weights[n] * scales[n] for n in self.names}
+            self.weights = self._weights(tracked)
+            factors = {n: self.weights[n] * scales[n] for n in self.names}
         total = sum(factors[n] * losses[n] for n in self.names)
         return total, factors
 

@@ -15,7 +15,7 @@ def tensorboard(path: Path):
 
 
 def plot_run(out: Path) -> Path | None:
-    """plot.png: raw losses, balancer factors (per step) and val RSUM (per epoch) of a run."""
+    """plot.png: raw losses, balancer factors and weights (per step) and val RSUM (per epoch) of a run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,16 +26,18 @@ def plot_run(out: Path) -> Path | None:
         if (out / "metrics.jsonl").exists() else []
     if not steps:
         return None
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4))
     x = [s["step"] for s in steps]
     for n in steps[-1]["loss"]:
         ax[0].plot(x, _smooth([s["loss"][n] for s in steps]), label=n)
         ax[1].plot(x, [s["factor"][n] for s in steps], label=n)
+        ax[2].plot(x, [s.get("weight", {}).get(n, float("nan")) for s in steps], label=n)
     ax[0].set(title="raw losses (smoothed)", xlabel="step", yscale="log")
     ax[1].set(title="balancer factor w·s per loss", xlabel="step", yscale="log")
-    ax[2].plot([e["epoch"] for e in evals], [e["rsum"] for e in evals], marker="o")
-    ax[2].set(title="val RSUM", xlabel="epoch")
-    for a in ax[:2]:
+    ax[2].set(title="balancer weight w (softmax of the loss rates)", xlabel="step")
+    ax[3].plot([e["epoch"] for e in evals], [e["rsum"] for e in evals], marker="o")
+    ax[3].set(title="val RSUM", xlabel="epoch")
+    for a in ax[:3]:
         a.legend()
     fig.tight_layout()
     path = out / "plot.png"

@@ -26,6 +26,7 @@ their own micro-batch only, and the balancer's loss history advances once per mi
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import replace
@@ -84,9 +85,13 @@ class Queue:
 
 
 def lr_at(step: int, steps_per_epoch: int, cfg) -> float:
-    """Linear warm-up, then the paper's step decay (x decay at each of decay_epochs)."""
+    """Linear warm-up, then the paper's step decay (x decay at each of decay_epochs) or a cosine to 0."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        total = steps_per_epoch * cfg.epochs
+        done = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, done)))
     epoch = step // steps_per_epoch
     return cfg.lr * cfg.decay ** sum(epoch >= e for e in cfg.decay_epochs)
 
@@ -240,13 +245,15 @@ def _train(cfg: DistillConfig, out: Path, restart: bool, dist: Dist, device_kind
             step += 1
             seen_steps += 1
             if dist.main:
-                rec = {"step": step, "epoch": epoch + 1, "lr": lr, "loss": raw_sum, "factor": factors}
+                rec = {"step": step, "epoch": epoch + 1, "lr": lr, "loss": raw_sum, "factor": factors,
+                       "weight": dict(balancer.weights)}
                 step_log.write(json.dumps(rec) + "\n")
                 step_log.flush()
                 if writer is not None:
                     for n in names:
                         writer.add_scalar(f"loss/{n}", raw_sum[n], step)
-                        writer.add_scalar(f"weight/{n}", factors[n], step)
+                        writer.add_scalar(f"factor/{n}", factors[n], step)
+                        writer.add_scalar(f"weight/{n}", balancer.weights[n], step)
                     writer.add_scalar("lr", lr, step)
                 rate = seen_steps * o.batch_size / max(1e-9, time.time() - seen_t0)
                 bar.update(1)

@@ -103,7 +103,7 @@ def test_magnitude_scaling_with_equal_rates():
 
 
 def test_dwa_rates_favour_the_loss_that_falls_slowest():
-    cfg = BalancerCfg(ema=0.0)  # no smoothing: rates are plain ratios of consecutive losses
+    cfg = BalancerCfg(ema=0.0, window=0)  # no smoothing: rates are plain ratios of consecutive losses
     bal = Balancer(["fast", "slow"], cfg)
     bal(_losses(fast=4.0, slow=4.0))
     bal(_losses(fast=2.0, slow=4.0))
@@ -117,7 +117,7 @@ def test_dwa_rates_favour_the_loss_that_falls_slowest():
 
 
 def test_ema_smooths_the_rates():
-    bal = Balancer(["a", "b"], BalancerCfg(ema=0.5))
+    bal = Balancer(["a", "b"], BalancerCfg(ema=0.5, window=0))
     bal(_losses(a=4.0, b=4.0))  # L̄ = 4, 4
     bal(_losses(a=2.0, b=4.0))  # L̄ = 3, 4
     _, f = bal(_losses(a=2.0, b=4.0))  # rates 3/4, 1
@@ -133,7 +133,7 @@ def test_scale_is_capped_when_a_loss_reaches_zero():
 
 
 def test_reference_mode_keeps_equal_weights():
-    bal = Balancer(["a", "b", "c"], BalancerCfg(mode="reference", ema=0.0))
+    bal = Balancer(["a", "b", "c"], BalancerCfg(mode="reference", ema=0.0, window=0))
     for a in (3.0, 1.0, 0.5, 0.1):
         _, f = bal(_losses(a=a, b=2.0, c=4.0))
     # weights K/M = 1: only the magnitude scaling acts
@@ -181,7 +181,7 @@ def _weights_along(cfg: BalancerCfg, steps: int = 300) -> list[dict[str, float]]
 
 
 def test_window_means_give_dwa_rates_and_move_the_weights_where_the_per_step_ema_barely_does():
-    ema = _weights_along(BalancerCfg())
+    ema = _weights_along(BalancerCfg(window=0))
     window = _weights_along(BalancerCfg(window=30))
     spread = lambda ws: max(abs(w["b"] - w["a"]) for w in ws[60:])  # noqa: E731
     # per-step EMA: consecutive smoothed values differ by ~1%: the weights stay within ~1% of equal
