@@ -240,6 +240,7 @@ def create_student(preset: str, dim: int, image_init: str | Path | None = None, 
     cfg = preset_config(preset, dim, **overrides)
     init = {}
     if text_init is not None:
+        init["text"] = str(text_init)  # as given (a path or a Hub id), not the cache's folder
         text_init = hub.resolve_hf(text_init, what="text encoder (student.text_init)")
         hf = json.loads((text_init / "config.json").read_text()) if (text_init / "config.json").exists() else None
         if hf is None:
@@ -247,26 +248,25 @@ def create_student(preset: str, dim: int, image_init: str | Path | None = None, 
         cfg = replace(cfg, vocab_size=hf["vocab_size"], text_width=hf["hidden_size"],
                       text_depth=hf["num_hidden_layers"], text_heads=hf["num_attention_heads"],
                       text_mlp=hf["intermediate_size"])
-        init["text"] = str(text_init)
     if tokenizer is None:
         tokenizer = make_tokenizer(text_init, captions, cfg.vocab_size, cfg.max_tokens)
     if tokenizer.get_vocab_size() > cfg.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, more than the text encoder's "
                         f"{cfg.vocab_size}")
     if image_init is not None:
-        image_init = hub.resolve_timm(image_init)
         init["image"] = str(image_init)
+        image_init = hub.resolve_timm(image_init)
     cfg = replace(cfg, init=init)
     model = Student(cfg)
     if image_init is not None:
         _load_timm_vit(model.vision, image_init)
-        log(f"image encoder: pretrained weights from {init['image']}")
+        log(f"image encoder: pretrained weights from {image_init}")
     else:
         log("image encoder: random initialisation (--set student.image_init=PATH_OR_TIMM_NAME, e.g. "
             "vit_base_patch16_224.augreg_in21k, starts it pretrained)")
     if text_init is not None:
-        _load_hf_bert(model.text, Path(init["text"]))
-        log(f"text encoder: pretrained weights from {init['text']}")
+        _load_hf_bert(model.text, text_init)
+        log(f"text encoder: pretrained weights from {text_init}")
     else:
         log("text encoder: random initialisation (--set student.text_init=DIR_OR_HUB_ID, e.g. bert-base-uncased, "
             "starts it pretrained)")
@@ -277,7 +277,9 @@ def make_tokenizer(text_init: str | Path | None, captions: list[str] | None, voc
                    max_tokens: int) -> Tokenizer:
     """The pretrained text encoder's tokenizer, or a WordPiece vocabulary learnt from the captions."""
     if text_init is not None:
-        return tokenizer_from_hf(Path(text_init), max_tokens)
+        from dsmd import hub
+
+        return tokenizer_from_hf(hub.resolve_hf(text_init, what="text encoder (student.text_init)"), max_tokens)
     if captions:
         return build_tokenizer(captions, vocab_size, max_tokens)
     raise UserError("no tokenizer: give a pretrained text encoder (student.text_init) or training captions")
