@@ -62,6 +62,7 @@ class OptimCfg:
     epochs: int = 20
     decay_epochs: list[int] = field(default_factory=lambda: [10])  # lr x `decay` at each of these epochs
     decay: float = 0.1
+    schedule: str = "step"  # step: the paper's step decay; cosine: from lr to 0 over the run (decay_epochs unused)
     warmup_steps: int = 0  # linear warm-up (not in the paper; helps from-scratch students)
     batch_size: int = 64  # pairs per optimiser step, over all ranks and accumulation steps
     accum_steps: int = 1  # gradient accumulation: micro-batch = batch_size / (ranks x accum_steps)
@@ -69,6 +70,8 @@ class OptimCfg:
 
     def __post_init__(self):
         _positive("optim", epochs=self.epochs, batch_size=self.batch_size, accum_steps=self.accum_steps)
+        if self.schedule not in ("step", "cosine"):
+            raise UserError(f"optim.schedule must be step or cosine, not {self.schedule!r}")
         if self.lr < 0 or self.weight_decay < 0 or self.warmup_steps < 0:
             raise UserError("optim.lr, optim.weight_decay and optim.warmup_steps must not be negative")
 

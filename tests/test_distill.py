@@ -172,6 +172,18 @@ def test_step_decay_schedule_of_the_paper():
     assert lr_at(4, 100, o) == pytest.approx(5e-5)
 
 
+def test_cosine_schedule_falls_from_lr_to_zero_after_warmup():
+    o = DistillConfig().optim
+    o.schedule, o.epochs, o.warmup_steps = "cosine", 2, 10  # 200 steps of 100 per epoch
+    assert lr_at(9, 100, o) == pytest.approx(1e-4)
+    assert lr_at(10, 100, o) == pytest.approx(1e-4)
+    assert lr_at(105, 100, o) == pytest.approx(5e-5)  # half way through the steps after warm-up
+    assert lr_at(199, 100, o) < 1e-7 and lr_at(250, 100, o) == pytest.approx(0.0, abs=1e-12)
+    assert all(lr_at(t, 100, o) >= lr_at(t + 1, 100, o) for t in range(10, 220))
+    with pytest.raises(UserError, match="optim.schedule must be step or cosine"):
+        load_config(None, ["optim.schedule=linear"])
+
+
 def test_queue_is_a_fifo_that_wraps():
     q = Queue(5, 2, torch.device("cpu"))
     assert (q.ids == -1).all()
@@ -196,7 +208,7 @@ def test_chance_rsum_matches_random_embeddings():
 def tiny_cfg(world: Path, features: Path, **over) -> DistillConfig:
     sets = [f"data.dataset={world}", f"data.features={features}", "student.preset=tiny", "optim.epochs=3",
             "optim.batch_size=16", "optim.lr=1e-3", "loss.queue_size=64", "loss.margin=0.2", "run.workers=0",
-            "run.threads=1", "run.checkpoint_every=7", "run.stop_at_chance_after=0"]
+            "run.threads=1", "run.checkpoint_every=7", "run.stop_at_chance_after=0", "balancer.window=10"]
     return load_config(None, sets + [f"{k}={v}" for k, v in over.items()])
 
 
@@ -218,12 +230,20 @@ def test_a_run_writes_best_checkpoint_logs_and_plot(finished_run):
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == list(range(1, 91))
     assert set(steps[0]["factor"]) == {"cd", "fd", "sd", "hnd"}  # every weight, every step
+    # DWA over windows of 10 steps: equal weights until two window means exist, then they move,
+    # only at window boundaries, and always sum to K = 4
+    weights = [s["weight"] for s in steps]
+    assert all(sum(w.values()) == pytest.approx(4) for w in weights)
+    assert all(w == {n: 1.0 for n in w} for w in weights[:20])
+    moved = max(abs(v - 1) for w in weights[20:] for v in w.values())
+    assert moved > 0.01, f"the balancer's weights stayed within {moved:.4f} of equal"
+    assert weights[20] == weights[29] != weights[30]
     assert json.loads((out / "config.json").read_text()) == json.loads((out / "best" / "config.json").read_text())
     assert (out / "plot.png").stat().st_size > 10_000
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(out / "tb")).Reload()
-    assert {"loss/cd", "weight/hnd", "val/rsum"} <= set(acc.Tags()["scalars"])
+    assert {"loss/cd", "weight/hnd", "factor/hnd", "val/rsum"} <= set(acc.Tags()["scalars"])
     assert len(acc.Scalars("weight/fd")) == 90
 
 
