@@ -136,6 +136,7 @@ bench: $(BUNDLE)/manifest.json $(WRK)
 	$(BIN)/python bench/load.py --presets base demo
 	$(BIN)/python bench/load.py --presets base --variant int8 --out bench/results/load-int8
 	$(BIN)/python bench/latency.py
+	$(BIN)/python bench/beit3_bundle.py
 
 clean:
 	rm -rf data artifacts

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dsmd.hub import add_offline_option
+
 
 def _export(a: argparse.Namespace) -> int:
     from dsmd.errors import UserError
@@ -17,7 +19,12 @@ def _export(a: argparse.Namespace) -> int:
         return 0
     from dsmd.export.onnx import ExportCfg, export, student_encoders, teacher_encoders
 
-    enc = student_encoders(a.source) if a.what == "student" else teacher_encoders(a.teacher, a.source)
+    if a.tokenizer and not (a.what == "teacher" and a.teacher == "beit3"):
+        raise UserError("--tokenizer is for `dsmd export teacher --teacher beit3` only")
+    if a.what == "student":
+        enc = student_encoders(a.source)
+    else:
+        enc = teacher_encoders(a.teacher, a.source, **({"tokenizer": a.tokenizer} if a.tokenizer else {}))
     variants = tuple(v for v in a.variants.split(",") if v)
     bad = [v for v in variants if v not in ("int8", "fp16")]
     if bad:
@@ -30,12 +37,15 @@ def _export(a: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    x = sub.add_parser("export", help="write an ONNX encoder bundle of a student or the demo teacher; verify one")
+    x = sub.add_parser("export", help="write an ONNX encoder bundle of a student or a teacher; verify one")
     x.add_argument("what", choices=["student", "teacher", "verify"],
-                   help="student: a student checkpoint or run folder; teacher: a teacher folder (--teacher); "
+                   help="student: a student checkpoint or run folder; teacher: a teacher path or name (--teacher); "
                    "verify: a bundle")
-    x.add_argument("--teacher", default="demo", choices=["demo", "clip", "siglip"], help="teacher kind (default demo)")
-    x.add_argument("source", help="the checkpoint, run or teacher folder (or the bundle, for verify)")
+    x.add_argument("--teacher", default="demo", choices=["demo", "clip", "siglip", "beit3"],
+                   help="teacher kind (default demo)")
+    x.add_argument("--tokenizer", help="beit3 only: the sentencepiece model (default: beit3.spm beside the .pth)")
+    x.add_argument("source", help="the checkpoint, run or teacher folder, or a teacher's name (or the bundle, for "
+                   "verify)")
     x.add_argument("--out", default="artifacts/bundle", help="bundle folder (default: artifacts/bundle)")
     x.add_argument("--data", help="data set whose split checks recall (PyTorch vs ONNX, and the INT8 variant)")
     x.add_argument("--images", help="image root (default: beside the annotation file)")
@@ -43,4 +53,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--variants", default="int8", help="comma-separated: int8, fp16, or '' for none (default int8)")
     x.add_argument("--max-drop", type=float, default=2.0,
                    help="largest RSUM loss a variant may cost to be shipped (default: 2.0 of 600)")
+    add_offline_option(x)
     x.set_defaults(run=_export)

@@ -164,13 +164,78 @@ def hf_teacher_encoders(kind: str, path: str | Path) -> Encoders:
                     text_inputs=("input_ids",) if kind == "siglip" else ("input_ids", "attention_mask"))
 
 
-def teacher_encoders(kind: str, path: str | Path) -> Encoders:
-    """The teachers that fit a bundle: the demo teacher, CLIP and SigLIP (BEiT-3 is not exported)."""
+class _BEiT3Image(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels, "eager")
+
+
+class _BEiT3Text(nn.Module):
+    """The bundle runtime feeds an attention mask (1 on tokens); BEiT-3 takes a padding mask (True on padding)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(input_ids, attention_mask == 0, "eager")
+
+
+def beit3_tokenizer(spm_path: str | Path, max_tokens: int):
+    """beit3.spm as a `tokenizers` tokenizer (what the bundle runtime reads): XLM-R's fairseq ids
+    (<s>=0, <pad>=1, </s>=2, <unk>=3, pieces shifted by one), `<s> … </s>`, cut to max_tokens."""
+    from types import SimpleNamespace
+
+    from transformers.convert_slow_tokenizer import XLMRobertaConverter
+
+    ids = {"<s>": 0, "</s>": 2}
+    tok = XLMRobertaConverter(SimpleNamespace(vocab_file=str(spm_path), convert_tokens_to_ids=ids.__getitem__)
+                              ).converted()
+    tok.enable_truncation(max_tokens)
+    tok.enable_padding(pad_id=1, pad_token="<pad>")
+    return tok
+
+
+def beit3_teacher_encoders(path: str | Path, tokenizer: str | Path | None = None, config=None) -> Encoders:
+    """A BEiT-3 retrieval checkpoint (path or name) with its sentencepiece model converted for the bundle.
+
+    The converted tokenizer must give the teacher's own ids (`BEiT3Tokenizer`) on every parity text
+    and on odd spacing, else the export stops: a bundle that tokenises differently would embed
+    texts the teacher never saw. (One known difference is left: the runtime reads a literal
+    "<s>" or "</s>" in a query as the special token, where sentencepiece cuts it into pieces.)
+    """
+    from dsmd.distill.teachers import load_teacher
+
+    options = {k: v for k, v in (("tokenizer", tokenizer), ("config", config)) if v is not None}
+    t = load_teacher("beit3", path, **options)
+    tok = beit3_tokenizer(t.tokenizer.path, t.tokenizer.max_tokens)
+    for text in [*PARITY_TEXTS, "  two  spaces ", "tab\there\nand a new line", "ＦＵＬＬ width, ½ and ﬁ"]:
+        if tok.encode(text).ids != t.tokenizer.encode(text):
+            raise ExportError(f"{t.tokenizer.path}: the converted tokenizer gives other ids than sentencepiece on "
+                              f"{text[:40]!r}; this beit3.spm cannot be exported")
+    return Encoders(name=t.name, kind="beit3-teacher", image=_BEiT3Image(t.model), text=_BEiT3Text(t.model),
+                    tokenizer=tok, preprocess=t.preprocess, dim=t.dim,
+                    source={"path": str(path), "weights_sha256": t.checkpoint_hash,
+                            "tokenizer_sha256": t.tokenizer_hash})
+
+
+def teacher_encoders(kind: str, path: str | Path, **options) -> Encoders:
+    """The teachers that fit a bundle: the demo teacher, CLIP, SigLIP and BEiT-3 (path or name).
+
+    BEiT-3 takes `tokenizer` (beit3.spm; default: beside the checkpoint) and `config` (tests).
+    """
     if kind == "demo":
         return demo_teacher_encoders(path)
     if kind in ("clip", "siglip"):
-        return hf_teacher_encoders(kind, path)
-    raise UserError(f"teacher kind {kind!r} cannot be exported: choose demo, clip or siglip")
+        from dsmd import hub
+
+        return hf_teacher_encoders(kind, hub.resolve_hf(path, what=f"{kind} teacher"))
+    if kind == "beit3":
+        return beit3_teacher_encoders(path, **options)
+    raise UserError(f"teacher kind {kind!r} cannot be exported: choose demo, clip, siglip or beit3")
 
 
 # ---------------------------------------------------------------- parity inputs

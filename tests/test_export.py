@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from test_beit3 import spm_path  # noqa: F401  (the fixture)
+
 from dsmd.bundle import Bundle, BundleError, verify
 from dsmd.datasets import load_dataset
 from dsmd.errors import UserError
@@ -160,3 +162,32 @@ def test_hf_teachers_export_with_their_own_tokenisation(kind, tmp_path):
     texts = ["a photo of a cat", "", "dog " * 200]
     t = HFTeacher.load(folder, kind)
     np.testing.assert_allclose(b.encode_texts(texts), t.encode_texts(texts).numpy(), atol=1e-4)
+
+
+def test_beit3_exports_with_its_sentencepiece_model_converted(tmp_path, spm_path):  # noqa: F811
+    from PIL import Image
+    from test_beit3 import TINY
+
+    from dsmd.cli import main
+    from dsmd.distill.teachers import load_teacher
+    from dsmd.distill.teachers.beit3_model import BEiT3Retrieval
+
+    ckpt = tmp_path / "beit3_tiny.pth"
+    BEiT3Retrieval.random(TINY, seed=5).save_official(ckpt)
+    (tmp_path / "beit3.spm").write_bytes(spm_path.read_bytes())
+    from dsmd.export.onnx import export, teacher_encoders
+
+    m = export(teacher_encoders("beit3", ckpt, config=TINY), tmp_path / "b", log=lambda *a: None)
+    assert m["kind"] == "beit3-teacher" and m["provenance"]["source"]["tokenizer_sha256"]
+    assert m["figures"]["parity"]["min_cosine_text"] >= 0.9999 and m["figures"]["parity"]["min_cosine_image"] >= 0.9999
+    assert m["preprocess"]["resize"] == "squash" and m["preprocess"]["size"] == TINY.img_size
+
+    teacher = load_teacher("beit3", ckpt, config=TINY)
+    b = Bundle(tmp_path / "b")
+    texts = ["a dog is running near the beach", "", "naïve café ☃ 東京", "dog " * 200]
+    np.testing.assert_allclose(b.encode_texts(texts), teacher.encode_texts(texts).numpy(), atol=1e-4)
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+              for i in range(3)]
+    np.testing.assert_allclose(b.encode_images(images), teacher.encode_images(images).numpy(), atol=1e-4)
+    # the command: a default-size model has no size that fits this checkpoint, and says so in one line
+    assert main(["export", "teacher", "--teacher", "beit3", str(ckpt), "--out", str(tmp_path / "c")]) == 2
