@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -40,6 +41,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "kl-only": ("similarity KL alone (open_clip/TinyCLIP distiller)", ['loss.use=["kl"]']),
     "bal-none": ("balancer none (plain sum)", ["balancer.mode=none"]),
     "bal-reference": ("balancer reference (released prototype)", ["balancer.mode=reference"]),
+    "bal-ema": ("balancer rates from a per-step EMA (not DWA's window means)", ["balancer.window=0"]),
     "margin-0": ("paper's margin 0", ["loss.margin=0.0"]),
 }
 
@@ -83,7 +85,7 @@ def table(records: list[dict]) -> str:
     teacher = next(r["teacher"] for r in records if "teacher" in r)
     direct = by.get("clip")
     direct_rsum = _mean([r["student"]["rsum"] for r in direct if "student" in r]) if direct else None
-    lines = ["| variant | seeds | i→t R@1 | R@5 | R@10 | t→i R@1 | R@5 | R@10 | RSUM | % of teacher | vs direct |",
+    lines = ["| variant | seeds | i→t R@1 | R@5 | R@10 | t→i R@1 | R@5 | R@10 | RSUM (mean ± sd) | % of teacher | vs direct |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
              _row("teacher (demo CNN, 2.2M)", [teacher], teacher["rsum"], None, "—")]
     for name, rs in by.items():
@@ -92,7 +94,7 @@ def table(records: list[dict]) -> str:
             lines.append(f"| {VARIANTS[name][0]} | {len(rs)} | failed: {rs[0].get('error', '')} ||||||||")
             continue
         note = " (stopped at chance)" if any(r.get("stopped") for r in rs) else ""
-        spread = f" ± {(max(x['rsum'] for x in ok) - min(x['rsum'] for x in ok)) / 2:.1f}" if len(ok) > 1 else ""
+        spread = f" ± {statistics.stdev(x['rsum'] for x in ok):.1f}" if len(ok) > 1 else ""  # sample sd
         lines.append(_row(VARIANTS[name][0] + note, ok, teacher["rsum"], direct_rsum, spread, len(rs)))
     return "\n".join(lines)
 
