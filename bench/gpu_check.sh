@@ -5,7 +5,8 @@
 #
 #   1. features   torchrun, one rank per GPU (NCCL when there are two or more), teacher features on
 #                 cuda equal to a one-process CPU extraction of the same items (max |diff| printed)
-#   2. distill    a few hundred bf16 steps on cuda (one process), killed (SIGKILL) after its first
+#   2. distill    a few hundred bf16 steps on cuda (one process; the tiny student of a one-epoch
+#                 teacher may stay near chance, so the chance stop is off), killed (SIGKILL) after its first
 #                 checkpoint and resumed from it: the run must end at its last step with finite losses
 #   3. onnxruntime the exported bundle on ONNX Runtime's CUDA provider, equal to the CPU provider
 #
@@ -96,7 +97,7 @@ R=$WORK/run
 rm -rf "$R"
 set -- --config configs/demo.json --out "$R" --data "$W" --features "$WORK/feat-cpu" --preset tiny \
     --set run.device="$DEVICE" --set run.amp=bf16 --set optim.epochs=3 \
-    --set run.checkpoint_every=50 --set run.workers=2
+    --set run.checkpoint_every=50 --set run.workers=2 --set run.stop_at_chance_after=0
 steps() { if [ -f "$R/steps.jsonl" ]; then wc -l < "$R/steps.jsonl"; else echo 0; fi; }
 $DSMD distill "$@" > "$WORK/distill-1.log" 2>&1 &
 pid=$!
