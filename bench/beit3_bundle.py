@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import platform
 import shutil
 import sys
@@ -39,17 +38,14 @@ from dsmd.cpus import usable_cpus  # noqa: E402
 
 
 def _add_int8(folder: Path) -> None:
-    """Dynamic INT8 files beside the fp32 ones (the quantisation `dsmd export` applies, without its recall
-    check: there is no data set for random weights), added to the manifest."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    """The INT8 graphs `dsmd export` builds (its own quantisation, without its recall check: there is
+    no data set for random weights), added to the manifest."""
+    from dsmd.artifacts import write_json
+    from dsmd.export.onnx import _build_variant
 
-    logging.getLogger().setLevel(logging.ERROR)
-    for part in ("image", "text"):
-        quantize_dynamic(folder / f"{part}.onnx", folder / f"{part}.int8.onnx", weight_type=QuantType.QInt8,
-                         per_channel=True)
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["variants"]["int8"] = {"files": {"image": "image.int8.onnx", "text": "text.int8.onnx"}}
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    manifest["variants"]["int8"] = {"files": _build_variant(folder, "int8")}
+    write_json(folder / "manifest.json", manifest)
 
 
 def build(work: Path) -> dict[str, Path]:

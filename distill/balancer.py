@@ -6,9 +6,10 @@ Per step, with raw losses L_m:
      2019, which Eq. 16 follows) uses epoch means: with `window` N > 0 (default 100), L̄ is the
      mean of the raw losses over consecutive windows of N steps (N = the steps of an epoch gives
      DWA exactly; 100 steps give a two-epoch demo run twelve windows), and the weights change
-     once per window. A step is a call: with gradient accumulation, a micro-batch. With `window` 0, L̄ is a per-step exponential moving average (factor
-     `ema`, the earlier default): consecutive values differ little, so the rates stay near 1
-     and the weights within a few percent of equal after the first few hundred steps.
+     once per window. A step is a call: with gradient accumulation, a micro-batch. With
+     `window` 0, L̄ is a per-step exponential moving average (factor `ema`, the earlier
+     default): consecutive values differ little, so the rates stay near 1 and the weights
+     within a few percent of equal after the first few hundred steps.
   3. weights            w_m = K · softmax(r / T)_m
   4. objective          L = Σ w_m · s_m · L_m       (weights and scales are constants for autograd)
 

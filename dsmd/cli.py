@@ -71,8 +71,7 @@ def _models(a: argparse.Namespace) -> int:
         raise UserError("dsmd models fetch takes one or more names, e.g. openai/clip-vit-base-patch16")
     for name in a.names:
         for path in hub.fetch(name, kind=a.kind):
-            record = path.with_name(path.name + ".sha256")
-            digest = record.read_text().strip() if record.is_file() else None
+            digest = hub.recorded_digest(path)
             print(f"{name}: {path}" + (f" (sha256 {digest})" if digest else ""))
     return 0
 

@@ -24,7 +24,6 @@ name that is not cached is an error that says how to fetch it.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import http.client
 import os
 import re
@@ -34,6 +33,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dsmd.artifacts import sha256_file
 from dsmd.errors import UserError
 
 # The official release files (microsoft/unilm beit3/README.md). sha256 None: not pinned yet. The
@@ -234,7 +234,7 @@ def download(url: str, dest: Path, sha256: str | None = None, progress: bool = T
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         raise UserError(f"downloading {url} stopped ({type(e).__name__}: {e}); run the command again to resume "
                         f"({part.stat().st_size if part.exists() else 0:,} bytes kept in {part})") from e
-    digest = sha256_of(part)
+    digest = sha256_file(part)
     if sha256 is not None and digest != sha256:
         part.unlink()
         raise UserError(f"{url}: the downloaded file's sha256 is {digest}, not the expected {sha256}; it was "
@@ -244,21 +244,18 @@ def download(url: str, dest: Path, sha256: str | None = None, progress: bool = T
     return digest
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+def recorded_digest(path: Path) -> str | None:
+    """The sha256 written beside a downloaded file (DEST.sha256), or None."""
+    record = path.with_name(path.name + ".sha256")
+    return record.read_text().strip() if record.is_file() else None
 
 
 def _check_cached(path: Path, pinned: str | None) -> None:
     """A cached file must still have the digest it was downloaded with (and the pinned one)."""
-    record = path.with_name(path.name + ".sha256")
-    expected = pinned or (record.read_text().strip() if record.is_file() else None)
+    expected = pinned or recorded_digest(path)
     if expected is None:
         return
-    digest = sha256_of(path)
+    digest = sha256_file(path)
     if digest != expected:
         raise UserError(f"{path} in the cache has sha256 {digest}, not {expected}: it was damaged or replaced. "
                         "Delete it and run the command again to download it anew")

@@ -15,6 +15,7 @@ from test_beit3 import TINY, spm_path  # noqa: F401  (the fixture)
 from test_hf_teachers import _build_clip
 
 from dsmd import hub
+from dsmd.artifacts import sha256_file
 from dsmd.cli import main
 from dsmd.distill.student import create_student, make_tokenizer
 from dsmd.distill.teachers import load_teacher
@@ -111,7 +112,7 @@ def test_beit3_by_name_resumes_checks_sha256_and_fetches_its_tokenizer(caches, t
     ckpt = tmp_path / "served.pth"
     model.save_official(ckpt)
     name = "beit3_base_patch16_384_f30k_retrieval"
-    monkeypatch.setitem(hub.BEIT3_FILES, f"{name}.pth", hub.sha256_of(ckpt))  # pinned, as a real entry would be
+    monkeypatch.setitem(hub.BEIT3_FILES, f"{name}.pth", sha256_file(ckpt))  # pinned, as a real entry would be
     monkeypatch.setitem(hub.BEIT3_FILES, "beit3.spm", None)  # not pinned: recorded at download
     with FakeHub() as fake:
         fake.add_file(f"{name}.pth", ckpt)
@@ -145,8 +146,8 @@ def test_beit3_by_name_resumes_checks_sha256_and_fetches_its_tokenizer(caches, t
         assert len(fake.requests) == seen
 
     cached = caches / "dsmd" / "beit3"
-    assert (cached / "beit3.spm.sha256").read_text().strip() == hub.sha256_of(spm_path)
-    assert teacher.checkpoint_hash == hub.sha256_of(ckpt)
+    assert (cached / "beit3.spm.sha256").read_text().strip() == sha256_file(spm_path)
+    assert teacher.checkpoint_hash == sha256_file(ckpt)
     ids = teacher.tokenizer(["a dog is running"])[0]
     assert ids[0, 0].item() == 0  # <s>: the sentencepiece model came along
 
