@@ -106,6 +106,22 @@ def test_clip_teacher_by_hub_id(caches, tmp_path, monkeypatch):
     torch.testing.assert_close(teacher.encode_texts(CAPTIONS), local.encode_texts(CAPTIONS))
 
 
+def _count_checkpoint_hashes(monkeypatch) -> list[str]:
+    """Record each sha256 of a .pth (or its download part) taken by the hub and the BEiT-3 loader."""
+    from dsmd.distill.teachers import beit3
+
+    hashed: list[str] = []
+
+    def counting(path, *args, **kwargs):
+        if ".pth" in str(path):
+            hashed.append(str(path))
+        return sha256_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(hub, "sha256_file", counting)
+    monkeypatch.setattr(beit3, "sha256_file", counting)
+    return hashed
+
+
 def test_beit3_by_name_resumes_checks_sha256_and_fetches_its_tokenizer(caches, tmp_path, monkeypatch,
                                                                      spm_path):  # noqa: F811
     model = BEiT3Retrieval.random(TINY, seed=3)
@@ -126,7 +142,9 @@ def test_beit3_by_name_resumes_checks_sha256_and_fetches_its_tokenizer(caches, t
         assert part.stat().st_size == 5000
 
         fake.cut_after = None
+        hashed = _count_checkpoint_hashes(monkeypatch)
         teacher = load_teacher("beit3", name, config=TINY)
+        assert len(hashed) == 1  # by the download's check only, not again by the loader
         assert fake.requests.count(f"GET /files/{name}.pth") == 2  # the second asked for the rest (Range)
         assert not part.exists()
         assert [p.name for p in hub.fetch(name)] == [f"{name}.pth", "beit3.spm"]  # cached: no new download
@@ -142,8 +160,10 @@ def test_beit3_by_name_resumes_checks_sha256_and_fetches_its_tokenizer(caches, t
         # offline, from the cache, without a request
         seen = len(fake.requests)
         monkeypatch.setenv("DSMD_OFFLINE", "1")
+        hashed.clear()
         offline = load_teacher("beit3", name, config=TINY)
         assert len(fake.requests) == seen
+        assert len(hashed) == 1  # by the cache's check only
 
     cached = caches / "dsmd" / "beit3"
     assert (cached / "beit3.spm.sha256").read_text().strip() == sha256_file(spm_path)

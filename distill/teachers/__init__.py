@@ -55,7 +55,9 @@ def load_teacher(kind: str, path: str | Path, device: str = "cpu", **options) ->
             tokenizer = "beit3.spm"  # the checkpoint came by name: its tokenizer too (fetched, or checked)
         if tokenizer is not None:
             tokenizer = hub.resolve_beit3(tokenizer)
-        return BEiT3Teacher.load(checkpoint, device=device, tokenizer=tokenizer, **options)
+        # a file that came by name was just checked against its recorded digest: not hashed again
+        digest = None if Path(path).exists() else hub.recorded_digest(checkpoint)
+        return BEiT3Teacher.load(checkpoint, device=device, tokenizer=tokenizer, checkpoint_hash=digest, **options)
     from dsmd.distill.teachers.hf import HFTeacher
 
     return HFTeacher.load(hub.resolve_hf(path, what=f"{kind} teacher"), kind=kind, device=device)

@@ -201,8 +201,13 @@ class BEiT3Teacher(Teacher):
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", tokenizer: str | Path | None = None,
              size: str | None = None, config: BEiT3Config | None = None, precision: Precision = "fp32",
-             attention: Attention = "eager", max_tokens: int = 64) -> "BEiT3Teacher":
-        """Load a .pth and its beit3.spm (default: beside the .pth); `config` is for non-preset (test) models."""
+             attention: Attention = "eager", max_tokens: int = 64,
+             checkpoint_hash: str | None = None) -> "BEiT3Teacher":
+        """Load a .pth and its beit3.spm (default: beside the .pth); `config` is for non-preset (test) models.
+
+        `checkpoint_hash` is the .pth's sha256 when the caller has just checked it (a cached
+        download); hashing a multi-GB file again would cost seconds per load.
+        """
         path = Path(path)
         if path.is_dir():
             raise UserError(f"{path} is a folder: pass the BEiT-3 .pth file itself")
@@ -212,8 +217,8 @@ class BEiT3Teacher(Teacher):
                                     "or pass tokenizer=PATH")
         model, size_name = load_checkpoint(path, size=size, config=config)
         tok = BEiT3Tokenizer(spm_path, max_tokens=max_tokens, vocab_size=model.cfg.vocab_size)
-        return cls(model, tok, name=f"beit3-{size_name}", checkpoint_hash=sha256_file(path), device=device,
-                   precision=precision, attention=attention)
+        return cls(model, tok, name=f"beit3-{size_name}", checkpoint_hash=checkpoint_hash or sha256_file(path),
+                   device=device, precision=precision, attention=attention)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         dtype = _AMP[self.precision]
