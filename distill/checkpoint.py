@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from dsmd.artifacts import read_json, read_manifest, recover_dir, replace_dir, write_json
-from dsmd.distill.config import DistillConfig, config_diff
+from dsmd.distill.config import ADDED_SETTINGS, DistillConfig, config_diff
 from dsmd.distill.student import Student, save_student
 from dsmd.errors import UserError
 
@@ -86,7 +86,11 @@ def open_run(out: Path, cfg: DistillConfig, restart: bool, is_main: bool, barrie
         saved = read_json(out / "config.json")
         diff = config_diff(saved, cfg.to_json())
         if diff:
-            raise UserError(f"{out} holds a run with another config (differs at {', '.join(diff[:6])}); "
+            added = [k for k in diff if k in ADDED_SETTINGS and _lookup(saved, k) is None]
+            sets = " ".join(f"--set {k}={json.dumps(ADDED_SETTINGS[k])}" for k in added)
+            hint = f"; it was started before {', '.join(added)} existed: resume it as it ran with {sets}, or" \
+                if added else ";"
+            raise UserError(f"{out} holds a run with another config (differs at {', '.join(diff[:6])}){hint} "
                             f"use another --out, or --restart to start this folder over")
         if (out / "state.json").exists():
             resume = out / read_json(out / "state.json")["latest"]
@@ -95,6 +99,13 @@ def open_run(out: Path, cfg: DistillConfig, restart: bool, is_main: bool, barrie
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", cfg.to_json())
     return resume, finished
+
+
+def _lookup(config: dict, dotted: str):
+    """config["a"]["b"] for "a.b", or None where a part is missing."""
+    for part in dotted.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
 
 
 def load_train_state(resume: Path) -> dict:

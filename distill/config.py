@@ -114,6 +114,10 @@ class RunCfg:
 # Settings that may change between a run and its resume: they do not change what is learnt.
 RESUMABLE_CHANGES = ("run.workers", "run.threads", "run.eval_batch", "run.checkpoint_every")
 
+# Settings added after runs had been started, with the value that gives the earlier behaviour: a
+# run whose saved config lacks one ran with that value. Add a key here whenever one is added.
+ADDED_SETTINGS = {"optim.schedule": "step", "balancer.window": 0}
+
 
 def _positive(section: str, **values) -> None:
     bad = [k for k, v in values.items() if not v > 0]
@@ -232,10 +236,13 @@ def _merge(base: dict, new: dict, where: str) -> None:
 
 
 def config_diff(a: dict, b: dict, where: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config dicts (RESUMABLE_CHANGES left out)."""
+    """Dotted keys whose values differ between two config dicts (RESUMABLE_CHANGES left out).
+
+    A key of ADDED_SETTINGS missing from either side counts as its earlier-behaviour value.
+    """
     out = []
     for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
+        va, vb = (d.get(k, ADDED_SETTINGS.get(f"{where}{k}")) for d in (a, b))
         if isinstance(va, dict) and isinstance(vb, dict) and k not in ("overrides", "fixed"):
             out += config_diff(va, vb, f"{where}{k}.")
         elif va != vb and f"{where}{k}" not in RESUMABLE_CHANGES:

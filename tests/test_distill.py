@@ -267,6 +267,23 @@ def test_a_finished_run_is_not_trained_again_and_another_config_is_refused(finis
         train(tiny_cfg(tiny_world, tiny_store, **{"optim.lr": 5e-4}), finished_run)
 
 
+def test_a_run_started_before_a_setting_existed_resumes_as_it_ran(tmp_path):
+    from dsmd.distill.checkpoint import open_run
+
+    cfg = DistillConfig()
+    saved = cfg.to_json()
+    del saved["balancer"]["window"], saved["optim"]["schedule"]  # settings added since that run began
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(UserError, match=r"differs at balancer\.window\); it was started before balancer\.window "
+                                        r"existed: resume it as it ran with --set balancer\.window=0, or"):
+        open_run(run, cfg, restart=False, is_main=True, barrier=lambda: None)
+    cfg.balancer.window = 0  # the earlier behaviour; optim.schedule's default ("step") already is
+    assert open_run(run, cfg, restart=False, is_main=True, barrier=lambda: None) == (None, None)
+    assert json.loads((run / "config.json").read_text())["balancer"]["window"] == 0  # now written out
+
+
 def test_resume_refuses_features_of_another_teacher_but_takes_harmless_changes(finished_run, tiny_world, tiny_store,
                                                                               tmp_path):
     import shutil
