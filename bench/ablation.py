@@ -11,8 +11,9 @@ split beside the teacher. Results: a JSON file, a Markdown table and a bar chart
     .venv/bin/python bench/ablation.py --seeds 0 1 --only dsmd clip
     .venv/bin/python bench/ablation.py --set optim.epochs=1  # a shorter budget for every variant
 
-Runs already finished in --out are reused, so an interrupted benchmark continues, and the
-table covers every finished run in --out (add seeds with a second invocation).
+Runs already finished in --out are reused (their run folders, or the records kept in
+--out/results.json when the folders are gone, as in a fresh clone), so an interrupted benchmark
+continues, and the table covers every finished run in --out (add seeds with a second invocation).
 """
 
 from __future__ import annotations
@@ -46,11 +47,24 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
+def kept_records(out: Path) -> dict[tuple[str, int], dict]:
+    """The records of earlier runs in --out: results.json (committed), overlaid by the run folders
+    (gitignored), so a clone regenerates the table without training again."""
+    kept = {}
+    if (out / "results.json").exists():
+        kept = {(r["variant"], r["seed"]): r for r in json.loads((out / "results.json").read_text())}
+    for f in out.glob("*-s*/test_recall.json"):
+        r = json.loads(f.read_text())
+        kept[(r["variant"], r["seed"])] = r
+    return kept
+
+
 def run_variant(name: str, seed: int, args) -> dict:
     out = Path(args.out) / f"{name}-s{seed}"
     result = out / "test_recall.json"
-    if result.exists():
-        return json.loads(result.read_text())
+    kept = kept_records(Path(args.out)).get((name, seed))
+    if kept is not None:
+        return kept
     sets = VARIANTS[name][1] + [f"run.seed={seed}"] + list(args.set or [])
     cmd = [sys.executable, "-m", "dsmd.cli", "distill", "--config", args.config, "--out", str(out)]
     for s in sets:
@@ -60,7 +74,8 @@ def run_variant(name: str, seed: int, args) -> dict:
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     seconds = time.time() - t0
     (Path(args.out) / f"{name}-s{seed}.log").write_text(done.stdout + done.stderr)
-    record = {"variant": name, "seed": seed, "seconds": round(seconds, 1), "returncode": done.returncode}
+    record = {"variant": name, "seed": seed, "seconds": round(seconds, 1), "returncode": done.returncode,
+              "settings": sets}
     if (out / "best" / "student.json").exists():
         from dsmd.distill.config import load_config
         from dsmd.distill.evaluate import evaluate_student
@@ -99,6 +114,34 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def comparisons(records: list[dict]) -> str:
+    """One sentence per variant against DSMD: the difference of the means, and whether it is
+    outside the seed spread (larger than the two sample sds added, so the ±1 sd bars do not touch)."""
+    rsums: dict[str, list[float]] = {}
+    for r in records:
+        if "student" in r:
+            rsums.setdefault(r["variant"], []).append(r["student"]["rsum"])
+    base = rsums.get("dsmd", [])
+    if len(base) < 2 or len(rsums) < 2:
+        return ""
+    base_sd = statistics.stdev(base)
+    lines = [(f"Against DSMD ({_mean(base):.1f} ± {base_sd:.1f}, {len(base)} seeds); a difference counts when it "
+              "is larger than the two seed sds added:"), ""]
+    for name, xs in rsums.items():
+        if name == "dsmd":
+            continue
+        diff = _mean(xs) - _mean(base)
+        if len(xs) < 2:
+            lines.append(f"- {VARIANTS[name][0]}: {diff:+.1f}, one seed only: no spread to judge it by.")
+            continue
+        spread = base_sd + statistics.stdev(xs)
+        verdict = ("outside the seed spread: " + ("worse" if diff < 0 else "better") + " than DSMD"
+                   if abs(diff) > spread else "inside the seed spread: not a difference these seeds can show")
+        lines.append(f"- {VARIANTS[name][0]}: {_mean(xs):.1f} ± {statistics.stdev(xs):.1f}, {diff:+.1f} "
+                     f"(sds add to {spread:.1f}), {verdict}.")
+    return "\n".join(lines)
+
+
 def _row(label, recs, teacher_rsum, direct_rsum, spread, n=1) -> str:
     m = {k: _mean([r[k] for r in recs]) for k in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5",
                                                   "t2i_R@10", "rsum")}
@@ -125,13 +168,14 @@ def chart(records: list[dict], path: Path) -> None:
     for n in names:
         xs = [r["student"]["rsum"] for r in records if r["variant"] == n and "student" in r] or [0.0]
         vals.append(_mean(xs))
-        errs.append((max(xs) - min(xs)) / 2)
+        errs.append(statistics.stdev(xs) if len(xs) > 1 else 0.0)  # sample sd, as in the table
     colours = ["tab:green" if n == "dsmd" else "tab:red" if n == "clip" else "tab:blue" for n in names]
     fig, ax = plt.subplots(figsize=(12, 5))
     ax.barh([VARIANTS[n][0] for n in names], vals, xerr=errs, color=colours)
     ax.axvline(teacher, color="black", linestyle="--", label=f"teacher {teacher:.1f}")
     ax.axvline(600, color="grey", linewidth=0.5)
-    ax.set(xlabel="test RSUM (max 600)", title="Ablation on the demo world, same student and budget")
+    ax.set(xlabel="test RSUM (max 600); bars: mean ± sample sd over seeds",
+           title="Ablation on the demo world, same student and budget")
     ax.invert_yaxis()
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -157,9 +201,9 @@ def main() -> None:
             rsum = r["student"]["rsum"] if "student" in r else float("nan")
             print(f"{name:14s} seed {seed}: test RSUM {rsum:6.1f}  ({r['seconds']:.0f} s)", flush=True)
     # the table covers every finished run in --out, so seeds can be added by later invocations
-    found = [json.loads(f.read_text()) for f in Path(args.out).glob("*-s*/test_recall.json")]
-    records = sorted(found, key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"]))
-    md = table(records)
+    records = sorted(kept_records(Path(args.out)).values(),
+                     key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"]))
+    md = table(records) + "\n\n" + comparisons(records)
     header = (f"Command: `.venv/bin/python bench/ablation.py {' '.join(sys.argv[1:])}`  \n"
               f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
               f"date {time.strftime('%Y-%m-%d')}; config {args.config} {' '.join(args.set or [])}\n\n")
