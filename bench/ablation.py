@@ -9,7 +9,7 @@ split beside the teacher. Results: a JSON file, a Markdown table and a bar chart
 
     .venv/bin/python bench/ablation.py                       # all variants, seed 0
     .venv/bin/python bench/ablation.py --seeds 0 1 --only dsmd clip
-    .venv/bin/python bench/ablation.py --set optim.epochs=1  # a shorter budget for every variant
+    .venv/bin/python bench/ablation.py --set optim.epochs=1 --out bench/results/ablation-1epoch  # a shorter budget
 
 Runs already finished in --out are reused (their run folders, or the records kept in
 --out/results.json when the folders are gone, as in a fresh clone), so an interrupted benchmark
@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from dsmd.cpus import usable_cpus
+
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dsmd": ("DSMD: CD+FD+SD+HND, dynamic balancer", []),
     "clip": ("direct training, CLIP loss (no teacher)", ["method=clip"]),
@@ -47,16 +49,34 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
+def _setup(config: str, sets: list[str]) -> tuple[str, list[str]]:
+    """What makes runs comparable: the config and the --set overrides, less the seed and the thread
+    count (one thread or two changes the float order like another seed, not the recipe)."""
+    return config, sorted(x for x in sets if not x.startswith(("run.seed=", "run.threads=")))
+
+
+def _records(out: Path) -> list[dict]:
+    found = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else []
+    return found + [json.loads(f.read_text()) for f in sorted(out.glob("*-s*/test_recall.json"))]
+
+
+def _setup_of(r: dict) -> tuple[str, list[str]]:
+    """A record's setup; one without (older ones) counts as the default config with no overrides."""
+    own = [x for x in r.get("settings", []) if x not in VARIANTS.get(r["variant"], ("", []))[1]]
+    return _setup(r.get("config", "configs/demo.json"), own)
+
+
 def kept_records(out: Path) -> dict[tuple[str, int], dict]:
-    """The records of earlier runs in --out: results.json (committed), overlaid by the run folders
-    (gitignored), so a clone regenerates the table without training again."""
-    kept = {}
-    if (out / "results.json").exists():
-        kept = {(r["variant"], r["seed"]): r for r in json.loads((out / "results.json").read_text())}
-    for f in out.glob("*-s*/test_recall.json"):
-        r = json.loads(f.read_text())
-        kept[(r["variant"], r["seed"])] = r
-    return kept
+    """The finished runs in --out: results.json (committed), overlaid by the run folders
+    (gitignored), so a clone regenerates the table without training again. Failed runs are
+    not kept: they are trained again."""
+    return {(r["variant"], r["seed"]): r for r in _records(out) if r["variant"] in VARIANTS and "student" in r}
+
+
+def other_setups(out: Path, config: str, sets: list[str] | None) -> set[str]:
+    """The setups of runs in --out that differ from this one: a table mixes only runs of one setup."""
+    want = _setup(config, list(sets or []))
+    return {" ".join([c, *o]) for c, o in map(_setup_of, _records(out)) if (c, o) != want}
 
 
 def run_variant(name: str, seed: int, args) -> dict:
@@ -64,7 +84,7 @@ def run_variant(name: str, seed: int, args) -> dict:
     result = out / "test_recall.json"
     kept = kept_records(Path(args.out)).get((name, seed))
     if kept is not None:
-        return kept
+        return {**kept, "reused": True}
     sets = VARIANTS[name][1] + [f"run.seed={seed}"] + list(args.set or [])
     cmd = [sys.executable, "-m", "dsmd.cli", "distill", "--config", args.config, "--out", str(out)]
     for s in sets:
@@ -75,7 +95,8 @@ def run_variant(name: str, seed: int, args) -> dict:
     seconds = time.time() - t0
     (Path(args.out) / f"{name}-s{seed}.log").write_text(done.stdout + done.stderr)
     record = {"variant": name, "seed": seed, "seconds": round(seconds, 1), "returncode": done.returncode,
-              "settings": sets}
+              "config": args.config, "settings": sets, "date": time.strftime("%Y-%m-%d"),
+              "machine": f"{platform.processor() or platform.machine()}, {usable_cpus()} usable cores"}
     if (out / "best" / "student.json").exists():
         from dsmd.distill.config import load_config
         from dsmd.distill.evaluate import evaluate_student
@@ -116,7 +137,8 @@ def table(records: list[dict]) -> str:
 
 def comparisons(records: list[dict]) -> str:
     """One sentence per variant against DSMD: the difference of the means, and whether it is
-    outside the seed spread (larger than the two sample sds added, so the ±1 sd bars do not touch)."""
+    outside the seed spread, by a rule of thumb rather than a significance test: larger than the
+    sum of the two sample sds, so that the ±1 sd bars do not touch."""
     rsums: dict[str, list[float]] = {}
     for r in records:
         if "student" in r:
@@ -125,8 +147,8 @@ def comparisons(records: list[dict]) -> str:
     if len(base) < 2 or len(rsums) < 2:
         return ""
     base_sd = statistics.stdev(base)
-    lines = [(f"Against DSMD ({_mean(base):.1f} ± {base_sd:.1f}, {len(base)} seeds); a difference counts when it "
-              "is larger than the two seed sds added:"), ""]
+    lines = [(f"Against DSMD ({_mean(base):.1f} ± {base_sd:.1f}, {len(base)} seeds); a rule of thumb, not a "
+              "significance test: a difference counts when it is larger than the sum of the two sample sds:"), ""]
     for name, xs in rsums.items():
         if name == "dsmd":
             continue
@@ -136,9 +158,9 @@ def comparisons(records: list[dict]) -> str:
             continue
         spread = base_sd + statistics.stdev(xs)
         verdict = ("outside the seed spread: " + ("worse" if diff < 0 else "better") + " than DSMD"
-                   if abs(diff) > spread else "inside the seed spread: not a difference these seeds can show")
+                   if abs(diff) > spread else "inside the seed spread: not distinguishable with these seeds")
         lines.append(f"- {VARIANTS[name][0]}: {_mean(xs):.1f} ± {statistics.stdev(xs):.1f}, {diff:+.1f} "
-                     f"(sds add to {spread:.1f}), {verdict}.")
+                     f"(sds sum to {spread:.1f}), {verdict}.")
     return "\n".join(lines)
 
 
@@ -193,20 +215,26 @@ def main() -> None:
     args = p.parse_args()
     os.chdir(ROOT)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    records = []
+    others = other_setups(Path(args.out), args.config, args.set)
+    if others:
+        sys.exit(f"{args.out} holds runs of another setup ({'; '.join(sorted(others))}); "
+                 "give this one its own --out")
+    trained = 0
     for seed in args.seeds:
         for name in args.only or VARIANTS:
             r = run_variant(name, seed, args)
-            records.append(r)
+            trained += not r.get("reused")
             rsum = r["student"]["rsum"] if "student" in r else float("nan")
             print(f"{name:14s} seed {seed}: test RSUM {rsum:6.1f}  ({r['seconds']:.0f} s)", flush=True)
-    # the table covers every finished run in --out, so seeds can be added by later invocations
+    # the table covers every finished run of this setup in --out, so seeds can be added later
     records = sorted(kept_records(Path(args.out)).values(),
                      key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"]))
     md = table(records) + "\n\n" + comparisons(records)
-    header = (f"Command: `.venv/bin/python bench/ablation.py {' '.join(sys.argv[1:])}`  \n"
-              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-              f"date {time.strftime('%Y-%m-%d')}; config {args.config} {' '.join(args.set or [])}\n\n")
+    header = (f"Command: `.venv/bin/python bench/ablation.py {' '.join(sys.argv[1:])}`; config {args.config} "
+              f"{' '.join(args.set or [])}  \n"
+              f"Written {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, "
+              f"{usable_cpus()} usable cores; {trained} run(s) trained by this command, {len(records) - trained} "
+              "reused from earlier ones (their own dates and machines, where recorded, are in results.json)\n\n")
     (Path(args.out) / "table.md").write_text(header + md + "\n")
     (Path(args.out) / "results.json").write_text(json.dumps(records, indent=2))
     chart(records, Path(args.out) / "ablation.png")
