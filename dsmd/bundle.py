@@ -46,18 +46,21 @@ class RuntimeOptions:
     threads: int = 0
     optimization: str = "all"
     providers: list[str] | None = None
-    # ONNX Runtime's threads spin between calls by default; in a server whose event loop and
-    # searches share the cores that spinning takes their CPU: off there
-    spinning: bool = True
+    # ONNX Runtime's threads spin while they wait for work, by default. A text is many small
+    # operators, where waking sleeping threads costs a third of the latency; an image is few large
+    # ones, and threads still spinning after a call take a core from the next upload's decoding
+    # (the server turns it off for images: BENCHMARKS.md, serving under load)
+    image_spinning: bool = True
+    text_spinning: bool = True
 
 
-def _session(path: Path, opts: RuntimeOptions):
+def _session(path: Path, opts: RuntimeOptions, spinning: bool):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = opts.threads or usable_cpus()
     so.inter_op_num_threads = 1
-    if not opts.spinning:
+    if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -98,8 +101,8 @@ class Bundle:
 
         files = manifest["variants"][variant]["files"]
         self.options = options or RuntimeOptions()
-        self.image_session = _session(self.path / files["image"], self.options)
-        self.text_session = _session(self.path / files["text"], self.options)
+        self.image_session = _session(self.path / files["image"], self.options, self.options.image_spinning)
+        self.text_session = _session(self.path / files["text"], self.options, self.options.text_spinning)
         self.tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
         self.text_inputs = [i.name for i in self.text_session.get_inputs()]
 

@@ -47,7 +47,8 @@ class State:
         faiss.omp_set_num_threads(1)  # one query at a time per search; the encoders take the cores
         self.settings = s = settings
         self.metrics = m = Metrics()
-        self.bundle = Bundle(s.bundle, s.variant, RuntimeOptions(threads=s.threads, spinning=s.encoder_spinning))
+        self.bundle = Bundle(s.bundle, s.variant, RuntimeOptions(threads=s.threads, image_spinning=s.image_spinning,
+                                                                   text_spinning=s.text_spinning))
         check_backend(s)
         self.index = SearchIndex(s.index, readonly=True if not s.writes else None, milvus_uri=s.milvus_uri)
         self.index.check_bundle(self.bundle)
