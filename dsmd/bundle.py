@@ -47,7 +47,7 @@ class RuntimeOptions:
     optimization: str = "all"
     providers: list[str] | None = None
     # ONNX Runtime's threads spin while they wait for work, by default. A text is many small
-    # operators, where waking sleeping threads costs a third of the latency; an image is few large
+    # operators, where waking sleeping threads costs about 40% of the latency; an image is few large
     # ones, and threads still spinning after a call take a core from the next upload's decoding
     # (the server turns it off for images: BENCHMARKS.md, serving under load)
     image_spinning: bool = True

@@ -48,9 +48,9 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(2.0, ge=0)  # how long an encoder call waits for company from concurrent requests
     max_batch: int = Field(32, ge=1)
     encode_delay_ms: float = Field(0.0, ge=0)  # fault injection for tests: a slow encoder
-    # ONNX Runtime's threads spin while waiting for work: on for texts (base INT8 text p50 14.0 ms
-    # instead of 18.4, and more req/s), off for images (93 ms instead of 108: spinning threads take
-    # a core from the decoding of the next upload)
+    # ONNX Runtime's threads spin while waiting for work: on for texts (base INT8 text p50 11.2 ms
+    # instead of 18.4, and more req/s), off for images (93 ms against 108 with spinning: spinning
+    # threads take a core from the decoding of the next upload); BENCHMARKS.md
     text_spinning: bool = True
     image_spinning: bool = False
     # -- caches
