@@ -1,7 +1,21 @@
 """dsmd.serve: the HTTP search server and its web page, without torch.
 
-    app.py       `create_app(settings)`: the FastAPI routes and what the app holds while it runs
-    batcher.py   micro-batching of encoder calls off the event loop
-    uploads.py   reading an uploaded image from a request, capped in size
-    cache.py, metrics.py, settings.py, static/index.html (the web page)
+    cli.py             `dsmd serve`: settings from flags and DSMD_*, then uvicorn
+    settings.py        the server's settings, checked at start-up, and the memory they allow
+    app.py             `create_app(settings)`: lifespan, middleware, error handlers, the routers
+    state.py           what the app holds while it runs: bundle, index, batchers, caches, gates
+    deps.py            the routes' typed dependencies (StateDep, WriterDep) and parameter types
+    routes/common.py   what several routes share: search, read and decode uploads, write the index
+    routes/search.py   GET /search, POST /search/image, GET /items/{id}/similar
+    routes/items.py    an item's metadata, image and thumbnail; POST /items, DELETE /items/{id}
+    routes/ops.py      /healthz, /readyz, /info, /metrics and the web page at /
+    models.py          the response bodies, so the OpenAPI spec describes every answer
+    middleware.py      latency and status per route for /metrics, nosniff on every response
+    admission.py       gates (a fast 503 past capacity), deadlines, clients that leave
+    batcher.py         micro-batching of encoder calls off the event loop
+    uploads.py         reading an uploaded image from a request, capped in size
+    memory.py          resident memory from /proc; malloc tuned so freed buffers do not stay resident
+    cache.py           the LRU caches of text embeddings and thumbnails
+    metrics.py         the Prometheus metrics
+    static/index.html  the web page
 """

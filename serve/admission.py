@@ -10,11 +10,13 @@ disconnects, whichever comes first; then its job is cancelled and the encoder sk
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from fastapi import HTTPException, Request
 
 RETRY_AFTER = {"Retry-After": "1"}
+T = TypeVar("T")
 
 
 class ClientGone(Exception):
@@ -22,6 +24,7 @@ class ClientGone(Exception):
 
 
 def busy(detail: str) -> HTTPException:
+    """A 503 that tells the client to retry after a second: overload is brief, refusing is cheap."""
     return HTTPException(503, detail, headers=RETRY_AFTER)
 
 
@@ -33,7 +36,7 @@ class Gate:
         self.name, self.limit, self.inside = name, limit, 0
         self.on_reject, self.on_change = on_reject, on_change
 
-    def __enter__(self) -> "Gate":
+    def __enter__(self) -> Gate:
         if self.inside >= self.limit:
             if self.on_reject:
                 self.on_reject(self.name)
@@ -71,8 +74,8 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def wait_or_give_up(request: Request, future: asyncio.Future, deadline: Deadline,
-                          on_give_up: Callable[[], None]):
+async def wait_or_give_up(request: Request, future: asyncio.Future[T], deadline: Deadline,
+                          on_give_up: Callable[[], None]) -> T:
     """The future's result; or, if the deadline passes or the client leaves first, `on_give_up()`
     (which cancels the job) and a 503 or ClientGone. Call only after the body has been read."""
     if future.done():
@@ -91,7 +94,7 @@ async def wait_or_give_up(request: Request, future: asyncio.Future, deadline: De
     raise deadline.expired()
 
 
-async def within(deadline: Deadline, awaitable, what: str):
+async def within(deadline: Deadline, awaitable: Awaitable[T], what: str) -> T:
     """`awaitable` within the deadline, else a 503 (a search or decode stuck behind others)."""
     try:
         return await asyncio.wait_for(awaitable, timeout=deadline.left())

@@ -138,7 +138,7 @@ class MicroBatcher:
             try:
                 out = self.encode([j.item for j in live])
                 results = [(j, out[i], None) for i, j in enumerate(live)]
-            except Exception as e:  # noqa: BLE001 - handed to each waiting request
+            except Exception as e:  # handed to each waiting request
                 results = [(j, None, e) for j in live]
             if self.on_batch:
                 self.on_batch(len(live))
@@ -146,14 +146,14 @@ class MicroBatcher:
                 _hand(job, value, error)
 
 
-def _hand(job: Job, value, error) -> None:
+def _hand(job: Job, value: Any, error: BaseException | None) -> None:
     try:
         job.loop.call_soon_threadsafe(_settle, job.future, value, error)
     except RuntimeError:  # that request's event loop is closed: nobody is waiting
         pass
 
 
-def _settle(fut: asyncio.Future, value, error) -> None:
+def _settle(fut: asyncio.Future, value: Any, error: BaseException | None) -> None:
     if fut.done():  # the request went away
         return
     if error is not None:

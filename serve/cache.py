@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any
 
 
 class LRU(OrderedDict):
+    """At most `size` entries, the least recently used dropped first; every access under `lock`."""
+
     def __init__(self, size: int):
         super().__init__()
         self.size = size
         self.lock = threading.Lock()
 
-    def lookup(self, key):
+    def lookup(self, key: Hashable) -> Any:
         """The cached value (now the most recent), or None."""
         with self.lock:
             if key in self:
@@ -20,13 +24,14 @@ class LRU(OrderedDict):
                 return self[key]
         return None
 
-    def put(self, key, value) -> None:
+    def put(self, key: Hashable, value: Any) -> None:
         with self.lock:
             self[key] = value
             if len(self) > self.size:
                 self.popitem(last=False)
 
-    def get_or(self, key, make):
+    def get_or(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """The cached value, else `make()` cached (made outside the lock: two callers may both make it)."""
         value = self.lookup(key)
         if value is None:
             value = make()

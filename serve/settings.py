@@ -48,9 +48,9 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(2.0, ge=0)  # how long an encoder call waits for company from concurrent requests
     max_batch: int = Field(32, ge=1)
     encode_delay_ms: float = Field(0.0, ge=0)  # fault injection for tests: a slow encoder
-    # ONNX Runtime's threads spin while waiting for work: on for texts (base INT8 text p50 11.2 ms
-    # instead of 18.4, and more req/s), off for images (93 ms against 108 with spinning: spinning
-    # threads take a core from the decoding of the next upload); BENCHMARKS.md
+    # ONNX Runtime's threads spin while waiting for work: on for texts (a text is many small operators,
+    # and threads that sleep between them wake for each one), off for images (spinning threads take a
+    # core from the decoding of the next upload); the figures: BENCHMARKS.md, "Serving under load"
     text_spinning: bool = True
     image_spinning: bool = False
     # -- caches
@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     reload_check_s: float = Field(2.0, gt=0)  # how often to look for an index rebuilt by another process
 
     @model_validator(mode="after")
-    def _check(self) -> "Settings":
+    def _check(self) -> Settings:
         if self.default_k > self.max_k:
             raise ValueError(f"default_k ({self.default_k}) must not exceed max_k ({self.max_k})")
         if self.token_file:
@@ -72,7 +72,7 @@ class Settings(BaseSettings):
         return self
 
     @classmethod
-    def from_env(cls, **overrides) -> "Settings":
+    def from_env(cls, **overrides) -> Settings:
         """DSMD_* variables override the defaults; keyword arguments (command-line flags) override both.
 
         Raises:

@@ -40,6 +40,8 @@ def check_backend(s: Settings) -> None:
 
 
 class State:
+    """Everything loaded once at start-up and shared by the requests (see the module's docstring)."""
+
     def __init__(self, settings: Settings):
         import faiss
 
@@ -85,7 +87,7 @@ class State:
         return self.texts.healthy and self.images.healthy
 
     # -- on the encoder threads: encode a batch, then search each query right there (one thread
-    #    hand-off per request instead of two: on two cores each costs about a millisecond)
+    #    hand-off per request instead of two; see BENCHMARKS.md, "Serving under load")
 
     def _text_work(self, jobs: list[tuple[str, int, str]]) -> list[tuple[np.ndarray, bool, list]]:
         """(text, k, target) jobs -> (vector, whether the text was cut, hits) each."""
@@ -148,6 +150,7 @@ class State:
         return True
 
     def compact_if_due(self) -> bool:
+        """Rebuild the index once live changes pass its threshold (searches go on meanwhile)."""
         if not self.writes or not self.index.needs_compaction():
             return False
         self.swap(self.index.compact(self.bundle))
@@ -166,7 +169,7 @@ class State:
 def search_here(index: SearchIndex, vector: np.ndarray, k: int, target: str) -> list:
     """One query, on whatever thread calls it. OpenMP's thread count is per thread: set it here, in
     the thread that searches, or every thread starts a team on every core and concurrent searches
-    spin against each other (20x slower at 32 connections, measured)."""
+    spin against each other (see BENCHMARKS.md, "Serving under load")."""
     import faiss
 
     faiss.omp_set_num_threads(1)

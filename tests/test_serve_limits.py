@@ -127,8 +127,27 @@ def test_read_only_serving(tiny_search, tmp_path):
     with Server(bundle, index, {"DSMD_TOKEN": "t"}, args=("--read-only",)) as s:
         assert httpx.get(f"{s.url}/search", params={"text": "a blue star"}).status_code == 200
         r = httpx.post(f"{s.url}/items", files={"file": ("a.jpg", _jpeg(32))}, headers={"authorization": "Bearer t"})
-        assert r.status_code == 403 and "read-only" in r.json()["detail"]
+        assert r.status_code == 403 and "read-only" in r.json()["detail"] and "--read-only" in r.json()["detail"]
         assert httpx.get(f"{s.url}/info").json()["index"]["writes"] is False
+
+
+def test_an_index_folder_the_server_cannot_write_gets_a_403_that_says_why(tiny_search, tmp_path):
+    """A host folder owned by another user is read-only to the container's uid: the 403 says so, and what to
+    do. Root may write anywhere, so the server here sees the folder as another uid would (os.access says no)."""
+    bundle, index = copy_search(tiny_search, tmp_path)
+    s = Server(bundle, index, {"DSMD_TOKEN": "t"})
+    deny = (f"import os, sys; real = os.access; os.access = lambda p, mode, **kw: not (mode & os.W_OK and "
+            f"str(p).startswith({str(index)!r})) and real(p, mode, **kw); from dsmd.cli import main; "
+            f"sys.exit(main(sys.argv[1:]))")
+    s.cmd = [sys.executable, "-c", deny, *s.cmd[s.cmd.index("serve"):]]
+    with s:
+        assert httpx.get(f"{s.url}/info").json()["index"]["writes"] is False
+        r = httpx.post(f"{s.url}/items", files={"file": ("a.jpg", _jpeg(32))}, headers={"authorization": "Bearer t"})
+        detail = r.json()["detail"]
+        assert r.status_code == 403 and "read-only" in detail and str(index) in detail, detail
+        assert f"uid {os.geteuid()}" in detail and "owned by another user" in detail and "mount it writable" in detail
+        assert httpx.delete(f"{s.url}/items/1", headers={"authorization": "Bearer t"}).status_code == 403
+        assert httpx.post(f"{s.url}/items", files={"file": ("a.jpg", _jpeg(32))}).status_code == 401  # token first
 
 
 def test_writes_check_the_token_before_the_parameters(plain):

@@ -1,0 +1,129 @@
+"""What more than one route does: search, read and decode an upload, write the index, shape the answers.
+
+Nothing here runs heavy work on the event loop: searches go to the thread pool, encodings to the
+encoders' micro-batching threads, index writes to the one writer thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from fastapi import HTTPException, Request
+from starlette.concurrency import run_in_threadpool
+
+from dsmd.errors import UserError
+from dsmd.images import BadImage
+from dsmd.serve.admission import Deadline, busy, wait_or_give_up, within
+from dsmd.serve.batcher import MicroBatcher, Overloaded
+from dsmd.serve.deps import Target
+from dsmd.serve.state import State, search_here
+from dsmd.serve.uploads import read_upload
+
+log = logging.getLogger("dsmd.serve")
+T = TypeVar("T")
+
+# ---------------------------------------------------------------- searching
+
+
+def check_k(s: State, k: int | None) -> int:
+    """The number of results asked for, or the default; a 422 past the server's max_k."""
+    k = s.settings.default_k if k is None else k
+    if not 1 <= k <= s.settings.max_k:
+        raise HTTPException(422, f"k must be between 1 and {s.settings.max_k}, not {k}")
+    return k
+
+
+async def search(s: State, vector: np.ndarray, k: int, target: Target, deadline: Deadline) -> list:
+    """Hits of a vector we have already (a cached text, an indexed item), from the thread pool."""
+    index = s.index  # this object to the end, whatever swaps meanwhile
+    try:
+        return await within(deadline, run_in_threadpool(search_here, index, vector, k, target), "search")
+    except UserError as e:  # the database busy beyond its timeout
+        raise busy(str(e)) from None
+
+
+async def encode_and_search(request: Request, s: State, batcher: MicroBatcher, job_input: tuple,
+                            deadline: Deadline) -> Any:
+    """The encoder thread's answer for this input: its vector, then the search done right there."""
+    try:
+        job = batcher.submit_nowait(job_input)
+    except Overloaded as e:
+        s.metrics.rejected.labels("queue").inc()
+        raise busy(f"the server is at capacity ({e}); retry shortly") from None
+    try:
+        return await wait_or_give_up(request, job.future, deadline, lambda: setattr(job, "cancelled", True))
+    except UserError as e:  # the database busy beyond its timeout
+        raise busy(str(e)) from None
+
+
+def results(s: State, hits: list, target: Target, min_score: float | None) -> list[dict]:
+    """The hits as answered, without those under the request's (or else the server's) score floor."""
+    floor = min_score if min_score is not None else s.settings.min_score
+    return [result(h, target) for h in hits if floor is None or h.score >= floor]
+
+
+def result(h: Any, target: Target) -> dict:
+    """One hit as answered: links to the image, never its path on disk."""
+    if target == "images":
+        return {"id": h.id, "score": round(h.score, 6), "name": Path(h.item["uri"]).name,
+                "image_url": f"/items/{h.id}/image", "thumbnail_url": f"/items/{h.id}/thumbnail",
+                "captions": h.item["captions"]}
+    out = {"id": h.id, "score": round(h.score, 6), "text": h.item["text"], "item_id": h.item["item_id"]}
+    if h.item["item_id"] is not None:
+        out["thumbnail_url"] = f"/items/{h.item['item_id']}/thumbnail"
+    return out
+
+
+def public(item: dict) -> dict:
+    """An item's row as answered: its file's name and links, never its path on disk."""
+    return {"id": item["id"], "name": Path(item["uri"]).name, "width": item["width"], "height": item["height"],
+            "captions": item["captions"], "added": item["added"], "sha256": item["sha256"],
+            "image_url": f"/items/{item['id']}/image", "thumbnail_url": f"/items/{item['id']}/thumbnail"}
+
+
+# ---------------------------------------------------------------- uploads
+
+
+async def read_body(request: Request, s: State, deadline: Deadline) -> bytes:
+    """The uploaded image's bytes, or a 408 when they do not arrive before the deadline."""
+    try:
+        return await asyncio.wait_for(read_upload(request, s.settings.max_upload_bytes), timeout=deadline.left())
+    except asyncio.TimeoutError:
+        raise HTTPException(408, f"the upload did not arrive within {deadline.seconds:g} s") from None
+
+
+async def decode(s: State, data: bytes, deadline: Deadline) -> np.ndarray:
+    """The model input of an upload, decoded in the thread pool; a 422 when it is not a usable image."""
+    try:
+        return await within(deadline, run_in_threadpool(s.decode, data), "decode the image")
+    except BadImage as e:
+        raise HTTPException(422, f"not a usable image: {str(e).replace('upload: ', '')}") from None
+
+
+# ---------------------------------------------------------------- index writes
+
+
+async def on_writer(s: State, fn: Callable[[], T]) -> T:
+    """Run an index write on the writer thread (one at a time, never on the searches' pool)."""
+    return await asyncio.get_running_loop().run_in_executor(s.writer, fn)
+
+
+def after_write(s: State) -> None:
+    """Compact in the background once deletions or growth pass the index's threshold."""
+    s.refresh_gauges()
+    with contextlib.suppress(RuntimeError):  # the writer is shut down: the server is stopping
+        s.writer.submit(logged, s.compact_if_due)
+
+
+def logged(fn: Callable[[], object]) -> None:
+    """Run a background task; a failure is logged and the server keeps serving the index it has."""
+    try:
+        fn()
+    except Exception:
+        log.exception("index maintenance failed; serving the index as it was")

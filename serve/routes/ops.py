@@ -1,0 +1,70 @@
+"""The operator's routes: liveness, readiness, what the server runs with, Prometheus metrics; and the
+web page at `/`. None of them passes a gate: probes must answer while the server is at capacity.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from dsmd.serve import models
+from dsmd.serve.deps import StateDep
+from dsmd.serve.memory import peak_resident_bytes, resident_bytes
+
+STATIC = Path(__file__).parent.parent / "static"
+router = APIRouter()
+
+
+@router.get("/healthz", summary="The process is alive", response_model=models.Health)
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Bundle and index are loaded and the encoders run", response_model=models.Ready,
+            responses=models.errors(503))
+async def readyz(request: Request) -> JSONResponse:
+    s = getattr(request.app.state, "s", None)  # not StateDep: asked before start-up is done, it answers 503
+    encoders = {"text": s.texts.healthy, "image": s.images.healthy} if s else {}
+    ok = bool(s and s.ready)
+    return JSONResponse({"ready": ok, "encoders": encoders}, status_code=200 if ok else 503)
+
+
+@router.get("/info", summary="Bundle, index, limits, memory and versions", response_model=models.Info)
+async def info(s: StateDep) -> dict:
+    from dsmd.artifacts import versions
+
+    index, m = s.index, s.index.manifest
+    cfg = s.settings
+    return {"bundle": {"name": s.bundle.name, "dim": s.bundle.dim, "variant": s.bundle.variant,
+                       "preprocess": s.bundle.preprocess.to_json()},
+            "index": {**{part: {"count": index.count(part),
+                                "kind": m.get(part, {}).get("index", {}).get("kind"),
+                                "recall_at_10": m.get(part, {}).get("index", {}).get("recall_at_10"),
+                                "shortfall": m.get(part, {}).get("shortfall")}
+                         for part in ("images", "texts")},
+                      "generation": index.generation, "writes": s.writes, "backend": index.backend},
+            "limits": {"max_k": cfg.max_k, "max_upload_bytes": cfg.max_upload_bytes, "max_pixels": cfg.max_pixels,
+                       "max_tokens": s.bundle.preprocess.max_tokens, "request_timeout_s": cfg.request_timeout_s,
+                       "max_text_requests": cfg.max_text_requests, "max_image_requests": cfg.max_image_requests,
+                       "max_write_requests": cfg.max_write_requests, "max_queue": cfg.max_queue},
+            "memory": {"resident_bytes": resident_bytes(), "peak_resident_bytes": peak_resident_bytes(),
+                       "baseline_bytes": s.baseline_bytes, "budget_bytes": s.budget_bytes,
+                       "ceiling_bytes": s.ceiling_bytes()},
+            "uptime_s": round(time.time() - s.started, 1), "versions": versions()}
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+async def metrics(s: StateDep) -> Response:
+    s.refresh_gauges()
+    s.metrics.queued.labels("text").set(s.texts.queued())
+    s.metrics.queued.labels("image").set(s.images.queued())
+    return Response(s.metrics.render(), media_type=s.metrics.content_type)
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def page() -> HTMLResponse:
+    return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
