@@ -1,12 +1,16 @@
-"""dsmd.index: image collections -> FAISS index + SQLite metadata, without torch.
+"""dsmd.index: image collections -> FAISS (or Milvus) index + SQLite metadata, without torch.
 
-    build.py    add images and captions, remove, merge shards, finalize (choose and tune the FAISS index)
-    sources.py  where images come from (a folder, a data set, a shard), decoded in threads
-    ann.py      which FAISS index fits a size and memory, and its tuning to a recall target
-    db.py       the SQLite items table (vectors, content hashes, captions): the source of truth
-    search.py   an opened index answering queries from many threads, and changing live (what the server holds)
-    live.py     the in-memory side of a live index: segments for additions, tombstones for removals
-    lock.py     the folder lock shared by every writer (CLI and servers), a readers-writer lock
-    uploads.py  single-image writes (what POST/DELETE /items do on disk)
-    recall.py   text->image recall of the index's captions, directly and through FAISS
+    build.py      add images and captions, remove, merge shards, finalize (choose and tune the FAISS index)
+    sources.py    where images come from (a folder, a data set, a shard), decoded in threads
+    ann.py        which FAISS index fits a size and memory, and its tuning to a recall target
+    db.py         the SQLite tables (items, content hashes, captions, the row of each vector): the source of truth
+    vectors.py    the vectors themselves: one float16 matrix file per table, memory-mapped for reading
+    search.py     an opened index answering queries from many threads, and changing live (what the server holds)
+    live.py       the in-memory side of a live index: segments for additions, tombstones for removals
+    lock.py       the folder lock shared by every writer (CLI and servers), a readers-writer lock
+    uploads.py    single-image writes (what POST/DELETE /items do on disk)
+    recall.py     text->image recall of the index's captions, directly and through FAISS
+    milvus.py     Milvus as the search back end: the same folder, the vectors searched by a Milvus collection
+    ray_embed.py  embedding a collection on a Ray cluster into vector shards, and building from them
+    cli.py        `dsmd index build|embed|add-texts|remove|merge|info|search|recall`
 """

@@ -3,12 +3,13 @@
 All indexes search by inner product on unit vectors (= cosine) and carry the SQLite ids.
 
     flat    exact search; every vector in memory (4·dim bytes each)    n·dim <= 10M
-            (a query then costs ~2 ms on one core: 100k x 768 took 17 ms here)
+            (query latency by size: BENCHMARKS.md, 'Index: encoder throughput, search
+            latency and recall per kind')
     hnsw    HNSW graph (M=32) over the full vectors, efSearch tuned             n <= 5M
     ivfpq   IVF + product quantisation (dim/8 bytes per vector) with a float16 refine stage
-            (2·dim bytes) that re-ranks the shortlist: PQ alone capped recall@10 near 0.8
-            here whatever nprobe, and an 8-bit refine still stopped at 0.92 on tight
-            clusters; fp16 reaches the target                                         beyond
+            (2·dim bytes) that re-ranks the shortlist: PQ alone fell short of the recall
+            target whatever nprobe, and so did an 8-bit refine on tight clusters; fp16
+            reaches it (see BENCHMARKS.md, the index sections)                        beyond
     ivfdisk the same IVF-PQ with its inverted lists in a file beside the index (FAISS
             OnDiskInvertedLists, memory-mapped) and the shortlist re-ranked from the index's
             float16 vector files (index/vectors.py), also memory-mapped: resident memory is
@@ -18,9 +19,10 @@ All indexes search by inner product on unit vectors (= cosine) and carry the SQL
 
 Each build is tuned on the collection's own vectors: the smallest efSearch / nprobe whose
 recall@10 against exact search reaches the target (0.95) is kept, and the measured recall is
-written in the manifest. A kind that cannot reach the target (HNSW on vectors with no structure:
-100k random 768-d vectors stopped at 0.65 with efSearch 1024) is followed by the next kind that
-fits (`fallbacks`), and when none reaches it the build says so (the manifest's `shortfall`).
+written in the manifest. A kind that cannot reach the target (HNSW on vectors with no structure,
+such as random ones: see BENCHMARKS.md, 'Index: when a kind cannot reach the recall target') is
+followed by the next kind that fits (`fallbacks`), and when none reaches it the build says so
+(the manifest's `shortfall`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ KINDS = ("flat", "hnsw", "ivfpq", "ivfdisk")
 FLAT_MAX_CELLS = 10_000_000  # n x dim: about 13k vectors at 768 dims, 39k at 256
 HNSW_MAX = 5_000_000
 TARGET_RECALL = 0.95
-FLAT_FALLBACK_MAX_CELLS = 100_000_000  # exact search as the last resort: 130k x 768 (400 MB, ~20 ms a query)
+FLAT_FALLBACK_MAX_CELLS = 100_000_000  # exact search as the last resort: 130k x 768 (400 MB)
 HNSW_EF_GRID = (16, 32, 64, 128, 256, 512, 1024)
 IVF_NPROBE_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -241,7 +243,7 @@ def _build(kind, dim, chunks, n, train_sample, seed, progress, refine):
         quantizer = faiss.IndexFlatIP(dim)
         ivf = faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["pq_m"], params["pq_bits"],
                                faiss.METRIC_INNER_PRODUCT)
-        ivf.do_polysemous_training = False  # 178 of 190 s of training here, for nothing at search time
+        ivf.do_polysemous_training = False  # most of the training time, for codes no search here uses
         sample = _sample(chunks, n, max(train_sample, 40 * params["nlist"]), seed)
         if refine == "none":
             index = ivf
@@ -313,8 +315,9 @@ def tune(index, kind: str, queries: np.ndarray, kth_exact: np.ndarray, vectors_o
             inner = faiss.downcast_index(index.index)
             refined = isinstance(inner, faiss.IndexRefine)
             nlist = faiss.downcast_index(inner.base_index).nlist if refined else inner.nlist
+        # k_factor 256: tight clusters at 5M needed it (BENCHMARKS.md, 'Index: IVF-PQ on disk at 5M vectors')
         grid = [{"nprobe": p, "k_factor": kf} for p in IVF_NPROBE_GRID if p <= nlist
-                for kf in ((4, 16, 64, 256) if refined else (4,))]  # 256: tight clusters at 5M needed it
+                for kf in ((4, 16, 64, 256) if refined else (4,))]
     best, best_recall = grid[-1], -1.0
     for search in grid:
         r = recall(search)

@@ -1,16 +1,17 @@
 """Building and updating an index folder (`dsmd index ...`, `make index`).
 
     INDEX/
-      items.sqlite    items, caption texts and their vectors: the source of truth (index/db.py)
-      images.*.faiss  image vectors, by item id          } derived from items.sqlite by
-      texts.*.faiss   caption vectors, by text id        } `finalize`; new names each time
+      items.sqlite    items and caption texts, each with the row of its vector: the source of truth (index/db.py)
+      vectors/*.f16   the image and caption vectors, float16, one file per table (index/vectors.py)
+      images.*.faiss  image vectors, by item id          } derived from items.sqlite and vectors/
+      texts.*.faiss   caption vectors, by text id        } by `finalize`; new names each time
       manifest.json   bundle, index kinds with their measured recall@10, counts, generation
 
 Adding embeds only what is new (by content hash) and commits each batch in one transaction,
 so a killed build, started again, picks up where it stopped and never holds an image twice.
-The FAISS files are then rebuilt from the database and the manifest written last: a kill at
-any moment leaves the previous searchable index or the new one, and the next finalize deletes
-what the killed one left behind.
+The FAISS files are then rebuilt from the rows and their vectors, and the manifest written
+last: a kill at any moment leaves the previous searchable index or the new one, and the next
+finalize deletes what the killed one left behind.
 
 Several writers may share a folder (builds, `dsmd index remove`, servers adding uploads):
 every change to the rows holds INDEX/.lock (index/lock.py) for one batch, and a row is never
@@ -301,8 +302,12 @@ def _build_tuned(db: IndexDB, table: str, name: str, n: int, kind: str | None, t
                  stem: Path | None = None):
     """Build and tune the kind chosen by size (or `kind`, when the user forced one); while it falls
     short of `target`, try the next kind that fits (ann.fallbacks) and keep the first that reaches
-    it, else the best. `settled`: the kind an earlier build fell back to, tried first. Returns (index, IndexSpec, build seconds, every attempt's kind and recall)."""
-    chunks = lambda: db.vectors(table)
+    it, else the best. `settled`: the kind an earlier build fell back to, tried first. Returns
+    (index, IndexSpec, build seconds, every attempt's kind and recall)."""
+
+    def chunks():
+        return db.vectors(table)
+
     first = kind or settled or ann.choose_kind(n, db.dim, memory_bytes)
     order = [first] + ([] if kind else ann.fallbacks(first, n, db.dim, memory_bytes))
     kth = ann.exact_kth_score(chunks, queries)
@@ -311,7 +316,10 @@ def _build_tuned(db: IndexDB, table: str, name: str, n: int, kind: str | None, t
         refine = ann.choose_refine(n, db.dim, memory_bytes)
         bar = tqdm(total=n, desc=f"faiss {name} ({chosen})", unit="vec", leave=False, **_quiet(progress))
         t1 = time.time()
-        vectors_of = lambda ids: db.vectors_of(ids, table)  # noqa: E731
+
+        def vectors_of(ids):
+            return db.vectors_of(ids, table)
+
         index, params = ann.build(chosen, db.dim, chunks, n, progress=bar.update, refine=refine, vectors_of=vectors_of,
                                   data_path=stem.with_name(stem.name + ".ivfdata") if stem else None)
         bar.close()
@@ -378,7 +386,8 @@ def _sample_queries(chunks, n: int, size: int = 1000) -> np.ndarray:
 
 
 def build(path: str | Path, bundle: Bundle, sources: list[Source], kind: str | None = None, batch: int = 64,
-          workers: int = 2, progress: bool = True, backend: dict | None = None, memory_bytes: int | None = None) -> dict:
+          workers: int = 2, progress: bool = True, backend: dict | None = None,
+          memory_bytes: int | None = None) -> dict:
     """Add the new sources, then rebuild the searchable files (or sync Milvus: `backend`); returns the manifest."""
     if backend is not None and backend["name"] == "milvus":
         from dsmd.index import milvus

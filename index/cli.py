@@ -1,103 +1,44 @@
-"""`dsmd index build|embed|add-texts|remove|merge|info|search|recall`: the FAISS (or Milvus) + SQLite index."""
+"""`dsmd index ACTION`: the command line of the FAISS (or Milvus) + SQLite index of images and captions.
+
+One sub-parser and one handler per action, each sub-parser with only the options its action uses
+(`dsmd index info INDEX --folder X` is an error, not an ignored option):
+
+    build      add images (a folder, a data set, or the shards of embed) and rebuild the search files
+    embed      embed images on a Ray cluster into vector shards (build --from-shards takes them)
+    add-texts  add free texts, one a line, to the caption index
+    remove     remove items by id or path
+    merge      merge shard indexes (build --shard i/n) into one
+    info       what an index holds: bundle, kinds, counts, measured recall, skipped files
+    search     search by text (finds images) or by image (finds captions)
+    recall     text->image recall of the index's captions, directly and through the index
+
+An option used by several actions is added by one helper (`_bundle_options`, `_source_options`,
+`_finalize_options`, ...), so it is defined once. FAISS, ONNX Runtime and the index modules are
+imported inside the handlers, so `dsmd --help` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+DEFAULT_INDEX = "artifacts/index"
 
-def _index(a: argparse.Namespace) -> int:
-    from dsmd.bundle import Bundle
+
+# --- handlers: one per action ---------------------------------------------------------------------------------
+
+def _build(a: argparse.Namespace) -> int:
     from dsmd.errors import UserError
-    from dsmd.index import build as B
+    from dsmd.index.build import build
 
-    if a.action == "info":
-        m = B.info(a.index)
-        where = m.get("backend") or {"name": "faiss"}
-        print(f"{a.index}: bundle {m['bundle']['name']} (dim {m['bundle']['dim']}), generation {m['generation']}, "
-              f"vectors in {where['name']}" + (f" at {where['uri']}" if where.get("uri") else "")
-              + (f", {m['pending_changes']} change(s) not yet in the FAISS files: run dsmd index build again"
-                 if m["pending_changes"] else ""))
-        for part in ("images", "texts"):
-            p = m.get(part, {})
-            if p.get("count"):
-                ix = p["index"]
-                print(f"  {part:6s} {p['count']:>10,} vectors  {ix['kind']:5s} {ix['params']} search {ix['search']}  "
-                      f"recall@10 vs exact {ix['recall_at_10']:.3f}"
-                      + (f"  {p['bytes'] / 2**20:.1f} MiB" if p.get("bytes") else f"  collection {p.get('collection')}"))
-            else:
-                print(f"  {part:6s} empty")
-        print(f"  skipped files: {m['skipped']}")
-        dead = sum(m["dead_vector_rows"].values())
-        if dead:
-            print(f"  vector files: {dead:,} rows of removed items (dead bytes)")
-        _warn_shortfall(m)
-        return 0
-    if a.action == "recall":
-        from dsmd.index.search import text_to_image_recall
-
-        direct, via = text_to_image_recall(a.index)
-        print(f"text→image recall of the index's captions ({a.index}):")
-        print("  from the embeddings directly: " + "  ".join(f"R@{k} {v:.2f}" for k, v in direct.items()))
-        print("  through the index:            " + "  ".join(f"R@{k} {v:.2f}" for k, v in via.items()))
-        return 0
-    if a.action == "remove":
-        n = B.remove(a.index, ids=a.id or [], uris=a.uri or [])
-        print(f"removed {n} item(s)")
-        if n:
-            m = B.finalize(a.index, Bundle(a.bundle, a.variant), kind=a.index_type, backend=_backend(a))
-            print(f"{a.index}: {m['images']['count']} images")
-            _warn_shortfall(m)
-        return 0
-    if a.action == "merge":
-        n = B.merge(a.index, a.inputs)
-        m = B.finalize(a.index, Bundle(a.bundle, a.variant), kind=a.index_type, backend=_backend(a))
-        print(f"merged {n} items into {a.index}: {m['images']['count']} images, {m['texts']['count']} texts")
-        _warn_shortfall(m)
-        return 0
-    bundle = Bundle(a.bundle, a.variant)
-    if a.action == "search":
-        from dsmd.index.search import SearchIndex
-
-        s = SearchIndex(a.index)
-        s.check_bundle(bundle)
-        target = "texts" if a.image else "images"
-        q = bundle.encode_images([Path(a.image).read_bytes()]) if a.image else bundle.encode_texts([a.text or ""])
-        for h in s.search(q, a.k, target)[0]:
-            what = h.item.get("uri") or h.item.get("text")
-            print(f"  {h.score:7.4f}  #{h.id:<8d} {what}")
-        return 0
-    if a.action == "add-texts":
-        texts = Path(a.file).read_text(encoding="utf-8").splitlines()
-        n = B.add_texts(a.index, bundle, texts)
-        m = B.finalize(a.index, bundle, kind=a.index_type, backend=_backend(a))
-        print(f"added {n} texts: {m['texts']['count']} in the caption index")
-        _warn_shortfall(m)
-        return 0
-    if a.action == "build" and a.from_shards:
-        if a.folder or a.data:
-            raise UserError("--from-shards replaces --folder/--data: the shards hold what was embedded")
+    if a.from_shards:
+        if a.shard:
+            raise UserError("--from-shards replaces --shard: the shards hold what was embedded")
         from dsmd.index.ray_embed import add_shards
 
+        bundle = _bundle(a)
         r = add_shards(a.index, bundle, a.from_shards)
-        m = B.finalize(a.index, bundle, kind=a.index_type, report=r, backend=_backend(a),
-                       memory_bytes=int(a.memory_gib * 2**30) if a.memory_gib else None)
-        _print_build(a, m)
-        return 0
-    # build, embed
-    if bool(a.folder) == bool(a.data):
-        raise UserError("give exactly one source: --folder DIR or --data DATASET")
-    sources = B.folder_sources(a.folder) if a.folder else B.dataset_sources(a.data, a.images, a.split)
-    if a.action == "embed":
-        from dsmd.index.ray_embed import embed
-
-        m = embed(a.index, a.bundle, sources, a.variant, a.ray, a.actors, a.threads_per_actor, a.gpus_per_actor,
-                  a.batch, a.shard_size)
-        errors = sum(sh["errors"] for sh in m["shards"].values())
-        print(f"{a.index}: {len(m['shards'])} shard(s) of {m['total']} images ({errors} unreadable), "
-              f"{m['embedded_now']} embedded now in {m['seconds']:.1f} s"
-              + (f" ({m['embedded_now'] / m['seconds']:.0f} images/s)" if m["embedded_now"] and m["seconds"] else "")
-              + f"; build the index with: dsmd index build INDEX --bundle {a.bundle} --from-shards {a.index}")
+        _print_build(a, _finalize(a, bundle, report=r, memory_bytes=_memory_bytes(a)))
         return 0
     shard = None
     if a.shard:
@@ -106,11 +47,136 @@ def _index(a: argparse.Namespace) -> int:
             shard = (int(i), int(n))
         except ValueError:
             raise UserError(f"--shard takes i/n, e.g. 0/4, not {a.shard!r}") from None
-    sources = B.shard_of(sources, shard)
-    m = B.build(a.index, bundle, sources, kind=a.index_type, batch=a.batch, workers=a.workers, backend=_backend(a),
-                memory_bytes=int(a.memory_gib * 2**30) if a.memory_gib else None)
+    from dsmd.index.sources import shard_of
+
+    sources = shard_of(_sources(a), shard)
+    m = build(a.index, _bundle(a), sources, kind=a.index_type, batch=a.batch, workers=a.workers,
+              backend=_backend(a), memory_bytes=_memory_bytes(a))
     _print_build(a, m)
     return 0
+
+
+def _embed(a: argparse.Namespace) -> int:
+    from dsmd.index.ray_embed import embed
+
+    m = embed(a.index, a.bundle, _sources(a), a.variant, a.ray, a.actors, a.threads_per_actor, a.gpus_per_actor,
+              a.batch, a.shard_size)
+    errors = sum(sh["errors"] for sh in m["shards"].values())
+    print(f"{a.index}: {len(m['shards'])} shard(s) of {m['total']} images ({errors} unreadable), "
+          f"{m['embedded_now']} embedded now in {m['seconds']:.1f} s"
+          + (f" ({m['embedded_now'] / m['seconds']:.0f} images/s)" if m["embedded_now"] and m["seconds"] else "")
+          + f"; build the index with: dsmd index build INDEX --bundle {a.bundle} --from-shards {a.index}")
+    return 0
+
+
+def _add_texts(a: argparse.Namespace) -> int:
+    from dsmd.index.build import add_texts
+
+    bundle = _bundle(a)
+    texts = Path(a.file).read_text(encoding="utf-8").splitlines()
+    n = add_texts(a.index, bundle, texts)
+    m = _finalize(a, bundle)
+    print(f"added {n} texts: {m['texts']['count']} in the caption index")
+    _warn_shortfall(m)
+    return 0
+
+
+def _remove(a: argparse.Namespace) -> int:
+    from dsmd.index.build import remove
+
+    n = remove(a.index, ids=a.id or [], uris=a.uri or [])
+    print(f"removed {n} item(s)")
+    if n:
+        m = _finalize(a, _bundle(a))
+        print(f"{a.index}: {m['images']['count']} images")
+        _warn_shortfall(m)
+    return 0
+
+
+def _merge(a: argparse.Namespace) -> int:
+    from dsmd.index.build import merge
+
+    n = merge(a.index, a.inputs)
+    m = _finalize(a, _bundle(a))
+    print(f"merged {n} items into {a.index}: {m['images']['count']} images, {m['texts']['count']} texts")
+    _warn_shortfall(m)
+    return 0
+
+
+def _info(a: argparse.Namespace) -> int:
+    from dsmd.index.build import info
+
+    m = info(a.index)
+    where = m.get("backend") or {"name": "faiss"}
+    print(f"{a.index}: bundle {m['bundle']['name']} (dim {m['bundle']['dim']}), generation {m['generation']}, "
+          f"vectors in {where['name']}" + (f" at {where['uri']}" if where.get("uri") else "")
+          + (f", {m['pending_changes']} change(s) not yet in the FAISS files: run dsmd index build again"
+             if m["pending_changes"] else ""))
+    for part in ("images", "texts"):
+        p = m.get(part, {})
+        if p.get("count"):
+            ix = p["index"]
+            print(f"  {part:6s} {p['count']:>10,} vectors  {ix['kind']:5s} {ix['params']} search {ix['search']}  "
+                  f"recall@10 vs exact {ix['recall_at_10']:.3f}"
+                  + (f"  {p['bytes'] / 2**20:.1f} MiB" if p.get("bytes") else f"  collection {p.get('collection')}"))
+        else:
+            print(f"  {part:6s} empty")
+    print(f"  skipped files: {m['skipped']}")
+    dead = sum(m["dead_vector_rows"].values())
+    if dead:
+        print(f"  vector files: {dead:,} rows of removed items (dead bytes)")
+    _warn_shortfall(m)
+    return 0
+
+
+def _search(a: argparse.Namespace) -> int:
+    from dsmd.index.search import SearchIndex
+
+    bundle = _bundle(a)
+    s = SearchIndex(a.index)
+    s.check_bundle(bundle)
+    target = "texts" if a.image else "images"
+    q = bundle.encode_images([Path(a.image).read_bytes()]) if a.image else bundle.encode_texts([a.text or ""])
+    for h in s.search(q, a.k, target)[0]:
+        what = h.item.get("uri") or h.item.get("text")
+        print(f"  {h.score:7.4f}  #{h.id:<8d} {what}")
+    return 0
+
+
+def _recall(a: argparse.Namespace) -> int:
+    from dsmd.index.recall import text_to_image_recall
+
+    direct, via = text_to_image_recall(a.index)
+    print(f"text→image recall of the index's captions ({a.index}):")
+    print("  from the embeddings directly: " + "  ".join(f"R@{k} {v:.2f}" for k, v in direct.items()))
+    print("  through the index:            " + "  ".join(f"R@{k} {v:.2f}" for k, v in via.items()))
+    return 0
+
+
+# --- what the handlers share ----------------------------------------------------------------------------------
+
+def _bundle(a: argparse.Namespace):
+    from dsmd.bundle import Bundle
+
+    return Bundle(a.bundle, a.variant)
+
+
+def _sources(a: argparse.Namespace) -> list:
+    """--folder or --data (argparse has made sure there is exactly one) as a list of sources."""
+    from dsmd.index.sources import dataset_sources, folder_sources
+
+    return folder_sources(a.folder) if a.folder else dataset_sources(a.data, a.images, a.split)
+
+
+def _memory_bytes(a: argparse.Namespace) -> int | None:
+    return int(a.memory_gib * 2**30) if a.memory_gib else None
+
+
+def _finalize(a: argparse.Namespace, bundle, **kwargs) -> dict:
+    """Rebuild the search files after a change, with the kind and back end of --index-type / --backend."""
+    from dsmd.index.build import finalize
+
+    return finalize(a.index, bundle, kind=a.index_type, backend=_backend(a), **kwargs)
 
 
 def _print_build(a: argparse.Namespace, m: dict) -> None:
@@ -145,47 +211,132 @@ def _warn_shortfall(manifest: dict) -> None:
             print(f"warning: {manifest[part]['shortfall']}")
 
 
+# --- options shared by several actions, each defined once -----------------------------------------------------
+
+def _index_argument(p: argparse.ArgumentParser, metavar: str = "INDEX", what: str = "index folder") -> None:
+    p.add_argument("index", nargs="?", default=DEFAULT_INDEX, metavar=metavar,
+                   help=f"{what} (default: {DEFAULT_INDEX})")
+
+
+def _bundle_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", default="artifacts/bundle", help="encoder bundle (default: artifacts/bundle)")
+    p.add_argument("--variant", default="fp32", help="bundle variant that embeds: fp32 (default), int8, fp16; "
+                                                     "an index holds the vectors of one variant")
+
+
+def _source_options(p: argparse.ArgumentParser, from_shards: bool = False) -> None:
+    """Exactly one of --folder, --data (and --from-shards for build); --images/--split of --data."""
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--folder", help="a folder of images (recursive)")
+    g.add_argument("--data", help="a data set (Karpathy JSON / JSONL): its images and captions")
+    if from_shards:
+        g.add_argument("--from-shards", help="the vector shards of dsmd index embed instead of --folder/--data")
+    p.add_argument("--images", help="image root of --data (default: beside the annotation file)")
+    p.add_argument("--split", help="only this split of --data")
+
+
+def _batch_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch", type=int, default=64, help="images per encoder batch (default: 64)")
+
+
+def _finalize_options(p: argparse.ArgumentParser, memory: bool = False) -> None:
+    """What rebuilding the search files takes: --index-type, [--memory-gib], --backend/--milvus-uri/--collection."""
+    p.add_argument("--index-type", choices=["flat", "hnsw", "ivfpq", "ivfdisk"], help="override the choice by size")
+    if memory:
+        p.add_argument("--memory-gib", type=float, help="memory the FAISS index may take; past it the choice goes "
+                                                        "to IVF-PQ on disk (ivfdisk). Remembered (default: no limit)")
+    p.add_argument("--backend", choices=["faiss", "milvus"],
+                   help="where the vectors are searched: FAISS files in the folder, or a Milvus collection "
+                        "(default: what the index was built with, else faiss)")
+    p.add_argument("--milvus-uri", help="--backend milvus: a Milvus server (http://host:19530, token in "
+                                        "DSMD_MILVUS_TOKEN) or a local file for Milvus Lite (default: INDEX/milvus.db)")
+    p.add_argument("--collection", help="--backend milvus: collection name prefix (default: dsmd; "
+                                        "PREFIX_images and PREFIX_texts)")
+
+
+# --- the parsers ----------------------------------------------------------------------------------------------
+
+class _ActionParser(argparse.ArgumentParser):
+    """An action's parser refuses an option it does not take itself, with its own usage (argparse would pass it
+    up to `dsmd`, whose error shows the top-level usage instead)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     ix = sub.add_parser("index", help="index images (and captions) for search: build, embed (on Ray), add-texts, "
-                                      "remove, merge, info, search, recall")
-    ix.add_argument("action", choices=["build", "embed", "add-texts", "remove", "merge", "info", "search", "recall"])
-    ix.add_argument("index", nargs="?", default="artifacts/index", help="index folder (default: artifacts/index); embed: the "
-                                                                    "folder of vector shards")
-    ix.add_argument("inputs", nargs="*", help="merge: the shard indexes to merge into INDEX")
-    ix.add_argument("--bundle", default="artifacts/bundle", help="encoder bundle (default: artifacts/bundle)")
-    ix.add_argument("--folder", help="build: a folder of images (recursive)")
-    ix.add_argument("--data", help="build: a data set (Karpathy JSON / JSONL): its images and captions")
-    ix.add_argument("--images", help="image root of --data (default: beside the annotation file)")
-    ix.add_argument("--split", help="build: only this split of --data")
-    ix.add_argument("--shard", help="build: only shard i/n of the sources (merge the shards afterwards)")
-    ix.add_argument("--variant", default="fp32", help="bundle variant that embeds: fp32 (default), int8, fp16; "
-                                                      "an index holds the vectors of one variant")
-    ix.add_argument("--from-shards", help="build: the vector shards of dsmd index embed instead of --folder/--data")
-    ix.add_argument("--ray", default="local", help="embed: 'local' (Ray on this machine), 'auto' (the cluster this "
+                                      "remove, merge, info, search, recall",
+                        description="The FAISS (or Milvus) + SQLite index of images and captions. "
+                                    "`dsmd index ACTION --help` lists an action's options.")
+    actions = ix.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=_ActionParser)
+
+    b = actions.add_parser("build", help="add images (a folder, a data set, or the shards of embed) and rebuild "
+                                         "the search files")
+    _index_argument(b)
+    _bundle_options(b)
+    _source_options(b, from_shards=True)
+    b.add_argument("--shard", help="only shard i/n of the sources (merge the shards afterwards)")
+    _batch_option(b)
+    b.add_argument("--workers", type=int, default=2, help="image-decoding threads (default: 2)")
+    _finalize_options(b, memory=True)
+    b.set_defaults(run=_build)
+
+    e = actions.add_parser("embed", help="embed images on a Ray cluster into vector shards (then: build "
+                                         "--from-shards)")
+    _index_argument(e, "SHARDS", "folder of the vector shards")
+    _bundle_options(e)
+    _source_options(e)
+    e.add_argument("--ray", default="local", help="'local' (Ray on this machine), 'auto' (the cluster this "
                                                   "machine belongs to) or a cluster address (default: local)")
-    ix.add_argument("--actors", type=int, help="embed: encoder actors, each opening the bundle once "
-                                               "(default: half the cluster's CPUs)")
-    ix.add_argument("--threads-per-actor", type=int, default=1, help="embed: ONNX Runtime threads (and CPUs) per "
-                                                                      "actor (default: 1)")
-    ix.add_argument("--gpus-per-actor", type=float, default=0, help="embed: GPUs per actor; ONNX Runtime then runs "
-                                                                     "on CUDA (default: 0)")
-    ix.add_argument("--shard-size", type=int, default=10_000, help="embed: images per shard file (default: 10000)")
-    ix.add_argument("--index-type", choices=["flat", "hnsw", "ivfpq", "ivfdisk"], help="override the choice by size")
-    ix.add_argument("--memory-gib", type=float, help="build: memory the FAISS index may take; past it the choice "
-                                                     "goes to IVF-PQ on disk (ivfdisk). Remembered (default: no limit)")
-    ix.add_argument("--backend", choices=["faiss", "milvus"],
-                    help="build: where the vectors are searched: FAISS files in the folder, or a Milvus collection "
-                         "(default: what the index was built with, else faiss)")
-    ix.add_argument("--milvus-uri", help="--backend milvus: a Milvus server (http://host:19530, token in DSMD_MILVUS_TOKEN) "
-                                  "or a local file for Milvus Lite (default: INDEX/milvus.db)")
-    ix.add_argument("--collection", help="--backend milvus: collection name prefix (default: dsmd; "
-                                         "PREFIX_images and PREFIX_texts)")
-    ix.add_argument("--batch", type=int, default=64)
-    ix.add_argument("--workers", type=int, default=2, help="image-decoding threads")
-    ix.add_argument("--file", help="add-texts: a text file, one text per line")
-    ix.add_argument("--id", type=int, action="append", help="remove: an item id (repeatable)")
-    ix.add_argument("--uri", action="append", help="remove: an item path (repeatable)")
-    ix.add_argument("--text", help="search: a text query")
-    ix.add_argument("--image", help="search: an image file (finds captions)")
-    ix.add_argument("-k", type=int, default=10)
-    ix.set_defaults(run=_index)
+    e.add_argument("--actors", type=int, help="encoder actors, each opening the bundle once "
+                                              "(default: half the cluster's CPUs)")
+    e.add_argument("--threads-per-actor", type=int, default=1, help="ONNX Runtime threads (and CPUs) per actor "
+                                                                     "(default: 1)")
+    e.add_argument("--gpus-per-actor", type=float, default=0, help="GPUs per actor; ONNX Runtime then runs on CUDA "
+                                                                    "(default: 0)")
+    e.add_argument("--shard-size", type=int, default=10_000, help="images per shard file (default: 10000)")
+    _batch_option(e)
+    e.set_defaults(run=_embed)
+
+    t = actions.add_parser("add-texts", help="add free texts, one a line, to the caption index")
+    _index_argument(t)
+    t.add_argument("--file", required=True, help="a text file, one text per line")
+    _bundle_options(t)
+    _finalize_options(t)
+    t.set_defaults(run=_add_texts)
+
+    r = actions.add_parser("remove", help="remove items by id or path")
+    _index_argument(r)
+    r.add_argument("--id", type=int, action="append", help="an item id (repeatable)")
+    r.add_argument("--uri", action="append", help="an item path (repeatable)")
+    _bundle_options(r)
+    _finalize_options(r)
+    r.set_defaults(run=_remove)
+
+    m = actions.add_parser("merge", help="merge shard indexes (build --shard i/n) into one")
+    m.add_argument("index", metavar="OUT", help="the index folder to merge into")
+    m.add_argument("inputs", nargs="+", metavar="SHARD", help="the shard indexes to merge into OUT")
+    _bundle_options(m)
+    _finalize_options(m)
+    m.set_defaults(run=_merge)
+
+    i = actions.add_parser("info", help="what an index holds: bundle, kinds, counts, measured recall, skipped files")
+    _index_argument(i)
+    i.set_defaults(run=_info)
+
+    s = actions.add_parser("search", help="search by text (finds images) or by image (finds captions)")
+    _index_argument(s)
+    s.add_argument("--text", help="a text query")
+    s.add_argument("--image", help="an image file (finds captions)")
+    s.add_argument("-k", type=int, default=10, help="results to print (default: 10)")
+    _bundle_options(s)
+    s.set_defaults(run=_search)
+
+    c = actions.add_parser("recall", help="text->image recall of the index's captions, directly and through "
+                                          "the index")
+    _index_argument(c)
+    c.set_defaults(run=_recall)

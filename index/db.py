@@ -42,8 +42,8 @@ TABLES = ("items", "texts")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items(
-    id INTEGER PRIMARY KEY AUTOINCREMENT, uri TEXT NOT NULL UNIQUE, sha256 TEXT NOT NULL UNIQUE, width INTEGER, height INTEGER,
-    captions TEXT, added REAL NOT NULL, vrow INTEGER NOT NULL);
+    id INTEGER PRIMARY KEY AUTOINCREMENT, uri TEXT NOT NULL UNIQUE, sha256 TEXT NOT NULL UNIQUE,
+    width INTEGER, height INTEGER, captions TEXT, added REAL NOT NULL, vrow INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS texts(
     id INTEGER PRIMARY KEY AUTOINCREMENT, item_id INTEGER REFERENCES items(id) ON DELETE CASCADE, text TEXT NOT NULL,
     vrow INTEGER NOT NULL);
@@ -95,8 +95,9 @@ class IndexDB:
         if variant is not None:
             held = self.variant(meta)
             if held is not None and held != variant:
-                raise UserError(f"{self.path.parent} holds vectors of the {held} variant of its bundle, not {variant}: "
-                                f"add to it with --variant {held}, or build a new index folder with --variant {variant}")
+                raise UserError(f"{self.path.parent} holds vectors of the {held} variant of its bundle, not "
+                                f"{variant}: add to it with --variant {held}, or build a new index folder with "
+                                f"--variant {variant}")
         if dim is not None:
             if "dim" in meta and int(meta["dim"]) != dim:
                 raise UserError(f"{self.path.parent} holds {meta['dim']}-dim vectors; this bundle embeds into {dim} "
@@ -136,8 +137,8 @@ class IndexDB:
         return meta.get("variant") or ("fp32" if "dim" in meta else None)
 
     def _set(self, key: str, value: str) -> None:
-        self.con.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                         (key, value))
+        self.con.execute("INSERT INTO meta(key, value) VALUES(?, ?) "
+                         "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
 
     def _bump(self) -> None:
         self._set("generation", str(self.generation + 1))
@@ -264,7 +265,8 @@ class IndexDB:
 
     def skip(self, uri: str, reason: str) -> None:
         with self.transaction():
-            self.con.execute("INSERT OR REPLACE INTO skipped(uri, reason, at) VALUES(?,?,?)", (uri, reason, time.time()))
+            self.con.execute("INSERT OR REPLACE INTO skipped(uri, reason, at) VALUES(?,?,?)",
+                             (uri, reason, time.time()))
 
     def remove(self, ids: list[int] = (), uris: list[str] = ()) -> int:
         """Delete items by id or uri (their captions go with them); returns how many were removed."""
@@ -357,7 +359,8 @@ class IndexDB:
         if not ids:
             return {}
         q = ",".join("?" * len(ids))
-        rows = self.con.execute(f"SELECT id, item_id, text FROM texts WHERE id IN ({q})", [int(i) for i in ids]).fetchall()
+        rows = self.con.execute(f"SELECT id, item_id, text FROM texts WHERE id IN ({q})",
+                                [int(i) for i in ids]).fetchall()
         return {r[0]: {"id": r[0], "item_id": r[1], "text": r[2]} for r in rows}
 
     def skipped(self) -> list[dict]:

@@ -6,9 +6,10 @@ memory only, at the cost of the change itself (O(batch)), not of a rebuild:
     add        `add_with_ids` into small in-memory segments of at most SEGMENT vectors beside the
                finalized index (HNSW segments beside HNSW or IVF, exact ones beside exact).
                The finalized index itself is never grown: its vectors sit in one array that the
-               first add after loading would reallocate and copy whole (7.5 s at 1M x 768 here),
-               while a full segment is simply closed and a new one started, so no add copies
-               more than one segment. The segments are merged into the files by the next compaction.
+               first add after loading would reallocate and copy whole (what the live adds
+               avoid: see BENCHMARKS.md, 'Index writes'), while a full segment is simply closed
+               and a new one started, so no add copies more than one segment. The segments are
+               merged into the files by the next compaction.
     remove     the id joins the tombstones; searches skip them inside FAISS with an IDSelector
                (a batch set with a Bloom filter), so a removed item never takes a place in the top k
 
@@ -123,7 +124,8 @@ class LivePart:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) of the top k per query, best first; -1 ids pad rows with fewer hits."""
         k = max(1, min(k, self.count()))
-        parts = [self._search_one(ix, queries, k) for ix in (self.index, *self.segments) if ix is not None and ix.ntotal]
+        parts = [self._search_one(ix, queries, k) for ix in (self.index, *self.segments)
+                 if ix is not None and ix.ntotal]
         if not parts:
             return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
         if len(parts) == 1:

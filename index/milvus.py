@@ -64,7 +64,7 @@ def connect(uri: str):
     try:
         # a connection of its own: pymilvus shares one per uri, and closing any client would end it for all
         client = MilvusClient(uri=uri, token=os.environ.get(TOKEN_ENV, ""), alias=f"dsmd-{uuid.uuid4().hex}")
-    except Exception as e:  # noqa: BLE001 - pymilvus raises several kinds; each becomes one line
+    except Exception as e:  # pymilvus raises several kinds; each becomes one line
         hint = (" (Milvus Lite opens a file from one process at a time: stop the server or build using it)"
                 if is_lite(uri) else "")
         raise UserError(f"could not open Milvus at {uri}: {e}{hint}") from None

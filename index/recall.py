@@ -9,7 +9,8 @@ import numpy as np
 from dsmd.errors import UserError
 
 
-def text_to_image_recall(path: str | Path, ks: tuple[int, ...] = (1, 5, 10)) -> tuple[dict[int, float], dict[int, float]]:
+def text_to_image_recall(path: str | Path,
+                         ks: tuple[int, ...] = (1, 5, 10)) -> tuple[dict[int, float], dict[int, float]]:
     """Text→image R@K of the index's captions: (computed directly from the stored vectors,
     found through the FAISS index). Equal for an exact index; an approximate one may lose a little."""
     from dsmd.index.search import SearchIndex

@@ -81,8 +81,8 @@ class SearchIndex:
         self.readonly = _not_writable(self.path) if readonly is None else bool(readonly)
         if threads:
             faiss.omp_set_num_threads(threads)
-        # batched exact search uses BLAS only above this many queries (default 20): batches of
-        # 64 were 5-6x faster with it lowered
+        # batched exact search uses BLAS only above this many queries (default 20): lowered so that
+        # batches of the server's size take it too (batch latency: see BENCHMARKS.md, the index sections)
         faiss.cvar.distance_compute_blas_threshold = 8
         self._rw = RWLock()  # FAISS searches (read) against FAISS changes (write)
         self._write_mutex = threading.Lock()  # one write at a time through this object

@@ -67,7 +67,7 @@ def store_file(data: bytes, sha: str, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     try:
         fmt = Image.open(io.BytesIO(data)).format or ""
-    except Exception:  # noqa: BLE001 - decode() has vetted the bytes; the name only needs an extension
+    except Exception:  # decode() has vetted the bytes; the name only needs an extension
         fmt = ""
     path = folder / f"{sha[:32]}{EXTENSIONS.get(fmt, '.img')}"
     if not path.exists():

@@ -75,7 +75,7 @@ def test_the_same_image_from_many_threads_makes_one_item(tmp_path):
         barrier.wait()
         try:
             got.append(s.add_image(png(5), fake)["id"])
-        except Exception as e:  # noqa: BLE001 - collected and asserted below
+        except Exception as e:  # collected and asserted below
             errors.append(e)
 
     threads = [threading.Thread(target=add) for _ in range(8)]
@@ -146,7 +146,7 @@ def test_searches_run_in_parallel_with_adds_and_removes(tmp_path):
                 assert not {h.id for row in hits for h in row} & gone, "a removed item came back"
                 assert all(len(row) == 10 for row in hits)
                 searches[0] += 1
-            except Exception as e:  # noqa: BLE001 - collected and asserted below
+            except Exception as e:  # collected and asserted below
                 errors.append(e)
                 return
 
@@ -190,7 +190,7 @@ def test_opening_while_a_finalize_swaps_the_files_retries(tmp_path, monkeypatch)
         try:
             for i in range(6):
                 finalize(tmp_path / "idx", fake, kind=("hnsw", "flat")[i % 2], progress=False)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             errors.append(e)
 
     t = threading.Thread(target=rebuild)
@@ -236,6 +236,6 @@ def test_the_folder_lock_is_reentrant_and_excludes_threads_and_processes(tmp_pat
 def _try(fn):
     try:
         fn()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return e
     return None
