@@ -2,8 +2,13 @@
 # Two targets:
 #   serve  (default) the search server: ONNX Runtime, FAISS, FastAPI; no torch. Its dependencies
 #          come pinned with hashes from requirements-serve.lock, then the package itself as .[serve].
-#          Mount an encoder bundle and an index (read-write: SQLite keeps its WAL files beside the index).
+#          Mount an encoder bundle and an index under /data. A read-only mount (`:ro`) is served
+#          read-only: search works, POST/DELETE /items answer 403. To allow writes the index folder
+#          must be writable by the container's user, uid 10001 (SQLite keeps its WAL files beside the
+#          index); a host folder owned by another user is read-only to it, with the same 403.
 #            docker build -t dsmd-serve .
+#            docker run -p 8000:8000 -v $PWD/artifacts:/data:ro dsmd-serve      # search only
+#            sudo chown -R 10001 artifacts/index                                  # then, to allow writes:
 #            docker run -p 8000:8000 -v $PWD/artifacts:/data dsmd-serve
 #   train  the training tools (torch, timm, transformers): dsmd distill / export / index.
 #            docker build --target train -t dsmd-train .

@@ -20,7 +20,7 @@ CONFIG ?= configs/demo.json
 OUT    ?= runs/student
 ARGS   ?=
 
-.PHONY: help install lock bench test demo world teacher features recall student distill evaluate export index serve clean
+.PHONY: help install lock lint bench test demo world teacher features recall student distill evaluate export index serve clean
 
 help:
 	@echo "make demo    - the whole pipeline on the demo world: teacher, features, student (recall side by side),"
@@ -29,8 +29,10 @@ help:
 	@echo "make export  - export the demo student to an ONNX bundle (others: dsmd export student RUN --out DIR --data DATA)"
 	@echo "make index   - index the demo test images and captions (others: dsmd index build DIR --bundle B --folder F)"
 	@echo "make serve   - the search server and web page on the demo index (PORT=8000)"
-	@echo "make test    - run the test suite"
-	@echo "make bench   - serving under load (wrk) and encoder latency, demo and base presets (tens of minutes)"
+	@echo "make test    - run the test suite (a subset: make test PYTEST_ARGS='-m \"not slow\"')"
+	@echo "make lint    - ruff over the repository (zero findings expected)"
+	@echo "make bench   - serving under load (wrk) and encoder latency, demo and base presets (tens of minutes);"
+	@echo "               results in a new folder bench/results/bench-DATE-TIME/"
 	@echo "make clean  - remove generated data and artifacts (keeps .venv)"
 	@echo "Everything else: $(BIN)/dsmd --help"
 
@@ -50,18 +52,28 @@ lock: | $(STAMP)
 	$(BIN)/pip-compile --quiet --extra serve --generate-hashes --no-emit-index-url --no-emit-find-links \
 		--strip-extras --output-file requirements-serve.lock pyproject.toml
 
-# The web-page test drives a real headless browser: Debian's chromium and its driver.
+# The web-page test drives a real headless browser: Debian's chromium and its driver, installed with apt
+# where that works (Debian or Ubuntu, as root). Elsewhere the test is skipped with the reason printed,
+# unless DSMD_REQUIRE_BROWSER=1 (set by .ci/run) makes a missing browser a failure.
 BROWSER := $(VENV)/.chromium
 $(BROWSER): | $(STAMP)
-	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then touch $@; \
+	elif ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ]; then \
+		echo "note: no chromium here and no apt-get as root to install it: the web-page test will be skipped"; \
+		echo "      (install chromium and chromedriver yourself to run it)"; \
+	else \
 		echo "installing chromium and chromium-driver (apt) for the web-page test"; \
-		apt-get install -y -q chromium chromium-driver >/dev/null || { apt-get update -q >/dev/null && \
-		apt-get install -y -q chromium chromium-driver >/dev/null; } || \
-		{ echo "could not install chromium: run 'apt-get install chromium chromium-driver' as root"; exit 1; }; fi
-	touch $@
+		{ apt-get install -y -q chromium chromium-driver >/dev/null || { apt-get update -q >/dev/null && \
+		  apt-get install -y -q chromium chromium-driver >/dev/null; }; } && touch $@ || \
+		echo "note: could not install chromium with apt: the web-page test will be skipped"; fi
 
+# make test PYTEST_ARGS='-m "not slow"' runs the quick part; PYTEST_ARGS=tests/test_serve.py one file.
+PYTEST_ARGS ?=
 test: $(STAMP) $(BROWSER)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 $(WORLD)/dataset_world.json: | $(STAMP)
 	$(BIN)/dsmd generate --out $(WORLD)
@@ -131,12 +143,15 @@ $(WRK): | $(STAMP)
 	touch $@
 
 # The serving benchmark on the demo bundle and the base preset (random weights: timing only), then
-# the encoder latencies; results under bench/results/. Tens of minutes on 2 cores.
+# the encoder latencies. Tens of minutes on 2 cores. Each run writes a new folder, so the results that
+# BENCHMARKS.md cites (bench/results/load, load-int8, latency, beit3-bundle) are never overwritten.
+BENCH_OUT ?= bench/results/bench-$(shell date +%Y-%m-%d-%H%M)
 bench: $(BUNDLE)/manifest.json $(WRK)
-	$(BIN)/python bench/load.py --presets base demo
-	$(BIN)/python bench/load.py --presets base --variant int8 --out bench/results/load-int8
-	$(BIN)/python bench/latency.py
-	$(BIN)/python bench/beit3_bundle.py
+	$(BIN)/python bench/load.py --presets base demo --out $(BENCH_OUT)/load
+	$(BIN)/python bench/load.py --presets base --variant int8 --out $(BENCH_OUT)/load-int8
+	$(BIN)/python bench/latency.py --out $(BENCH_OUT)/latency
+	$(BIN)/python bench/beit3_bundle.py --out $(BENCH_OUT)/beit3-bundle
+	@echo "results in $(BENCH_OUT)/"
 
 clean:
 	rm -rf data artifacts

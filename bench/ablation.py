@@ -21,17 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from dsmd.cpus import usable_cpus
+from common import ROOT, machine, machine_line
 
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dsmd": ("DSMD: CD+FD+SD+HND, dynamic balancer", []),
@@ -96,7 +92,7 @@ def run_variant(name: str, seed: int, args) -> dict:
     (Path(args.out) / f"{name}-s{seed}.log").write_text(done.stdout + done.stderr)
     record = {"variant": name, "seed": seed, "seconds": round(seconds, 1), "returncode": done.returncode,
               "config": args.config, "settings": sets, "date": time.strftime("%Y-%m-%d"),
-              "machine": f"{platform.processor() or platform.machine()}, {usable_cpus()} usable cores"}
+              "machine": machine()}
     if (out / "best" / "student.json").exists():
         from dsmd.distill.config import load_config
         from dsmd.distill.evaluate import evaluate_student
@@ -121,7 +117,8 @@ def table(records: list[dict]) -> str:
     teacher = next(r["teacher"] for r in records if "teacher" in r)
     direct = by.get("clip")
     direct_rsum = _mean([r["student"]["rsum"] for r in direct if "student" in r]) if direct else None
-    lines = ["| variant | seeds | i→t R@1 | R@5 | R@10 | t→i R@1 | R@5 | R@10 | RSUM (mean ± sd) | % of teacher | vs direct |",
+    lines = ["| variant | seeds | i→t R@1 | R@5 | R@10 | t→i R@1 | R@5 | R@10 | RSUM (mean ± sd) | % of teacher "
+             "| vs direct |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
              _row("teacher (demo CNN, 2.2M)", [teacher], teacher["rsum"], None, "—")]
     for name, rs in by.items():
@@ -232,8 +229,7 @@ def main() -> None:
     md = table(records) + "\n\n" + comparisons(records)
     header = (f"Command: `.venv/bin/python bench/ablation.py {' '.join(sys.argv[1:])}`; config {args.config} "
               f"{' '.join(args.set or [])}  \n"
-              f"Written {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, "
-              f"{usable_cpus()} usable cores; {trained} run(s) trained by this command, {len(records) - trained} "
+              f"Written on {machine_line()}; {trained} run(s) trained by this command, {len(records) - trained} "
               "reused from earlier ones (their own dates and machines, where recorded, are in results.json)\n\n")
     (Path(args.out) / "table.md").write_text(header + md + "\n")
     (Path(args.out) / "results.json").write_text(json.dumps(records, indent=2))

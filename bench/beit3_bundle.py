@@ -18,23 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
+from common import CAPTIONS, machine_line, timed
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "bench"))
-from latency import CAPTIONS, timed  # noqa: E402
-
-from dsmd.cpus import usable_cpus  # noqa: E402
+from dsmd.cpus import usable_cpus
 
 
 def _add_int8(folder: Path) -> None:
@@ -112,8 +105,8 @@ def measure(folders: dict[str, Path], a: argparse.Namespace) -> tuple[list[dict]
 
 def report(rows: list[dict], parity: dict, a: argparse.Namespace) -> None:
     by = {(r["model"], r["variant"]): r for r in rows}
-    lines = [f"Command: `.venv/bin/python bench/beit3_bundle.py --threads {a.threads}`; {platform.machine()}, "
-             f"{usable_cpus()} cores; {time.strftime('%Y-%m-%d')}. ONNX Runtime, batch 1, random weights.", "",
+    lines = [f"Command: `.venv/bin/python bench/beit3_bundle.py --threads {a.threads}`; {machine_line()}. "
+             "ONNX Runtime, batch 1, random weights.", "",
              "| model | variant | image ms | text ms | image × student | text × student |",
              "|---|---|---:|---:|---:|---:|"]
     for r in rows:

@@ -19,17 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
+from common import ROOT, clustered, held_out, machine, percentile_ms
 
-import numpy as np  # noqa: E402
+from dsmd.cpus import usable_cpus
 
 
 def throughput(bundle_path: Path, student: Path, data: Path, split: str, threads: int) -> list[dict]:
@@ -73,21 +72,6 @@ def throughput(bundle_path: Path, student: Path, data: Path, split: str, threads
     return rows
 
 
-def clustered(n: int, dim: int, seed: int, clusters: int = 1000, noise: float = 0.6) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
-    out = np.empty((n, dim), np.float32)
-    for i in range(0, n, 100_000):
-        m = min(100_000, n - i)
-        x = centres[rng.integers(0, clusters, m)] + noise * rng.normal(size=(m, dim)).astype(np.float32)
-        out[i:i + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return out
-
-
-def percentile_ms(times: list[float], p: float) -> float:
-    return 1000 * float(np.percentile(times, p))
-
-
 def search_bench(n: int, dim: int, kinds: list[str], threads: int) -> list[dict]:
     import faiss
 
@@ -97,7 +81,7 @@ def search_bench(n: int, dim: int, kinds: list[str], threads: int) -> list[dict]
     faiss.cvar.distance_compute_blas_threshold = 8
     x = clustered(n, dim, seed=1)
     rng = np.random.default_rng(2)
-    queries = _held_out(dim, 1000)
+    queries = held_out(dim, 1000)
     ids = np.arange(n, dtype=np.int64)
     chunk = 200_000
     chunks = lambda: ((ids[i:i + chunk], x[i:i + chunk]) for i in range(0, n, chunk))  # noqa: E731
@@ -131,23 +115,16 @@ def search_bench(n: int, dim: int, kinds: list[str], threads: int) -> list[dict]
         shutil.rmtree(path.parent)
         row = {"n": n, "dim": dim, "kind": kind, "params": params, "search": search, "build_s": build_s,
                "bytes": size, "bytes_per_vector": size / n, "recall_at_10_own": tuned_recall,
-               "recall_at_10_heldout": recall, "one_p50_ms": percentile_ms(one, 50), "one_p99_ms": percentile_ms(one, 99),
+               "recall_at_10_heldout": recall,
+               "one_p50_ms": percentile_ms(one, 50), "one_p99_ms": percentile_ms(one, 99),
                "batch64_p50_ms": percentile_ms(batch, 50), "batch64_p99_ms": percentile_ms(batch, 99)}
         rows.append(row)
         print(f"n={n:>9,} {kind:5s} build {build_s:7.1f} s  {size / 2**20:8.1f} MiB  recall@10 {recall:.3f} "
-              f"(tuned {tuned_recall:.3f}, {search})  1 query p50 {row['one_p50_ms']:.2f} ms p99 {row['one_p99_ms']:.2f}"
+              f"(tuned {tuned_recall:.3f}, {search})  "
+              f"1 query p50 {row['one_p50_ms']:.2f} ms p99 {row['one_p99_ms']:.2f}"
               f"  batch 64 p50 {row['batch64_p50_ms']:.1f} ms", flush=True)
         del index
     return rows
-
-
-def _held_out(dim: int, m: int) -> np.ndarray:
-    """Held-out queries from the same clusters without regenerating the whole collection."""
-    rng = np.random.default_rng(1)
-    centres = rng.normal(size=(1000, dim)).astype(np.float32)
-    r2 = np.random.default_rng(99)
-    q = centres[r2.integers(0, 1000, m)] + 0.6 * r2.normal(size=(m, dim)).astype(np.float32)
-    return q / np.linalg.norm(q, axis=1, keepdims=True)
 
 
 def main() -> None:
@@ -159,13 +136,12 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--kinds", nargs="+", default=["flat", "hnsw", "ivfpq"])
     p.add_argument("--dim", type=int, default=768)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--threads", type=int, default=usable_cpus())
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--out", default="bench/results/index")
     a = p.parse_args()
     os.chdir(ROOT)
-    results = {"meta": {"threads": a.threads, "machine": platform.processor() or platform.machine(),
-                        "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}}
+    results = {"meta": {"threads": a.threads, "machine": machine(), "date": time.strftime("%Y-%m-%d")}}
     if not a.skip_throughput:
         results["throughput"] = throughput(Path(a.bundle), Path(a.student), Path(a.data), a.split, a.threads)
     results["search"] = [r for n in a.sizes for r in search_bench(n, a.dim, a.kinds, a.threads)]

@@ -26,18 +26,15 @@ import argparse
 import io
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from common import ROOT, machine
+from PIL import Image
 
 
 class StandInBundle:
@@ -163,7 +160,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(a.work or tempfile.mkdtemp(prefix="dsmd-writes-"))
     results = {"meta": {"command": "bench/index_writes.py " + " ".join(sys.argv[1:]),
-                        "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                        "machine": machine(),
                         "date": time.strftime("%Y-%m-%d"),
                         "embedding": "excluded (stand-in encoder: random projection of 8x8 pixels)"}, "runs": []}
     for n in a.sizes:
@@ -176,7 +173,8 @@ def main() -> None:
 def table(results: dict) -> str:
     md = [f"Command: `.venv/bin/python {results['meta']['command']}`; {results['meta']['cores']} cores; "
           f"{results['meta']['date']}; embedding {results['meta']['embedding']}\n",
-          "| vectors | finalize (old per-upload cost) s | open s | add p50 / p99 / max ms | remove p50 / p99 / max ms | "
+          "| vectors | finalize (old per-upload cost) s | open s | add p50 / p99 / max ms | "
+          "remove p50 / p99 / max ms | "
           "search p50 before / after writes ms |", "|---:|---:|---:|---:|---:|---:|"]
     for r in results["runs"]:
         md.append(f"| {r['n']:,} | {r['finalize_s']:.0f} | {r['open_s']:.1f} | "

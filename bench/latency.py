@@ -17,35 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
+from common import CAPTIONS, ROOT, machine, timed
 
-import torch  # noqa: E402
-
-CAPTIONS = ["a small red circle left of a big blue square", "two yellow stars", "a green triangle",
-            "a big purple hexagon above a small orange disc and a cyan square on the right side"]
-
-
-def timed(fn, min_seconds: float, min_reps: int = 3, warmup: int = 1) -> float:
-    """Median seconds of one call."""
-    for _ in range(warmup):
-        fn()
-    times, t_end = [], time.perf_counter() + min_seconds
-    while len(times) < min_reps or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 50:
-            break
-    return statistics.median(times)
+from dsmd.cpus import usable_cpus
 
 
 def matmul_peak(threads: int) -> float:
@@ -181,7 +161,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--threads", type=int, default=usable_cpus())
     p.add_argument("--seconds", type=float, default=3.0, help="minimum timing per measurement")
     p.add_argument("--quick", action="store_true", help="demo preset only, no BEiT-3 comparison")
     p.add_argument("--out", default="bench/results/latency")
@@ -196,8 +176,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     from dsmd.artifacts import versions
 
-    meta = {"threads": a.threads, "matmul_peak_gflop_s": peak, "machine": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "versions": versions()}
+    meta = {"threads": a.threads, "matmul_peak_gflop_s": peak, "machine": machine(),
+            "date": time.strftime("%Y-%m-%d"), "versions": versions()}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "paper_comparison": comparison},
                                                  indent=2))
     md = (f"Command: `.venv/bin/python bench/latency.py {' '.join(sys.argv[1:])}`; {a.threads} thread(s); "

@@ -28,7 +28,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -38,41 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "bench"))
-import wrk  # noqa: E402
-from index_bench import clustered  # noqa: E402
-
-WORDS = ["red", "blue", "green", "yellow", "small", "big", "circle", "square", "star", "triangle", "left of", "above"]
-
-
-def texts(n: int, seed: int = 0) -> list[str]:
-    rng = np.random.default_rng(seed)
-    return [f"a {rng.choice(WORDS[:4])} {rng.choice(WORDS[6:10])} {rng.choice(WORDS[10:])} a {rng.choice(WORDS[4:6])} "
-            f"{rng.choice(WORDS[6:10])} #{i}" for i in range(n)]
-
-
-def make_bundle(preset: str, out: Path, demo_bundle: Path, variant: str = "fp32", data: Path | None = None) -> Path:
-    """The demo bundle as it is, or a random-weight `base` student exported the same way."""
-    if preset == "demo":
-        return demo_bundle
-    import torch
-
-    from dsmd.distill.student import create_student
-    from dsmd.export.onnx import ExportCfg, export, model_encoders
-
-    torch.manual_seed(0)
-    model, tok = create_student(preset, 768, captions=texts(2000), log=lambda *a: None)
-    # a variant is built only with a recall check; with random weights that check is at chance for
-    # both fp32 and the variant, so it passes without meaning anything: this bundle is for timing only
-    variants = () if variant == "fp32" else (variant,)
-    export(model_encoders(model.eval(), tok), out, data=data if variants else None,
-           cfg=ExportCfg(variants=variants, max_drop=600.0), log=lambda *a: None)
-    return out
+import numpy as np
+import wrk
+from common import ROOT, clustered, machine, machine_line, make_bundle, unique_texts
 
 
 def make_index(bundle_path: Path, data: Path, out: Path, size: int, variant: str = "fp32") -> Path:
@@ -209,7 +176,7 @@ def bench_preset(preset: str, a, work: Path) -> dict:
     image = sorted((Path(a.data) / "images").glob("*.png"))[0].read_bytes()
     result = {"preset": preset, "variant": variant, "items": a.items,
               "index": json.loads((index / "manifest.json").read_text())["images"]["index"]}
-    result["bare"] = bare(bundle, index, texts(1000, seed=2), image, variant)  # alone on the machine
+    result["bare"] = bare(bundle, index, unique_texts(1000, seed=2), image, variant)  # alone on the machine
     proc, url, cold = start_server(bundle, index, variant)
     result.update(cold_start_s=cold, rss_ready_mib=rss_mib(proc.pid))
     info = httpx.get(f"{url}/info").json()
@@ -266,11 +233,10 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "date": time.strftime("%Y-%m-%d"), "seconds_per_level": a.seconds}
+    meta = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "seconds_per_level": a.seconds}
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     md = [f"Command: `.venv/bin/python bench/load.py {' '.join(sys.argv[1:])}`; {meta['date']}; "
-          f"{meta['cores']} cores; {a.items:,}-item index (HNSW, the kind its size gets); wrk "
+          f"{machine_line()}; {a.items:,}-item index (HNSW, the kind its size gets); wrk "
           f"and the server on the same machine\n",
           "| bundle | load | connections | req/s | ok/s | p50 ms | p99 ms | max ms | non-200 | socket errors |",
           "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
@@ -278,14 +244,17 @@ def main() -> None:
         for x in r["runs"]:
             others = {k: v for k, v in x["statuses"].items() if k != 200} or "-"
             errs = {k: v for k, v in x["socket_errors"].items() if v} or "-"
-            md.append(f"| {r['preset']} {r['variant']} | {x['what']} | {x['connections']} | {x['req_s']:.1f} | "
-                      f"{x['ok_s']:.1f} | {x['p50_ms']:.1f} | {x['p99_ms']:.1f} | {x['max_ms']:.0f} | {others} | {errs} |")
-    md += ["", "| bundle | cold start s | RSS ready MiB | RSS after MiB | RSS peak MiB | ceiling MiB | bare text p50 ms "
+            md.append(f"| {r['preset']} {r['variant']} | {x['what']} | {x['connections']} | {x['req_s']:.1f} "
+                      f"| {x['ok_s']:.1f} | {x['p50_ms']:.1f} | {x['p99_ms']:.1f} | {x['max_ms']:.0f} "
+                      f"| {others} | {errs} |")
+    md += ["", "| bundle | cold start s | RSS ready MiB | RSS after MiB | RSS peak MiB | ceiling MiB "
+               "| bare text p50 ms "
                "(encoder alone) | HTTP/bare text | bare image p50 ms | HTTP/bare image |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         md.append(f"| {r['preset']} {r['variant']} | {r['cold_start_s']:.2f} | {r['rss_ready_mib']:.0f} | "
-                  f"{r['rss_after_mib']:.0f} | {r['rss_peak_mib']:.0f} | {(r['memory']['ceiling_bytes'] or 0) / 2**20:.0f} | "
+                  f"{r['rss_after_mib']:.0f} | {r['rss_peak_mib']:.0f} "
+                  f"| {(r['memory']['ceiling_bytes'] or 0) / 2**20:.0f} | "
                   f"{r['bare']['text_p50_ms']:.2f} ({r['bare']['text_encoder_only_p50_ms']:.2f}) | "
                   f"{r['overhead_text']:.2f} | {r['bare']['image_p50_ms']:.2f} | {r['overhead_image']:.2f} |")
     md.append("")

@@ -16,18 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
 import numpy as np
-from index_bench import _held_out, clustered, percentile_ms
+from common import ROOT, clustered, held_out, machine, percentile_ms
 
 
 def _child_rss_bytes() -> int:
@@ -73,16 +67,20 @@ def main() -> None:
     faiss.cvar.distance_compute_blas_threshold = 8
     x = clustered(a.n, a.dim, seed=1)
     ids = np.arange(a.n, dtype=np.int64)
-    queries = _held_out(a.dim, 1000)
+    queries = held_out(a.dim, 1000)
     exact = faiss.IndexIDMap2(faiss.IndexFlatIP(a.dim))
     exact.add_with_ids(x, ids)
     _, truth = exact.search(queries, 10)
-    recall = lambda got: float(np.mean([len(set(g) & set(t)) / 10 for g, t in zip(got, truth)]))
+    def recall(got) -> float:
+        return float(np.mean([len(set(g) & set(t)) / 10 for g, t in zip(got, truth)]))
+
     rows = []
 
     rows.append({"backend": "FAISS flat (exact)", "load_s": 0.0, "recall_at_10": 1.0,
                  **_timed(lambda q: exact.search(q, 10), queries)})
-    chunks = lambda: iter([(ids, x)])
+    def chunks():
+        return iter([(ids, x)])
+
     t0 = time.perf_counter()
     faiss.omp_set_num_threads(2)
     hnsw, _ = ann.build("hnsw", a.dim, chunks, a.n)
@@ -108,8 +106,7 @@ def main() -> None:
                      **_timed(lambda q: milvus.search(client, "bench_images", q, 10, {}), queries)})
         milvus.disconnect(client, uri)
 
-    meta = {"n": a.n, "dim": a.dim, "date": time.strftime("%Y-%m-%d"), "machine": platform.processor()
-            or platform.machine()}
+    meta = {"n": a.n, "dim": a.dim, "date": time.strftime("%Y-%m-%d"), "machine": machine()}
     out = ROOT / a.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

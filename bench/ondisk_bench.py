@@ -7,7 +7,8 @@ inverted lists merged into one .ivfdata file) and tuned to recall@10 >= 0.95 on 
 own vectors. A fresh process then opens it as the server would (lists and vectors memory-mapped)
 and answers 300 single queries twice: p50/p99, first with the page cache dropped (when this
 process may drop it), then warm; memory is reported as anonymous (the process's own) and as
-mapped file pages (page cache, which the kernel reclaims under pressure). SQLite is left out (the rows' metadata is not what grows here).
+mapped file pages (page cache, which the kernel reclaims under pressure). SQLite is left out (the rows'
+metadata is not what grows here).
 
     .venv/bin/python bench/ondisk_bench.py --n 5000000 --nlist 2048
 
@@ -18,18 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
 import numpy as np
+from common import ROOT, held_out, machine
 
 
 class PeakAnon:
@@ -63,7 +60,6 @@ def _rss_mib(field: str = "VmRSS") -> float:
 def serve(folder: Path, dim: int, search: dict) -> dict:
     """In a fresh process: open the index as the server would and time single queries."""
     import faiss
-    from index_bench import _held_out
 
     from dsmd.index import ann
     from dsmd.index.vectors import VectorFile
@@ -75,7 +71,7 @@ def serve(folder: Path, dim: int, search: dict) -> dict:
     index = ann.read(folder / "index.faiss", "ivfdisk", search, vectors_of=vf.read)
     ids = index.ids()
     open_s = time.perf_counter() - t0
-    queries = _held_out(dim, 300)
+    queries = held_out(dim, 300)
     out = {"open_s": open_s, "ids": len(ids), "rss_after_open_mib": _rss_mib() - base,
            "anon_after_open_mib": _rss_mib("RssAnon")}
     for run in ("cold", "warm"):
@@ -109,7 +105,6 @@ def main() -> None:
         print(json.dumps(serve(folder, a.dim, json.loads(a.search))))
         return
 
-    from index_bench import _held_out
 
     from dsmd.index import ann
     from dsmd.index.vectors import VectorFile
@@ -134,8 +129,10 @@ def main() -> None:
     write_s = time.perf_counter() - t0
     print(f"{'kept' if reuse else 'wrote'} {a.n:,} vectors in {write_s:.0f} s", flush=True)
     chunk = 250_000
-    chunks = lambda: ((np.arange(i, min(a.n, i + chunk)), vf.read(np.arange(i, min(a.n, i + chunk))))
-                      for i in range(0, a.n, chunk))
+    def chunks():
+        return ((np.arange(i, min(a.n, i + chunk)), vf.read(np.arange(i, min(a.n, i + chunk))))
+                for i in range(0, a.n, chunk))
+
     if a.nlist:
         ann._ivf_params_override = {"nlist": a.nlist}
     t0 = time.perf_counter()
@@ -152,7 +149,7 @@ def main() -> None:
     ann.write(index, folder / "index.faiss")
     build_peak = peak.stop()
     # recall on held-out queries against exact search over the same (float16) vectors
-    held = _held_out(a.dim, 300)
+    held = held_out(a.dim, 300)
     held_kth = ann.exact_kth_score(chunks, held)
     ann.apply_search_params(index, "ivfdisk", search)
     held_recall = ann.recall_at_k(index.search(held, 10)[1], held, held_kth, vf.read, a.n)
@@ -171,11 +168,13 @@ def main() -> None:
               "build_s": build_s, "tune_s": tune_s, "build_peak_anon_mib": build_peak,
               "recall_at_10_own": own_recall, "recall_at_10_heldout": held_recall, "bytes": sizes, **served,
               "page_cache_dropped": dropped,
-              "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine()}
+              "date": time.strftime("%Y-%m-%d"), "machine": machine()}
     out = ROOT / a.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    gib = lambda b: b / 2**30
+    def gib(b: float) -> float:
+        return b / 2**30
+
     table = [
         ("vectors", f"{a.n:,} x {a.dim}"),
         ("index", f"ivfdisk {params['nlist']} lists, PQ {params['pq_m']}x{params['pq_bits']} bits; search {search}"),
@@ -193,7 +192,8 @@ def main() -> None:
         ("serving process: mapped file pages resident after 600 queries (page cache)",
          f"{served['file_after_queries_mib']:.0f} MiB"),
         ("one query p50 / p99, first pass" + (" (page cache dropped before)" if dropped else
-                                               " (page cache could not be dropped: not cold)"), f"{served['cold_p50_ms']:.1f} / {served['cold_p99_ms']:.1f} ms"),
+                                               " (page cache could not be dropped: not cold)"),
+         f"{served['cold_p50_ms']:.1f} / {served['cold_p99_ms']:.1f} ms"),
         ("one query p50 / p99, warm", f"{served['warm_p50_ms']:.1f} / {served['warm_p99_ms']:.1f} ms"),
     ]
     lines = [f"Command: `.venv/bin/python bench/ondisk_bench.py {' '.join(sys.argv[1:])}`; {result['date']}", "",

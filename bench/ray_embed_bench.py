@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import ROOT, machine
 
 
 def main() -> None:
@@ -48,8 +46,7 @@ def main() -> None:
 
     sources = dataset_sources(a.data, split=a.split)[: a.limit]
     if a.preset == "base":
-        sys.path.insert(0, str(ROOT / "bench"))
-        from load import make_bundle
+        from common import make_bundle
 
         a.bundle = "/tmp/dsmd-base-bundle"
         if not (Path(a.bundle) / "manifest.json").exists():
@@ -74,7 +71,7 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp)
     meta = {"images": len(sources), "bundle": bundle.name, "image_size": bundle.preprocess.size, "cores": usable_cpus(),
-            "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine()}
+            "date": time.strftime("%Y-%m-%d"), "machine": machine()}
     out = ROOT / (a.out or f"bench/results/ray-embed-{a.preset}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

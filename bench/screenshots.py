@@ -11,6 +11,13 @@ import shutil
 from pathlib import Path
 
 
+def images_loaded(driver) -> bool:
+    """Every result thumbnail has arrived (a screenshot before that shows empty boxes)."""
+    from selenium.webdriver.common.by import By
+
+    return all(i.get_property("naturalWidth") > 0 for i in driver.find_elements(By.CSS_SELECTOR, "#grid img"))
+
+
 def main() -> None:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -36,11 +43,11 @@ def main() -> None:
         driver.find_element(By.ID, "q").send_keys(a.query)
         driver.find_element(By.ID, "go").click()
         wait.until(EC.text_to_be_present_in_element((By.ID, "status"), "results for"))
-        wait.until(lambda d: all(i.get_property("naturalWidth") > 0 for i in d.find_elements(By.CSS_SELECTOR, "#grid img")))
+        wait.until(images_loaded)
         driver.save_screenshot(str(a.out / "web-text-search.png"))
         driver.find_element(By.ID, "file").send_keys(str(a.image.resolve()))
         wait.until(EC.text_to_be_present_in_element((By.ID, "status"), "images like"))
-        wait.until(lambda d: all(i.get_property("naturalWidth") > 0 for i in d.find_elements(By.CSS_SELECTOR, "#grid img")))
+        wait.until(images_loaded)
         driver.save_screenshot(str(a.out / "web-image-search.png"))
         print(f"wrote {a.out / 'web-text-search.png'} and {a.out / 'web-image-search.png'}")
     finally:

@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 import numpy as np
+from common import ROOT, machine
 
 
 def main() -> None:
@@ -53,14 +49,15 @@ def main() -> None:
         seconds = time.time() - t0
     result = {"n": a.n, "dim": a.dim, "tried": m["tried"], "kept": m["index"]["kind"],
               "recall_at_10": m["index"]["recall_at_10"], "search": m["index"]["search"], "shortfall": m["shortfall"],
-              "finalize_s": round(seconds, 1), "machine": platform.processor() or platform.machine(),
+              "finalize_s": round(seconds, 1), "machine": machine(),
               "date": time.strftime("%Y-%m-%d")}
     out = ROOT / a.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     lines = [f"Command: `.venv/bin/python bench/tuning_shortfall.py --n {a.n} --dim {a.dim}`; {result['date']}", "",
              "| attempt | kind | recall@10 (target 0.95) | seconds |", "|---:|---|---:|---:|"]
-    lines += [f"| {i + 1} | {t['kind']} | {t['recall_at_10']:.3f} | {t['seconds']:.0f} |" for i, t in enumerate(m["tried"])]
+    lines += [f"| {i + 1} | {t['kind']} | {t['recall_at_10']:.3f} | {t['seconds']:.0f} |"
+              for i, t in enumerate(m["tried"])]
     lines += ["", f"Kept: {result['kept']} ({result['search']}), recall@10 {result['recall_at_10']:.3f}; "
               f"finalize {seconds:.0f} s" + (f"; {m['shortfall']}" if m["shortfall"] else "")]
     (out / "table.md").write_text("\n".join(lines) + "\n")

@@ -7,15 +7,19 @@ right sibling *pair* but cannot tell which of the two scenes a caption describes
 teacher has to bind colours, sizes and places to objects to do better.
 
     .venv/bin/python bench/world_difficulty.py --data data/world --features artifacts/features
+
+Writes OUT/{results.json,table.md} (default bench/results/world-difficulty).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
+from common import ROOT, machine, machine_line
 
 from dsmd.retrieval import Recall, evaluate, format_table
 from dsmd.world import bow_scores
@@ -55,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", type=Path, default=Path("data/world"))
     p.add_argument("--features", type=Path, help="a feature store of the world (adds the teacher's row)")
     p.add_argument("--split", default="test")
+    p.add_argument("--out", default="bench/results/world-difficulty")
     a = p.parse_args(argv)
     images = world_images(a.data, a.split)
     bow, bow_sib = bow_recall(images)
@@ -68,10 +73,18 @@ def main(argv: list[str] | None = None) -> None:
         rows[name] = evaluate(f.image_emb, f.caption_emb, f.caption_image)
         scores = f.caption_emb.astype(np.float32) @ f.image_emb.astype(np.float32).T
         sib[name] = sibling_accuracy(scores, f.caption_image, f.image_ids, {im["imgid"]: im["pair"] for im in images})
-    print(format_table(rows))
-    print("\nsibling-pair accuracy (caption scores its own image above its sibling; 0.5 = no binding):")
-    for name, acc in sib.items():
-        print(f"  {name}: {acc:.3f}")
+    args = " ".join(sys.argv[1:] if argv is None else argv)
+    table = (f"Command: `.venv/bin/python bench/world_difficulty.py {args}`; "
+             f"{machine_line()}. Split {a.split}, {len(images)} images.\n\n" + format_table(rows)
+             + "\n\nsibling-pair accuracy (caption scores its own image above its sibling; 0.5 = no binding):\n"
+             + "".join(f"  {name}: {acc:.3f}\n" for name, acc in sib.items()))
+    print(table)
+    out = ROOT / a.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(table)
+    (out / "results.json").write_text(json.dumps(
+        {"meta": {"data": str(a.data), "features": str(a.features), "split": a.split, "machine": machine()},
+         "recall": {name: r.to_json() for name, r in rows.items()}, "sibling_pair_accuracy": sib}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -81,8 +81,8 @@ def run(url: str, script: str, connections: int, seconds: float, threads: int = 
     with tempfile.TemporaryDirectory() as tmp:
         lua = Path(tmp) / "script.lua"
         lua.write_text(script)
-        cmd = ["wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{seconds:g}s", f"--timeout={timeout_s:g}s",
-               "-s", str(lua), url]
+        cmd = ["wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{seconds:g}s",
+               f"--timeout={timeout_s:g}s", "-s", str(lua), url]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
     line = next((x for x in out.stdout.splitlines() if x.startswith("WRKJSON ")), None)
     if line is None:
