@@ -46,7 +46,7 @@ def build(work: Path) -> dict[str, Path]:
 
     from dsmd.distill.student import create_student
     from dsmd.distill.teachers.beit3_model import BEiT3Config, BEiT3Retrieval
-    from dsmd.export.onnx import beit3_teacher_encoders, export, model_encoders
+    from dsmd.export.onnx import export, model_encoders, teacher_encoders
 
     words = " ".join(CAPTIONS).split()
     lines = [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 20
@@ -58,7 +58,7 @@ def build(work: Path) -> dict[str, Path]:
     teacher.save_official(ckpt)
     del teacher
     t0 = time.time()
-    export(beit3_teacher_encoders(ckpt, tokenizer=work / "beit3.model"), work / "beit3", log=print)
+    export(teacher_encoders("beit3", ckpt, tokenizer=work / "beit3.model"), work / "beit3", log=print)
     print(f"BEiT-3 base exported in {time.time() - t0:.0f} s", flush=True)
     ckpt.unlink()
 

@@ -13,12 +13,12 @@ Per step, with raw losses L_m:
   3. weights            w_m = K · softmax(r / T)_m
   4. objective          L = Σ w_m · s_m · L_m       (weights and scales are constants for autograd)
 
-Guard (METHOD.md §7): with margin 0 the triplet loss can sit at exactly 0, and s_m grows
-without bound (~800x was measured), dragging the student to collapse. The denominator is
-floored at `eps` and the factor capped at `max_scale` (default 1000: on the demo world
-the cosine loss sits ~400x below the contrastive one in normal training, so a lower cap would
-bend the method where nothing is wrong). A loss whose smoothed
-value two steps back is below `eps` gets rate 1 (a rate from zero is not a rate).
+Guard (METHOD.md §3 "Guard" and §7): with margin 0 the triplet loss can sit at exactly 0, and
+s_m grows without bound, dragging the student to collapse. The denominator is floored at `eps`
+and the factor capped at `max_scale` (default 1000, loose on purpose: in normal demo training
+the cosine loss sits far below the contrastive one, so a tight cap would bend the method where
+nothing is wrong). A loss whose smoothed value two steps back is below `eps` gets rate 1 (a
+rate from zero is not a rate).
 
 Variants (`mode`):
   dsmd       the paper, as above (default)

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from dsmd.artifacts import read_json, read_manifest, recover_dir, replace_dir, write_json
 from dsmd.distill.config import ADDED_SETTINGS, DistillConfig, config_diff
@@ -25,7 +27,9 @@ from dsmd.distill.student import Student, save_student
 from dsmd.errors import UserError
 
 
-def save_checkpoint(out: Path, model: Student, tok, cfg: DistillConfig, state: dict) -> Path:
+def save_checkpoint(out: Path, model: Student, tok: Tokenizer, cfg: DistillConfig, state: dict) -> Path:
+    """Write checkpoint step-N (student + train state) under a temporary name, rename it, then point state.json
+    at it: a kill at any moment leaves a complete checkpoint to resume from."""
     d = out / "checkpoints" / f"step-{state['step']:08d}"
     tmp = d.with_name("." + d.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -43,7 +47,8 @@ def save_checkpoint(out: Path, model: Student, tok, cfg: DistillConfig, state: d
     return d
 
 
-def save_best(out: Path, model: Student, tok, cfg: DistillConfig, info: dict) -> None:
+def save_best(out: Path, model: Student, tok: Tokenizer, cfg: DistillConfig, info: dict) -> None:
+    """Replace best/ (what export reads) in one swap, so it always holds a complete student."""
     tmp = out / ".best.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -68,7 +73,8 @@ def truncate_jsonl(path: Path, step: int) -> None:
 
 
 
-def open_run(out: Path, cfg: DistillConfig, restart: bool, is_main: bool, barrier) -> tuple[Path | None, dict | None]:
+def open_run(out: Path, cfg: DistillConfig, restart: bool, is_main: bool,
+             barrier: Callable[[], None]) -> tuple[Path | None, dict | None]:
     """Prepare the run folder: (the checkpoint to resume from or None, the manifest if the run has finished).
 
     Rank 0 clears what a kill left half-written (and the whole folder with `restart`); a folder
@@ -109,6 +115,7 @@ def _lookup(config: dict, dotted: str):
 
 
 def load_train_state(resume: Path) -> dict:
+    """The optimiser, scheduler, queues, balancer and step of a checkpoint (tensors only: weights_only)."""
     return torch.load(resume / "train_state.pt", map_location="cpu", weights_only=True)
 
 

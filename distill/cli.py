@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dsmd.distill.student_presets import STUDENT_PRESETS
+from dsmd.distill.teachers.registry import teacher_kinds
 from dsmd.hub import add_offline_option
 
 
@@ -79,9 +81,9 @@ def _recall(a: argparse.Namespace) -> int:
 
 
 def _students(a: argparse.Namespace) -> int:
-    from dsmd.distill.student import PRESETS, preset_config
+    from dsmd.distill.student import list_presets, preset_config
 
-    for name in PRESETS:
+    for name in list_presets():
         c = preset_config(name, dim=0)
         print(f"  {name:5s} ViT {c.image_depth}x{c.image_width} (patch {c.patch_size}, {c.image_size}px) + "
               f"BERT {c.text_depth}x{c.text_width} (vocab {c.vocab_size}, {c.max_tokens} tokens)")
@@ -119,6 +121,7 @@ def _evaluate(a: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add this stage's commands to `dsmd` (dsmd/cli.py); choices come from the registries, torch-free."""
     t = sub.add_parser("teachers", help="list the teacher kinds and what path each takes")
     t.set_defaults(run=_teachers)
 
@@ -137,12 +140,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     tt.add_argument("--force", action="store_true", help="train again even if --out holds a teacher")
     tt.set_defaults(run=_train_teacher)
 
-    f = sub.add_parser("features", help="run a teacher over a data set into a feature store (resumable; torchrun shards it)")
-    f.add_argument("--teacher", default="demo", help="teacher kind: demo, beit3, clip, siglip (see `dsmd teachers`)")
+    f = sub.add_parser("features",
+                       help="run a teacher over a data set into a feature store (resumable; torchrun shards it)")
+    f.add_argument("--teacher", default="demo", choices=teacher_kinds(),
+                   help="teacher kind (default demo; `dsmd teachers` says what path each takes)")
     f.add_argument("--teacher-path", default="artifacts/teacher",
                    help="checkpoint file or folder of the teacher, or its name: a Hub id (clip, siglip) or a BEiT-3 "
                    "release name such as beit3_base_patch16_384_f30k_retrieval (see `dsmd models list`)")
-    f.add_argument("--tokenizer", help="beit3 only: the sentencepiece model (default: beit3.spm beside the .pth)")
+    f.add_argument("--tokenizer", help=f"{', '.join(teacher_kinds('tokenizer'))} only: the sentencepiece model "
+                   "(default: beit3.spm beside the .pth)")
     f.add_argument("--data", default="data/world", help="data set (default: data/world)")
     f.add_argument("--images", help="image root (default: beside the annotation file)")
     f.add_argument("--out", default="artifacts/features", help="store folder (default: artifacts/features)")
@@ -170,7 +176,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--data", help="override data.dataset")
     d.add_argument("--images", help="override data.images: the image root of the data set")
     d.add_argument("--features", help="override data.features")
-    d.add_argument("--preset", help="override student.preset (base, demo, tiny)")
+    d.add_argument("--preset", choices=list(STUDENT_PRESETS),
+                   help="override student.preset: " + ", ".join(f"{p.name} ({p.description})"
+                                                                  for p in STUDENT_PRESETS.values()))
     d.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any setting, e.g. --set optim.lr=5e-4 --set loss.use=[\"fd\",\"sd\"]")
     d.add_argument("--restart", action="store_true", help="delete the run folder and start over")

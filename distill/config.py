@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dsmd.distill.balancer import BalancerCfg
+from dsmd.distill.student_presets import STUDENT_PRESETS
 from dsmd.errors import UserError
 
 LOSSES = ("cd", "fd", "sd", "hnd", "kl")  # the paper's four, and the peers' similarity KL (off by default)
@@ -38,6 +39,11 @@ class StudentCfg:
     image_init: str | None = None  # a timm ViT checkpoint (ImageNet-21k in the paper)
     text_init: str | None = None  # a Hugging Face BERT directory (bert-base-uncased in the paper)
     overrides: dict = field(default_factory=dict)  # StudentConfig fields, e.g. {"image_size": 384}
+
+    def __post_init__(self):
+        if self.preset not in STUDENT_PRESETS:  # caught here, not after the data and features are loaded
+            raise UserError(f"student.preset must be one of {', '.join(STUDENT_PRESETS)}, not {self.preset!r} "
+                            f"(`dsmd students` lists them)")
 
 
 @dataclass
@@ -148,7 +154,7 @@ class DistillConfig:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "DistillConfig":
+    def from_json(cls, d: dict) -> DistillConfig:
         return _build(cls, d, "")
 
 

@@ -32,7 +32,7 @@ class Pairs:
     caption: np.ndarray
 
     @classmethod
-    def of(cls, items: list[Item]) -> "Pairs":
+    def of(cls, items: list[Item]) -> Pairs:
         item = np.array([i for i, it in enumerate(items) for _ in it.captions], dtype=np.int64)
         caption = np.array([c for it in items for c in range(len(it.captions))], dtype=np.int64)
         return cls(items, item, caption)
@@ -42,6 +42,7 @@ class Pairs:
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The pairs' order in an epoch: a function of (seed, epoch) only, so a resumed run sees the same order."""
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 

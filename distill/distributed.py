@@ -57,7 +57,7 @@ class Dist:
         if self.main:
             try:
                 result = fn()
-            except BaseException as e:  # noqa: BLE001 - re-raised below, on every rank
+            except BaseException as e:  # re-raised below, on every rank
                 error = e
         if self.broadcast_flag(error is not None, device):
             raise error if error is not None else RuntimeError("rank 0 failed; its log says why")
@@ -81,12 +81,14 @@ def init_dist(device_kind: str) -> Dist:
 
 
 def close_dist(dist: Dist) -> None:
+    """Leave the process group (if one was made), so torchrun's processes exit cleanly."""
     if dist.world > 1 and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
 
 
 
 def resolve_device(kind: str) -> str:
+    """The device run.device names (auto: cuda when a GPU is visible); cuda without a GPU is an error, not a CPU run."""
     if kind == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "cuda" and not torch.cuda.is_available():
@@ -95,6 +97,8 @@ def resolve_device(kind: str) -> str:
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype run.amp asks for on `device` (None: fp32). auto: bf16 on GPUs that have it (else
+    fp16) and on CPUs with native bf16 (else fp32, as emulated bf16 is slower)."""
     if amp == "off":
         return None
     if amp == "auto":

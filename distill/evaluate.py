@@ -11,9 +11,11 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 
 from dsmd.datasets import Dataset, Item, load_dataset
 from dsmd.distill.checkpoint import resolve_student, save_best
@@ -38,6 +40,7 @@ def usable_items(ds: Dataset, split: str, feats: SplitFeatures) -> list[Item]:
 
 
 def open_store(cfg: DistillConfig, ds: Dataset) -> FeatureStore:
+    """The teacher's feature store of the config, checked to belong to data set `ds` (else: what to run)."""
     try:
         store = FeatureStore(cfg.data.features)
     except FileNotFoundError as e:
@@ -52,7 +55,7 @@ def open_store(cfg: DistillConfig, ds: Dataset) -> FeatureStore:
 
 
 @torch.no_grad()
-def encode_split(model: Student, tok, items: list[Item], device: torch.device, batch: int = 256,
+def encode_split(model: Student, tok: Tokenizer, items: list[Item], device: torch.device, batch: int = 256,
                  workers: int = 0, amp: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Student embeddings of a split's images and captions (the plain preprocessing spec).
 
@@ -76,8 +79,9 @@ def encode_split(model: Student, tok, items: list[Item], device: torch.device, b
 
 
 
-def evaluate_epoch(out: Path, model: Student, tok, cfg: DistillConfig, items: list[Item], device, amp, dist: Dist,
-                    epoch: int, step: int, best: dict, writer, bar) -> str | None:
+def evaluate_epoch(out: Path, model: Student, tok: Tokenizer, cfg: DistillConfig, items: list[Item],
+                   device: torch.device, amp: torch.dtype | None, dist: Dist, epoch: int, step: int, best: dict,
+                   writer: Any, bar: Any) -> str | None:
     """Val recall on rank 0 (best checkpoint, metrics, plot); a message on every rank if training must stop."""
     stop = dist.on_main(lambda: _evaluate_on_main(out, model, tok, cfg, items, device, amp, epoch, step, best,
                                                   writer, bar), device)
@@ -141,7 +145,9 @@ def evaluate_student(student: str | Path, dataset: str | Path, features: str | P
     return teacher, student
 
 
-def side_by_side(teacher: Recall, student: Recall, teacher_name: str = "teacher", student_name: str = "student") -> str:
+def side_by_side(teacher: Recall, student: Recall, teacher_name: str = "teacher",
+                 student_name: str = "student") -> str:
+    """Both recall tables and the share of the teacher's RSUM the student keeps (the distillation's figure)."""
     table = format_table({teacher_name: teacher, student_name: student})
     frac = student.rsum / teacher.rsum if teacher.rsum else math.nan
     return f"{table}\nthe student keeps {100 * frac:.1f}% of the teacher's RSUM"

@@ -100,7 +100,8 @@ class FeatureStore:
         self.path = Path(path)
         manifest = read_manifest(self.path)
         if manifest is None:
-            hint = " (extraction unfinished: run `dsmd features` again to resume)" if (self.path / "job.json").exists() else ""
+            unfinished = (self.path / "job.json").exists()
+            hint = " (extraction unfinished: run `dsmd features` again to resume)" if unfinished else ""
             raise FileNotFoundError(f"{self.path} is not a complete feature store{hint}")
         self.manifest = manifest
         self.dim: int = manifest["teacher"]["dim"]
@@ -322,7 +323,8 @@ def _finish(out: Path, job: dict, ds: Dataset, splits: list[str], seconds: float
         for what in ("image", "caption"):
             done = np.load(d / f"{what}_done.npy")
             if not done.all():
-                raise RuntimeError(f"{d}: {int((done == 0).sum())} {what} chunks were not extracted; run again to resume")
+                raise RuntimeError(f"{d}: {int((done == 0).sum())} {what} chunks were not extracted; "
+                                   "run again to resume")
         ok = np.load(d / "image_ok.npy")
         cap_img = np.load(d / "caption_image.npy")
         counts[s] = {"images": int(ok.sum()), "captions": int(ok[cap_img].sum()), "skipped_images": int((~ok).sum())}

@@ -38,7 +38,8 @@ def feature_distill(s_img: torch.Tensor, t_img: torch.Tensor, s_txt: torch.Tenso
     return (s_img - t_img).abs().mean() + (s_txt - t_txt).abs().mean()
 
 
-def similarity_distill(s_img: torch.Tensor, t_img: torch.Tensor, s_txt: torch.Tensor, t_txt: torch.Tensor) -> torch.Tensor:
+def similarity_distill(s_img: torch.Tensor, t_img: torch.Tensor, s_txt: torch.Tensor,
+                       t_txt: torch.Tensor) -> torch.Tensor:
     """Cosine similarity distillation (Eq. 9): 1 - (mean cos + 1) / 2 per modality, summed."""
     def one(s, t):
         return 1 - (F.cosine_similarity(s, t, dim=-1).mean() + 1) / 2

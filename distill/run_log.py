@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 
-def tensorboard(path: Path):
+def tensorboard(path: Path) -> Any:
+    """A TensorBoard SummaryWriter at `path`, or None when tensorboard is not installed (it is optional)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard not installed: steps.jsonl and plot.png still hold everything

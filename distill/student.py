@@ -2,11 +2,9 @@
 followed by a linear projection to the teacher's embedding size and L2 normalisation
 (METHOD.md §1, Eq. 3-4).
 
-Presets by name (`create_student("base", dim=768)`), like timm's registry:
-
-    base   ViT-B/16 at 224 + BERT-base uncased: about 197M parameters, the paper's student
-    demo   a small ViT and BERT sized for the 64-px demo world on two CPU cores
-    tiny   the same code at test size
+Presets by name (`create_student("base", dim=768)`), from the table in `student_presets.py`
+(base: the paper's student, about 197M parameters; demo: the demo world on two CPU cores;
+tiny: tests).
 
 A student folder (what training writes and export reads) holds `student.json` (this config),
 `model.safetensors` and `tokenizer.json`.
@@ -15,8 +13,10 @@ A student folder (what training writes and export reads) holds `student.json` (t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from torch import nn
 
+from dsmd.distill.student_presets import student_preset, student_preset_names
 from dsmd.errors import UserError
 from dsmd.preprocess import PreprocessCfg
 
@@ -68,7 +69,7 @@ class StudentConfig:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "StudentConfig":
+    def from_json(cls, d: dict) -> StudentConfig:
         d = dict(d)
         for k in ("mean", "std"):
             if k in d:
@@ -76,28 +77,14 @@ class StudentConfig:
         return cls(**d)
 
 
-PRESETS: dict[str, dict] = {
-    "base": {},
-    # 16-px patches (a 4x4 grid over the 3x3 scene grid) and width 128: on two cores this ran
-    # 2.3x the steps/s of 8-px patches at width 192 (val RSUM 389 after 2 epochs in 3.6 min,
-    # against 418 after 1 epoch in 6 min)
-    "demo": dict(image_size=64, patch_size=16, image_width=128, image_depth=4, image_heads=4,
-                 vocab_size=512, text_width=128, text_depth=4, text_heads=4, text_mlp=512, max_tokens=40,
-                 interpolation="bilinear"),
-    "tiny": dict(image_size=32, patch_size=8, image_width=32, image_depth=2, image_heads=2,
-                 vocab_size=256, text_width=32, text_depth=2, text_heads=2, text_mlp=64, max_tokens=24,
-                 interpolation="bilinear"),
-}
-
-
 def list_presets() -> list[str]:
-    return list(PRESETS)
+    """The preset names (`student_presets.py`)."""
+    return student_preset_names()
 
 
-def preset_config(name: str, dim: int, **overrides) -> StudentConfig:
-    if name not in PRESETS:
-        raise UserError(f"unknown student preset {name!r}: choose one of {', '.join(PRESETS)}")
-    return StudentConfig(preset=name, dim=dim, **{**PRESETS[name], **overrides})
+def preset_config(name: str, dim: int, **overrides: Any) -> StudentConfig:
+    """The config of preset `name` for a teacher of size `dim`, with `overrides` (StudentConfig fields) on top."""
+    return StudentConfig(preset=name, dim=dim, **{**student_preset(name).fields, **overrides})
 
 
 class Student(nn.Module):
@@ -219,8 +206,8 @@ def tokenize(tok: Tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tens
 
 
 def create_student(preset: str, dim: int, image_init: str | Path | None = None, text_init: str | Path | None = None,
-                   tokenizer: Tokenizer | None = None, captions: list[str] | None = None, log=print,
-                   **overrides) -> tuple[Student, Tokenizer]:
+                   tokenizer: Tokenizer | None = None, captions: list[str] | None = None,
+                   log: Callable[[str], Any] = print, **overrides: Any) -> tuple[Student, Tokenizer]:
     """A student from a preset, with pretrained towers from local files when given.
 
     Args:

@@ -40,14 +40,21 @@ from tqdm import tqdm
 from dsmd.artifacts import sha256_file, versions, write_json
 from dsmd.cpus import usable_cpus
 from dsmd.datasets import load_dataset
-from dsmd.distill import losses as L
 from dsmd.distill.balancer import Balancer
 from dsmd.distill.checkpoint import load_train_state, open_run, save_checkpoint, truncate_jsonl
-from dsmd.distill.config import DistillConfig
+from dsmd.distill.config import DistillConfig, OptimCfg
 from dsmd.distill.data import Pairs, TrainBatches, epoch_order
 from dsmd.distill.distributed import Dist, amp_dtype, close_dist, init_dist, resolve_device
 from dsmd.distill.evaluate import CollapsedError, evaluate_epoch, open_store, usable_items
 from dsmd.distill.features import SplitFeatures, StoreMismatch
+from dsmd.distill.losses import (
+    clip_contrastive,
+    contrastive_distill,
+    feature_distill,
+    hard_negative_distill,
+    similarity_distill,
+    similarity_kl,
+)
 from dsmd.distill.run_log import tensorboard
 from dsmd.distill.student import Student, create_student, load_student, make_tokenizer, preset_config
 from dsmd.errors import UserError
@@ -84,7 +91,7 @@ class Queue:
 
 
 
-def lr_at(step: int, steps_per_epoch: int, cfg) -> float:
+def lr_at(step: int, steps_per_epoch: int, cfg: OptimCfg) -> float:
     """Linear warm-up, then the paper's step decay (x decay at each of decay_epochs) or a cosine to 0."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -165,7 +172,8 @@ def _train(cfg: DistillConfig, out: Path, restart: bool, dist: Dist, device_kind
     model.to(device).train()
     counts = model.parameter_counts()
     log(f"student {cfg.student.preset}: {counts['total'] / 1e6:.1f}M parameters (image {counts['image'] / 1e6:.1f}M, "
-        f"text {counts['text'] / 1e6:.1f}M), embedding dim {store.dim} from teacher {store.manifest['teacher']['name']}")
+        f"text {counts['text'] / 1e6:.1f}M), embedding dim {store.dim} from teacher "
+        f"{store.manifest['teacher']['name']}")
     pre = model.cfg.preprocess()
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -319,7 +327,7 @@ def _forward(ddp, model: Student, b: dict, feats: SplitFeatures, queues: dict[st
     enqueue = None
     if cfg.method == "clip":
         scale = model.logit_scale.exp().clamp(max=100)
-        losses["clip"] = L.clip_contrastive(s_img, s_txt, ids, scale=scale)
+        losses["clip"] = clip_contrastive(s_img, s_txt, ids, scale=scale)
     else:
         # teacher knowledge by id, never by position in the batch
         t_img = torch.from_numpy(np.asarray(feats.image_emb[feats.image_rows(b["image_ids"].numpy())],
@@ -330,17 +338,17 @@ def _forward(ddp, model: Student, b: dict, feats: SplitFeatures, queues: dict[st
         t_img, t_txt = torch.nn.functional.normalize(t_img, dim=-1), torch.nn.functional.normalize(t_txt, dim=-1)
         lc = cfg.loss
         if "cd" in names:
-            losses["cd"] = (L.contrastive_distill(s_img, t_img, queues["image"].emb, ids, queues["image"].ids, lc.tau)
-                            + L.contrastive_distill(s_txt, t_txt, queues["text"].emb, ids, queues["text"].ids, lc.tau))
+            losses["cd"] = (contrastive_distill(s_img, t_img, queues["image"].emb, ids, queues["image"].ids, lc.tau)
+                            + contrastive_distill(s_txt, t_txt, queues["text"].emb, ids, queues["text"].ids, lc.tau))
         if "fd" in names:
-            losses["fd"] = L.feature_distill(s_img, t_img, s_txt, t_txt)
+            losses["fd"] = feature_distill(s_img, t_img, s_txt, t_txt)
         if "sd" in names:
-            losses["sd"] = L.similarity_distill(s_img, t_img, s_txt, t_txt)
+            losses["sd"] = similarity_distill(s_img, t_img, s_txt, t_txt)
         if "hnd" in names:
-            losses["hnd"] = L.hard_negative_distill(s_img, t_img, s_txt, t_txt, ids, lc.margin)
+            losses["hnd"] = hard_negative_distill(s_img, t_img, s_txt, t_txt, ids, lc.margin)
         if "kl" in names:
             scale = 1 / lc.kl_temperature
-            losses["kl"] = L.similarity_kl(s_img, s_txt, t_img, t_txt, scale, scale)
+            losses["kl"] = similarity_kl(s_img, s_txt, t_img, t_txt, scale, scale)
         enqueue = (t_img, t_txt, ids)
     total, factors = balancer(losses, reduce=dist.mean if dist.world > 1 else None)
     return {n: v.detach() for n, v in losses.items()}, total, factors, enqueue

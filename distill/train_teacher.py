@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from dsmd.artifacts import read_manifest, sha256_file, versions, write_json
@@ -42,7 +43,7 @@ class TeacherTrainCfg:
     seed: int = 0
     eval_every: int = 5  # epochs
     threads: int = 0  # 0: all cores
-    bf16: bool = True  # bf16 autocast where the CPU has native bf16 (about 1.9x faster here)
+    bf16: bool = True  # bf16 autocast, taken only where the CPU has native bf16 (elsewhere it is slower)
 
 
 def load_pixels(items: list[Item], cfg: PreprocessCfg, skips: SkipReport, workers: int = 4) -> np.ndarray:
@@ -64,7 +65,9 @@ def load_pixels(items: list[Item], cfg: PreprocessCfg, skips: SkipReport, worker
 
 
 @torch.no_grad()
-def evaluate_model(model: demo.DemoDualEncoder, tok, pixels: np.ndarray, items: list[Item], batch: int = 256) -> Recall:
+def evaluate_model(model: demo.DemoDualEncoder, tok: Tokenizer, pixels: np.ndarray, items: list[Item],
+                   batch: int = 256) -> Recall:
+    """Val recall of the teacher being trained, on pixels decoded once (the history in its manifest)."""
     model.eval()
     img = torch.cat([model.encode_image(torch.from_numpy(pixels[i:i + batch]).float())
                      for i in range(0, len(pixels), batch)])
@@ -173,4 +176,5 @@ def train_teacher(data: str | Path, out: str | Path, cfg: TeacherTrainCfg | None
 
 
 def is_trained(out: str | Path) -> bool:
+    """True when `out` holds a finished teacher (its manifest is written last), so `make demo` can skip it."""
     return read_manifest(Path(out)) is not None

@@ -268,7 +268,7 @@ def _file_lock(dest: Path) -> Iterator[None]:
 
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        f = open(dest.with_name(dest.name + ".lock"), "w")  # noqa: SIM115 - closed below
+        f = open(dest.with_name(dest.name + ".lock"), "w")
     except OSError as e:
         raise UserError(f"cannot write to the model cache {dest.parent} ({e}): set DSMD_CACHE to a folder this "
                         "user can write, or give the file's local path") from e

@@ -49,7 +49,7 @@ class PreprocessCfg:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "PreprocessCfg":
+    def from_json(cls, d: dict) -> PreprocessCfg:
         return cls(**d)
 
 

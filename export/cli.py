@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from dsmd.distill.teachers.registry import teacher_kinds
 from dsmd.hub import add_offline_option
 
 
@@ -17,10 +18,12 @@ def _export(a: argparse.Namespace) -> int:
             print(f"  {variant:5s} ok: files match the manifest, smoke encode gives unit vectors of dim {info['dim']}")
         print(f"{a.source} verified")
         return 0
-    from dsmd.export.onnx import ExportCfg, export, student_encoders, teacher_encoders
+    from dsmd.export.encoders import student_encoders, teacher_encoders
+    from dsmd.export.onnx import ExportCfg, export
 
-    if a.tokenizer and not (a.what == "teacher" and a.teacher == "beit3"):
-        raise UserError("--tokenizer is for `dsmd export teacher --teacher beit3` only")
+    if a.tokenizer and not (a.what == "teacher" and a.teacher in teacher_kinds("tokenizer")):
+        raise UserError(f"--tokenizer is for `dsmd export teacher --teacher "
+                        f"{'|'.join(teacher_kinds('tokenizer'))}` only")
     if a.what == "student":
         enc = student_encoders(a.source)
     else:
@@ -37,13 +40,15 @@ def _export(a: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add `dsmd export` (dsmd/cli.py); the teacher kinds come from the registry, torch-free."""
     x = sub.add_parser("export", help="write an ONNX encoder bundle of a student or a teacher; verify one")
     x.add_argument("what", choices=["student", "teacher", "verify"],
                    help="student: a student checkpoint or run folder; teacher: a teacher path or name (--teacher); "
                    "verify: a bundle")
-    x.add_argument("--teacher", default="demo", choices=["demo", "clip", "siglip", "beit3"],
-                   help="teacher kind (default demo)")
-    x.add_argument("--tokenizer", help="beit3 only: the sentencepiece model (default: beit3.spm beside the .pth)")
+    x.add_argument("--teacher", default="demo", choices=teacher_kinds(),
+                   help="teacher kind (default demo; `dsmd teachers` says what path each takes)")
+    x.add_argument("--tokenizer", help=f"{', '.join(teacher_kinds('tokenizer'))} only: the sentencepiece model "
+                   "(default: beit3.spm beside the .pth)")
     x.add_argument("source", help="the checkpoint, run or teacher folder, or a teacher's name (or the bundle, for "
                    "verify)")
     x.add_argument("--out", default="artifacts/bundle", help="bundle folder (default: artifacts/bundle)")

@@ -1,14 +1,17 @@
-"""Export a student (or the demo teacher) to an encoder bundle, and prove the bundle right.
+"""Export an encoder bundle and prove it right: the generic machinery behind `dsmd export`.
 
-`export_student(checkpoint, out)` writes the image and text encoders as two ONNX graphs
-(TorchScript exporter, opset 17: torch 2.14's default dynamo exporter needs onnxscript),
-with dynamic batch and sequence length and L2-normalised outputs, beside the tokenizer and
-the preprocessing spec. Before the manifest is written (last), the bundle is checked:
+`export(encoders, out, data=None)` takes the `Encoders` of any model (`encoders.py`:
+`student_encoders(checkpoint)`, `model_encoders(model, tokenizer)`, `teacher_encoders(kind,
+path)`) and writes the image and text encoders as two ONNX graphs (`export_graphs`: the
+TorchScript exporter at opset 17, as torch's default dynamo exporter needs onnxscript), with
+dynamic batch and sequence length and L2-normalised outputs, beside the tokenizer and the
+preprocessing spec. Before the manifest is written (last), the bundle is checked against
+`ExportCfg`'s thresholds:
 
   parity   ONNX Runtime vs PyTorch embeddings of images of several sizes and modes and of
-           texts from empty to over-long: cosine >= 0.9999 in fp32
-  recall   on the val split (when a data set is given): RSUM through ONNX Runtime within 0.1
-           of RSUM through PyTorch
+           texts from empty to over-long (`parity_images`, `PARITY_TEXTS`): min cosine
+  recall   on the val split (when a data set is given): RSUM through ONNX Runtime against
+           RSUM through PyTorch
   variants INT8 (dynamic quantisation, per-channel) and fp16 (weights and activations; fp32
            inputs and outputs) are shipped only if their RSUM drop stays within `max_drop`;
            a refused variant is recorded with its numbers
@@ -22,21 +25,27 @@ import logging
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 
 from dsmd.artifacts import recover_dir, replace_dir, sha256_file, versions, write_json
 from dsmd.bundle import BUNDLE_FORMAT, Bundle, RuntimeOptions
 from dsmd.datasets import Item, load_dataset
 from dsmd.errors import UserError
+from dsmd.export.encoders import Encoders, model_encoders, student_encoders, teacher_encoders
 from dsmd.images import open_image
-from dsmd.preprocess import PreprocessCfg, image_to_array
+from dsmd.preprocess import image_to_array
 from dsmd.retrieval import Recall, evaluate
+
+# Callers import the encoder sources from here too (the CLI, tests, bench/).
+__all__ = ["PARITY_TEXTS", "Encoders", "ExportCfg", "ExportError", "export", "export_graphs", "model_encoders",
+           "parity_images", "student_encoders", "teacher_encoders"]
 
 
 class ExportError(UserError):
@@ -45,6 +54,8 @@ class ExportError(UserError):
 
 @dataclass
 class ExportCfg:
+    """The checks a bundle must pass (defaults: what `dsmd export` applies) and the variants to try."""
+
     opset: int = 17
     variants: tuple[str, ...] = ("int8",)  # int8 and/or fp16, each shipped only if it keeps recall
     max_drop: float = 2.0  # largest RSUM loss (points of 600) a variant may cost
@@ -52,190 +63,6 @@ class ExportCfg:
     recall_tolerance: float = 0.1  # fp32 |RSUM(ONNX) - RSUM(PyTorch)|
     split: str = "val"
     threads: int = 0
-
-
-class _ImageEncoder(nn.Module):
-    """The image half of a dual encoder as its own module (one ONNX graph)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(pixels)
-
-
-class _TextEncoder(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(input_ids, attention_mask)
-
-
-@dataclass
-class Encoders:
-    """What export needs of a model: its two encoders (modules holding the weights), tokenizer and spec."""
-
-    name: str
-    kind: str  # student | demo-teacher
-    image: nn.Module  # pixels -> unit rows
-    text: nn.Module  # (input_ids, attention_mask) -> unit rows
-    tokenizer: object  # tokenizers.Tokenizer with truncation and padding configured
-    preprocess: PreprocessCfg
-    dim: int
-    source: dict
-    text_inputs: tuple[str, ...] = ("input_ids", "attention_mask")
-
-
-def student_encoders(path: str | Path) -> Encoders:
-    from dsmd.distill.checkpoint import resolve_student
-    from dsmd.distill.student import load_student
-
-    path = resolve_student(path)
-    model, tok = load_student(path)
-    return model_encoders(model, tok, source={"path": str(path), "config": model.cfg.to_json(),
-                                              "weights_sha256": sha256_file(path / "model.safetensors")})
-
-
-def model_encoders(model, tok, source: dict | None = None) -> Encoders:
-    """Encoders of an in-memory student (benchmarks export random-weight presets this way)."""
-    return Encoders(name=f"student-{model.cfg.preset}", kind="student", image=_ImageEncoder(model),
-                    text=_TextEncoder(model), tokenizer=tok, preprocess=model.cfg.preprocess(), dim=model.cfg.dim,
-                    source=source or {"config": model.cfg.to_json()})
-
-
-def demo_teacher_encoders(path: str | Path) -> Encoders:
-    from dsmd.distill.teachers.demo import DemoTeacher
-
-    t = DemoTeacher.load(path)
-    return Encoders(name=t.name, kind="demo-teacher", image=_ImageEncoder(t.model),
-                    text=_TextEncoder(t.model), tokenizer=t.tokenizer, preprocess=t.preprocess,
-                    dim=t.dim, source={"path": str(path), "weights_sha256": t.checkpoint_hash})
-
-
-class _HFImage(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        from dsmd.distill.teachers.hf import _pooled
-
-        return torch.nn.functional.normalize(_pooled(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
-
-
-class _HFText(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        from dsmd.distill.teachers.hf import _pooled
-
-        inputs = {"input_ids": input_ids} if attention_mask is None else {"input_ids": input_ids,
-                                                                           "attention_mask": attention_mask}
-        return torch.nn.functional.normalize(_pooled(self.model.get_text_features(**inputs)).float(), dim=-1)
-
-
-def hf_teacher_encoders(kind: str, path: str | Path) -> Encoders:
-    """A Hugging Face CLIP or SigLIP teacher, tokenised as it was trained (see distill/teachers/hf.py):
-    CLIP pads to the longest text and takes the mask; SigLIP pads to max length, ids only."""
-    from dsmd.distill.teachers.hf import HFTeacher
-
-    t = HFTeacher.load(path, kind)
-    hf_tok = t.tokenizer
-    if not getattr(hf_tok, "is_fast", False):
-        raise UserError(f"{path}: the bundle runtime tokenises with the `tokenizers` library and this folder has no "
-                        f"tokenizer.json (SigLIP ships only spiece.model, which transformers cannot convert); "
-                        f"add a tokenizer.json to export it")
-    tok = hf_tok.backend_tokenizer
-    tok.enable_truncation(t.preprocess.max_tokens)
-    pad_id = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else 0
-    pad_token = hf_tok.pad_token or hf_tok.convert_ids_to_tokens(pad_id)
-    if kind == "siglip":
-        tok.enable_padding(pad_id=pad_id, pad_token=pad_token, length=t.preprocess.max_tokens)
-    else:
-        tok.enable_padding(pad_id=pad_id, pad_token=pad_token)
-    return Encoders(name=t.name, kind=f"{kind}-teacher", image=_HFImage(t.model), text=_HFText(t.model),
-                    tokenizer=tok, preprocess=t.preprocess, dim=t.dim,
-                    source={"path": str(path), "weights_sha256": t.checkpoint_hash},
-                    text_inputs=("input_ids",) if kind == "siglip" else ("input_ids", "attention_mask"))
-
-
-class _BEiT3Image(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(pixels, "eager")
-
-
-class _BEiT3Text(nn.Module):
-    """The bundle runtime feeds an attention mask (1 on tokens); BEiT-3 takes a padding mask (True on padding)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(input_ids, attention_mask == 0, "eager")
-
-
-def beit3_tokenizer(spm_path: str | Path, max_tokens: int):
-    """beit3.spm as a `tokenizers` tokenizer (what the bundle runtime reads): XLM-R's fairseq ids
-    (<s>=0, <pad>=1, </s>=2, <unk>=3, pieces shifted by one), `<s> … </s>`, cut to max_tokens."""
-    from types import SimpleNamespace
-
-    from transformers.convert_slow_tokenizer import XLMRobertaConverter
-
-    ids = {"<s>": 0, "</s>": 2}
-    tok = XLMRobertaConverter(SimpleNamespace(vocab_file=str(spm_path), convert_tokens_to_ids=ids.__getitem__)
-                              ).converted()
-    tok.enable_truncation(max_tokens)
-    tok.enable_padding(pad_id=1, pad_token="<pad>")
-    return tok
-
-
-def beit3_teacher_encoders(path: str | Path, tokenizer: str | Path | None = None, config=None) -> Encoders:
-    """A BEiT-3 retrieval checkpoint (path or name) with its sentencepiece model converted for the bundle.
-
-    The converted tokenizer must give the teacher's own ids (`BEiT3Tokenizer`) on every parity text
-    and on odd spacing, else the export stops: a bundle that tokenises differently would embed
-    texts the teacher never saw. (One known difference is left: the runtime reads a literal
-    "<s>" or "</s>" in a query as the special token, where sentencepiece cuts it into pieces.)
-    """
-    from dsmd.distill.teachers import load_teacher
-
-    options = {k: v for k, v in (("tokenizer", tokenizer), ("config", config)) if v is not None}
-    t = load_teacher("beit3", path, **options)
-    tok = beit3_tokenizer(t.tokenizer.path, t.tokenizer.max_tokens)
-    for text in [*PARITY_TEXTS, "  two  spaces ", "tab\there\nand a new line", "ＦＵＬＬ width, ½ and ﬁ"]:
-        if tok.encode(text).ids != t.tokenizer.encode(text):
-            raise ExportError(f"{t.tokenizer.path}: the converted tokenizer gives other ids than sentencepiece on "
-                              f"{text[:40]!r}; this beit3.spm cannot be exported")
-    return Encoders(name=t.name, kind="beit3-teacher", image=_BEiT3Image(t.model), text=_BEiT3Text(t.model),
-                    tokenizer=tok, preprocess=t.preprocess, dim=t.dim,
-                    source={"path": str(path), "weights_sha256": t.checkpoint_hash,
-                            "tokenizer_sha256": t.tokenizer_hash})
-
-
-def teacher_encoders(kind: str, path: str | Path, **options) -> Encoders:
-    """The teachers that fit a bundle: the demo teacher, CLIP, SigLIP and BEiT-3 (path or name).
-
-    BEiT-3 takes `tokenizer` (beit3.spm; default: beside the checkpoint) and `config` (tests).
-    """
-    if kind == "demo":
-        return demo_teacher_encoders(path)
-    if kind in ("clip", "siglip"):
-        from dsmd import hub
-
-        return hf_teacher_encoders(kind, hub.resolve_hf(path, what=f"{kind} teacher"))
-    if kind == "beit3":
-        return beit3_teacher_encoders(path, **options)
-    raise UserError(f"teacher kind {kind!r} cannot be exported: choose demo, clip, siglip or beit3")
 
 
 # ---------------------------------------------------------------- parity inputs
@@ -282,6 +109,7 @@ def _min_cos(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def export_graphs(enc: Encoders, folder: Path, opset: int) -> None:
+    """image.onnx and text.onnx in `folder`, traced on small inputs with dynamic batch (and token) axes."""
     size = enc.preprocess.size
     pixels = torch.randn(2, 3, size, size)
     text_args = _text_args(enc, ["a red circle left of a blue square", "two"])
@@ -316,7 +144,7 @@ def _torch_recall(enc: Encoders, items: list[Item]) -> Recall:
 
 
 def export(enc: Encoders, out: str | Path, data: str | Path | None = None, images: str | None = None,
-           cfg: ExportCfg | None = None, log=print) -> dict:
+           cfg: ExportCfg | None = None, log: Callable[[str], Any] = print) -> dict:
     """Write, check and describe a bundle of `enc` at `out`; returns its manifest."""
     cfg = cfg or ExportCfg()
     out = Path(out)

@@ -36,7 +36,7 @@ class Server:
                     "--port", str(self.port), *args]
         self.env = {**os.environ, "TQDM_DISABLE": "1", **(env or {})}
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         deadline = time.time() + 60

@@ -12,7 +12,8 @@ COMMANDS = ("generate", "check-data", "teachers", "train-teacher", "features", "
 
 
 def test_help_lists_every_command():
-    out = subprocess.run([sys.executable, "-m", "dsmd.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "dsmd.cli", "--help"], capture_output=True, text=True,
+                         check=True).stdout
     for cmd in COMMANDS:
         assert cmd in out
     assert "make demo" in out
@@ -24,6 +25,36 @@ def test_each_command_has_help():
         with pytest.raises(SystemExit) as e:
             parser.parse_args([cmd, "--help"])
         assert e.value.code == 0
+
+
+def _choices(parser, command: str, option: str) -> list[str]:
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return list(next(a for a in sub._actions if option in a.option_strings).choices)
+
+
+def test_teacher_and_preset_choices_are_the_registries(capsys):
+    """Every command that takes a teacher kind or a student preset offers exactly what is registered."""
+    from dsmd.distill.student_presets import student_preset_names
+    from dsmd.distill.teachers import list_teachers, teacher_kinds
+
+    parser = build_parser()
+    assert _choices(parser, "features", "--teacher") == teacher_kinds()
+    assert _choices(parser, "export", "--teacher") == teacher_kinds()
+    assert _choices(parser, "distill", "--preset") == student_preset_names()
+    assert main(["teachers"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {kind:7s} {what}" in out for kind, what in list_teachers().items())
+    assert main(["students"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == student_preset_names()
+
+
+def test_building_the_parser_imports_no_torch():
+    """The registries the parser reads are torch-free, so `dsmd --help` stays fast."""
+    code = ("import sys; from dsmd.cli import build_parser; build_parser(); "
+            "heavy = sorted(m for m in ('torch', 'transformers', 'timm', 'dsmd.distill.student') if m in sys.modules); "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_generate_and_check_data(tmp_path, capsys):

@@ -17,7 +17,8 @@ def _jpeg(path, size=(40, 30), colour=(200, 10, 10)):
 
 def _flickr_entry(imgid, filename, split, caps):
     """An entry exactly as in the public dataset_flickr30k.json (keys, tokens, sentids)."""
-    sents = [{"tokens": c.lower().split(), "raw": c, "imgid": imgid, "sentid": imgid * 5 + k} for k, c in enumerate(caps)]
+    sents = [{"tokens": c.lower().split(), "raw": c, "imgid": imgid, "sentid": imgid * 5 + k}
+             for k, c in enumerate(caps)]
     return {"sentids": [s["sentid"] for s in sents], "imgid": imgid, "sentences": sents, "split": split,
             "filename": filename}
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dsmd.datasets import load_dataset
-from dsmd.distill.teachers import list_teachers, load_teacher
+from dsmd.distill.teachers import TEACHERS, TeacherSpec, list_teachers, load_teacher, register_teacher, teacher_kinds
 from dsmd.distill.teachers.demo import DemoTeacher
 from dsmd.errors import UserError
 from dsmd.images import open_image
@@ -48,7 +48,36 @@ def test_unfinished_or_wrong_folders_are_refused(tiny_teacher, tmp_path):
         load_teacher("demo", half)
     with pytest.raises(UserError, match="unknown teacher kind"):
         load_teacher("dall-e", tiny_teacher)
-    assert set(list_teachers()) == {"demo", "beit3", "clip", "siglip"}
+    assert {"demo", "beit3", "clip", "siglip"} <= set(list_teachers())
+
+
+@pytest.mark.parametrize("kind", teacher_kinds())
+def test_every_registered_kind_has_a_description_a_loader_and_an_export_wrapper(kind):
+    """One TeacherSpec per kind declares everything: `dsmd teachers`, `load_teacher` and `dsmd export` read it."""
+    import inspect
+
+    spec = TEACHERS[kind]
+    assert spec.kind == kind and spec.description.strip() and list_teachers()[kind] == spec.description
+    plugin = spec.plugin()
+    for name in ("load_teacher", "export_encoders"):
+        params = inspect.signature(getattr(plugin, name)).parameters
+        assert list(params)[:2] == ["kind", "path"] and any(p.kind is p.VAR_KEYWORD for p in params.values())
+    assert "device" in inspect.signature(plugin.load_teacher).parameters
+
+
+def test_a_new_kind_is_one_registry_entry(tiny_teacher):
+    """A kind registered from outside is listed, loaded and exported like the built-in ones."""
+    from dsmd.export.encoders import teacher_encoders
+
+    try:
+        register_teacher(TeacherSpec("demo2", "the demo teacher again", "dsmd.distill.teachers.demo"))
+        assert teacher_kinds()[-1] == "demo2" and list_teachers()["demo2"] == "the demo teacher again"
+        assert load_teacher("demo2", tiny_teacher).dim == 16
+        assert teacher_encoders("demo2", tiny_teacher).kind == "demo-teacher"
+    finally:
+        TEACHERS.pop("demo2", None)
+    with pytest.raises(ValueError, match="already registered"):
+        register_teacher(TeacherSpec("demo", "twice", "dsmd.distill.teachers.demo"))
 
 
 def test_text_tower_is_order_sensitive(tiny_teacher):

@@ -20,6 +20,7 @@ from dsmd.distill.config import DistillConfig, load_config
 from dsmd.distill.data import epoch_order, micro_batch, random_crop_box
 from dsmd.distill.evaluate import CollapsedError, evaluate_student
 from dsmd.distill.student import create_student, load_student, save_student, tokenize
+from dsmd.distill.student_presets import student_preset, student_preset_names
 from dsmd.distill.train import Queue, lr_at, train
 from dsmd.errors import UserError
 from dsmd.retrieval import chance_rsum, evaluate
@@ -40,6 +41,28 @@ def test_base_preset_is_the_papers_197m_student():
     counts = model.parameter_counts()
     assert 196e6 < counts["total"] < 198e6  # ViT-B/16 + BERT-base + two 768x768 projections
     assert model.cfg.image_size == 224 and model.cfg.patch_size == 16
+
+
+@pytest.mark.parametrize("name", student_preset_names())
+def test_every_preset_is_a_registry_entry_with_a_purpose_and_valid_fields(name):
+    """`dsmd students`, `--preset` and the config read the one table; each entry builds a config."""
+    from dataclasses import fields
+
+    from dsmd.distill.student import StudentConfig, list_presets, preset_config
+
+    preset = student_preset(name)
+    assert preset.name == name and preset.description.strip() and name in list_presets()
+    assert set(preset.fields) <= {f.name for f in fields(StudentConfig)} - {"preset", "dim"}
+    cfg = preset_config(name, dim=8)
+    assert cfg.preset == name and all(getattr(cfg, k) == v for k, v in preset.fields.items())
+    assert load_config(None, [f"student.preset={name}"]).student.preset == name
+
+
+def test_an_unknown_preset_is_refused_by_the_config_and_by_create_student():
+    with pytest.raises(UserError, match="student.preset must be one of base, demo, tiny"):
+        load_config(None, ["student.preset=huge"])
+    with pytest.raises(UserError, match="unknown student preset 'huge'"):
+        create_student("huge", 8, captions=CAPTIONS, log=quiet)
 
 
 def test_student_outputs_unit_vectors_of_the_teacher_dim(tmp_path):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from test_beit3 import spm_path  # noqa: F401  (the fixture)
 
 from dsmd.bundle import Bundle, BundleError, verify
@@ -21,7 +20,8 @@ from dsmd.images import BadImage
 
 @pytest.fixture(scope="module")
 def bundle(tiny_student, tiny_world, tmp_path_factory) -> Path:
-    from dsmd.export.onnx import ExportCfg, export, student_encoders
+    from dsmd.export.encoders import student_encoders
+    from dsmd.export.onnx import ExportCfg, export
 
     out = tmp_path_factory.mktemp("b") / "bundle"
     export(student_encoders(tiny_student), out, data=tiny_world, cfg=ExportCfg(max_drop=600.0), log=lambda *a: None)
@@ -83,7 +83,8 @@ def test_bad_image_bytes_raise_bad_image(bundle):
 
 
 def test_variants_are_refused_when_they_lose_too_much(tiny_student, tiny_world, tmp_path):
-    from dsmd.export.onnx import ExportCfg, export, student_encoders
+    from dsmd.export.encoders import student_encoders
+    from dsmd.export.onnx import ExportCfg, export
 
     m = export(student_encoders(tiny_student), tmp_path / "b", data=tiny_world,
                cfg=ExportCfg(variants=("int8", "fp16"), max_drop=-1000.0), log=lambda *a: None)
@@ -94,7 +95,8 @@ def test_variants_are_refused_when_they_lose_too_much(tiny_student, tiny_world, 
 
 
 def test_fp16_variant_ships_with_its_recall_change(tiny_student, tiny_world, tmp_path):
-    from dsmd.export.onnx import ExportCfg, export, student_encoders
+    from dsmd.export.encoders import student_encoders
+    from dsmd.export.onnx import ExportCfg, export
 
     m = export(student_encoders(tiny_student), tmp_path / "b", data=tiny_world,
                cfg=ExportCfg(variants=("fp16",), max_drop=600.0), log=lambda *a: None)
@@ -106,7 +108,8 @@ def test_fp16_variant_ships_with_its_recall_change(tiny_student, tiny_world, tmp
 
 
 def test_failed_parity_writes_no_bundle(tiny_student, tmp_path):
-    from dsmd.export.onnx import ExportCfg, ExportError, export, student_encoders
+    from dsmd.export.encoders import student_encoders
+    from dsmd.export.onnx import ExportCfg, ExportError, export
 
     with pytest.raises(ExportError, match="min cosine"):
         export(student_encoders(tiny_student), tmp_path / "b", cfg=ExportCfg(min_cosine=1.5), log=lambda *a: None)
@@ -143,12 +146,21 @@ def test_demo_teacher_exports_through_the_same_runtime(tiny_teacher, tiny_world,
     assert main(["export", "student", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
 
 
+def test_an_unknown_teacher_kind_is_refused_with_the_registered_ones(tmp_path):
+    from dsmd.distill.teachers import teacher_kinds
+    from dsmd.export.encoders import teacher_encoders
+
+    with pytest.raises(UserError, match=f"unknown teacher kind 'dall-e'; choose one of: {', '.join(teacher_kinds())}"):
+        teacher_encoders("dall-e", tmp_path)
+
+
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_hf_teachers_export_with_their_own_tokenisation(kind, tmp_path):
     from test_hf_teachers import _build_clip, _build_siglip
 
     from dsmd.distill.teachers.hf import HFTeacher
-    from dsmd.export.onnx import export, teacher_encoders
+    from dsmd.export.encoders import teacher_encoders
+    from dsmd.export.onnx import export
 
     folder = (_build_clip if kind == "clip" else _build_siglip)(tmp_path / kind)
     if kind == "siglip":  # a sentencepiece-only tokenizer: refused with the reason
@@ -175,7 +187,8 @@ def test_beit3_exports_with_its_sentencepiece_model_converted(tmp_path, spm_path
     ckpt = tmp_path / "beit3_tiny.pth"
     BEiT3Retrieval.random(TINY, seed=5).save_official(ckpt)
     (tmp_path / "beit3.spm").write_bytes(spm_path.read_bytes())
-    from dsmd.export.onnx import export, teacher_encoders
+    from dsmd.export.encoders import teacher_encoders
+    from dsmd.export.onnx import export
 
     m = export(teacher_encoders("beit3", ckpt, config=TINY), tmp_path / "b", log=lambda *a: None)
     assert m["kind"] == "beit3-teacher" and m["provenance"]["source"]["tokenizer_sha256"]

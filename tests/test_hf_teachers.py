@@ -53,7 +53,7 @@ def _randomise(model: torch.nn.Module) -> None:
     embeddings and the parity tolerances below actually discriminate."""
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim >= 2:
                 p.copy_(torch.randn(p.shape, generator=g) * 1.5 / p[0].numel() ** 0.5)
 

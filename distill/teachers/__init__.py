@@ -4,60 +4,43 @@
     >>> teacher = load_teacher("beit3", "beit3_base_patch16_384_f30k_retrieval.pth", tokenizer="beit3.spm")
     >>> teacher = load_teacher("beit3", "beit3_base_patch16_384_f30k_retrieval")  # by name, with beit3.spm
     >>> teacher = load_teacher("clip", "openai/clip-vit-base-patch16")
+
+The modules:
+
+    registry.py      the kinds: one `TeacherSpec` each (description, options, implementing module); torch-free
+    base.py          the `Teacher` interface every kind implements
+    demo.py          the demo world's small dual encoder (trained by `dsmd train-teacher`)
+    beit3.py         BEiT-3 retrieval checkpoints: strict loading, the XLM-R tokenizer, the plug-in
+    beit3_model.py   our implementation of the BEiT-3 retrieval model
+    hf.py            Hugging Face CLIP and SigLIP folders or Hub ids
+
+This package imports no torch until a teacher is loaded, so the CLI can read the kinds cheaply.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from dsmd.distill.teachers.base import Teacher
-from dsmd.errors import UserError
+from dsmd.distill.teachers.registry import TEACHERS, TeacherSpec, register_teacher, teacher_kinds, teacher_spec
 
-_KINDS = {
-    "demo": "the demo world's small dual encoder: a folder written by `dsmd train-teacher`",
-    "beit3": "an official BEiT-3 retrieval checkpoint (.pth) plus its sentencepiece model (beit3.spm), or its "
-             "name, e.g. beit3_base_patch16_384_f30k_retrieval (see `dsmd models list`)",
-    "clip": "a Hugging Face CLIP folder (config.json, weights, tokenizer) or Hub id, e.g. "
-            "openai/clip-vit-base-patch16",
-    "siglip": "a Hugging Face SigLIP folder (config.json, weights, tokenizer) or Hub id, e.g. "
-              "google/siglip-base-patch16-224",
-}
+if TYPE_CHECKING:
+    from dsmd.distill.teachers.base import Teacher
+
+__all__ = ["TEACHERS", "TeacherSpec", "list_teachers", "load_teacher", "register_teacher", "teacher_kinds",
+           "teacher_spec"]
 
 
 def list_teachers() -> dict[str, str]:
-    """Teacher kinds and what path each takes."""
-    return dict(_KINDS)
+    """Teacher kinds and what path each takes (what `dsmd teachers` prints)."""
+    return {kind: spec.description for kind, spec in TEACHERS.items()}
 
 
-def load_teacher(kind: str, path: str | Path, device: str = "cpu", **options) -> Teacher:
+def load_teacher(kind: str, path: str | Path, device: str = "cpu", **options: Any) -> Teacher:
     """Load a teacher of `kind` from a local `path`, or from a name (downloaded once; see `dsmd.hub`).
 
     Options by kind: beit3 takes `tokenizer` (path or name of beit3.spm; default: beside the .pth,
     which is where a checkpoint fetched by name has it) and `size` ("base" / "large"; default:
-    inferred from the weights).
+    inferred from the weights). `teacher_spec(kind).options` lists what each kind takes.
     """
-    from dsmd import hub
-
-    if kind not in _KINDS:
-        raise UserError(f"unknown teacher kind {kind!r}; choose one of: {', '.join(_KINDS)}")
-    if kind == "demo":
-        from dsmd.distill.teachers.demo import DemoTeacher
-
-        if not Path(path).exists():
-            raise FileNotFoundError(f"teacher path {path} does not exist ({kind}: {_KINDS[kind]})")
-        return DemoTeacher.load(path, device=device)
-    if kind == "beit3":
-        from dsmd.distill.teachers.beit3 import BEiT3Teacher
-
-        checkpoint = hub.resolve_beit3(path)
-        tokenizer = options.pop("tokenizer", None)
-        if tokenizer is None and not Path(path).exists():
-            tokenizer = "beit3.spm"  # the checkpoint came by name: its tokenizer too (fetched, or checked)
-        if tokenizer is not None:
-            tokenizer = hub.resolve_beit3(tokenizer)
-        # a file that came by name was just checked against its recorded digest: not hashed again
-        digest = None if Path(path).exists() else hub.recorded_digest(checkpoint)
-        return BEiT3Teacher.load(checkpoint, device=device, tokenizer=tokenizer, checkpoint_hash=digest, **options)
-    from dsmd.distill.teachers.hf import HFTeacher
-
-    return HFTeacher.load(hub.resolve_hf(path, what=f"{kind} teacher"), kind=kind, device=device)
+    return teacher_spec(kind).load(path, device=device, **options)

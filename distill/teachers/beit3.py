@@ -1,7 +1,9 @@
 """The BEiT-3 retrieval teacher: checkpoints in the official layout loaded strictly into our model
 (`beit3_model.py`), its XLM-R sentencepiece tokenizer, and the teacher plug-in.
 
-No weights are downloaded; `BEiT3Teacher.load` takes a local .pth (and beit3.spm beside it).
+`BEiT3Teacher.load` takes a local .pth (and beit3.spm beside it) and downloads nothing; the
+plug-in functions at the end (`load_teacher`, `export_encoders`) also take a release name,
+fetched once into the cache with its beit3.spm (`dsmd.hub`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,6 +23,9 @@ from dsmd.distill.teachers.base import Teacher
 from dsmd.distill.teachers.beit3_model import PRESETS, Attention, BEiT3Config, BEiT3Retrieval, Precision
 from dsmd.errors import UserError
 from dsmd.preprocess import PreprocessCfg
+
+if TYPE_CHECKING:
+    from dsmd.export.encoders import Encoders
 
 # ---------------------------------------------------------------- strict loading
 
@@ -50,6 +56,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def count_layers(sd: Mapping[str, torch.Tensor]) -> int:
+    """Encoder layers in a state dict (base has 12, large 24): with the width, it tells the size apart."""
     idx = {int(m.group(1)) for k in sd if (m := re.match(r"beit3\.encoder\.layers\.(\d+)\.", k))}
     return max(idx) + 1 if idx else 0
 
@@ -175,7 +182,7 @@ class BEiT3Teacher(Teacher):
     """An official BEiT-3 retrieval checkpoint behind the `Teacher` interface.
 
     Embeddings come back float32 on the CPU. `precision="fp16"` runs under autocast as the
-    official evaluation did (CUDA); expect ~1e-3 differences from fp32.
+    official evaluation did (CUDA); expect small differences from fp32 (tests/test_beit3.py bounds them).
     """
 
     kind = "beit3"
@@ -202,7 +209,7 @@ class BEiT3Teacher(Teacher):
     def load(cls, path: str | Path, device: str | torch.device = "cpu", tokenizer: str | Path | None = None,
              size: str | None = None, config: BEiT3Config | None = None, precision: Precision = "fp32",
              attention: Attention = "eager", max_tokens: int = 64,
-             checkpoint_hash: str | None = None) -> "BEiT3Teacher":
+             checkpoint_hash: str | None = None) -> BEiT3Teacher:
         """Load a .pth and its beit3.spm (default: beside the .pth); `config` is for non-preset (test) models.
 
         `checkpoint_hash` is the .pth's sha256 when the caller has just checked it (a cached
@@ -240,3 +247,85 @@ class BEiT3Teacher(Teacher):
 
     def describe(self) -> dict:
         return {**super().describe(), "config": self.model.cfg.to_json(), "tokenizer_hash": self.tokenizer_hash}
+
+
+# ---------------------------------------------------------------- the plug-in (distill/teachers/registry.py)
+
+
+def load_teacher(kind: str, path: str | Path, device: str = "cpu", **options: Any) -> BEiT3Teacher:
+    """The registry's loader: a .pth path or a release name (fetched once with its beit3.spm, `dsmd.hub`).
+
+    Options are `BEiT3Teacher.load`'s: `tokenizer` (default: beit3.spm beside the .pth), `size`,
+    `config` (tests), `precision`, `attention`, `max_tokens`.
+    """
+    from dsmd import hub
+
+    checkpoint = hub.resolve_beit3(path)
+    tokenizer = options.pop("tokenizer", None)
+    if tokenizer is None and not Path(path).exists():
+        tokenizer = "beit3.spm"  # the checkpoint came by name: its tokenizer too (fetched, or checked)
+    if tokenizer is not None:
+        tokenizer = hub.resolve_beit3(tokenizer)
+    # a file that came by name was just checked against its recorded digest: not hashed again
+    digest = None if Path(path).exists() else hub.recorded_digest(checkpoint)
+    return BEiT3Teacher.load(checkpoint, device=device, tokenizer=tokenizer, checkpoint_hash=digest, **options)
+
+
+class _ImageGraph(nn.Module):
+    """The image encoder with torchscale's eager attention arithmetic (the one that traces)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels, "eager")
+
+
+class _TextGraph(nn.Module):
+    """The bundle runtime feeds an attention mask (1 on tokens); BEiT-3 takes a padding mask (True on padding)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(input_ids, attention_mask == 0, "eager")
+
+
+def bundle_tokenizer(spm_path: str | Path, max_tokens: int) -> Any:
+    """beit3.spm as a `tokenizers` tokenizer (what the bundle runtime reads): XLM-R's fairseq ids
+    (<s>=0, <pad>=1, </s>=2, <unk>=3, pieces shifted by one), `<s> … </s>`, cut to max_tokens."""
+    from types import SimpleNamespace
+
+    from transformers.convert_slow_tokenizer import XLMRobertaConverter
+
+    ids = {"<s>": 0, "</s>": 2}
+    tok = XLMRobertaConverter(SimpleNamespace(vocab_file=str(spm_path), convert_tokens_to_ids=ids.__getitem__)
+                              ).converted()
+    tok.enable_truncation(max_tokens)
+    tok.enable_padding(pad_id=1, pad_token="<pad>")
+    return tok
+
+
+def export_encoders(kind: str, path: str | Path, **options: Any) -> Encoders:
+    """The registry's export wrapper: a checkpoint (path or name) with its sentencepiece model converted.
+
+    The converted tokenizer must give the teacher's own ids (`BEiT3Tokenizer`) on every parity text
+    and on odd spacing, else the export stops: a bundle that tokenises differently would embed
+    texts the teacher never saw. (One known difference is left: the runtime reads a literal
+    "<s>" or "</s>" in a query as the special token, where sentencepiece cuts it into pieces.)
+    """
+    from dsmd.export.encoders import Encoders
+    from dsmd.export.onnx import PARITY_TEXTS, ExportError
+
+    t = load_teacher(kind, path, **options)
+    tok = bundle_tokenizer(t.tokenizer.path, t.tokenizer.max_tokens)
+    for text in [*PARITY_TEXTS, "  two  spaces ", "tab\there\nand a new line", "ＦＵＬＬ width, ½ and ﬁ"]:
+        if tok.encode(text).ids != t.tokenizer.encode(text):
+            raise ExportError(f"{t.tokenizer.path}: the converted tokenizer gives other ids than sentencepiece on "
+                              f"{text[:40]!r}; this beit3.spm cannot be exported")
+    return Encoders(name=t.name, kind="beit3-teacher", image=_ImageGraph(t.model), text=_TextGraph(t.model),
+                    tokenizer=tok, preprocess=t.preprocess, dim=t.dim,
+                    source={"path": str(path), "weights_sha256": t.checkpoint_hash,
+                            "tokenizer_sha256": t.tokenizer_hash})

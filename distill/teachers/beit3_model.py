@@ -66,15 +66,15 @@ class BEiT3Config:
         return self.num_patches + 3
 
     @classmethod
-    def base(cls, **overrides) -> "BEiT3Config":
+    def base(cls, **overrides) -> BEiT3Config:
         return replace(cls(), **overrides)
 
     @classmethod
-    def large(cls, **overrides) -> "BEiT3Config":
+    def large(cls, **overrides) -> BEiT3Config:
         return replace(cls(embed_dim=1024, depth=24, heads=16, ffn_dim=4096), **overrides)
 
     @classmethod
-    def tiny(cls, **overrides) -> "BEiT3Config":
+    def tiny(cls, **overrides) -> BEiT3Config:
         """A few-thousand-parameter model for tests (random weights only)."""
         small = cls(embed_dim=64, depth=2, heads=4, ffn_dim=256, img_size=32, patch_size=16, vocab_size=128,
                     max_text_positions=96)
@@ -99,7 +99,7 @@ class Multiway(nn.Module):
         self.B = b
 
     @classmethod
-    def twin(cls, make: Callable[[], nn.Module]) -> "Multiway":
+    def twin(cls, make: Callable[[], nn.Module]) -> Multiway:
         return cls(make(), make())
 
     def pick(self, modality: Modality) -> nn.Module:
@@ -236,7 +236,7 @@ class BEiT3Retrieval(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(0.0))  # stored log scale; retrieval ignores it
 
     @classmethod
-    def random(cls, cfg: BEiT3Config, seed: int = 0, std: float = 0.2) -> "BEiT3Retrieval":
+    def random(cls, cfg: BEiT3Config, seed: int = 0, std: float = 0.2) -> BEiT3Retrieval:
         """A model with every tensor random (LN weights around 1), so that no key can go unnoticed in tests."""
         model = cls(cfg)
         gen = torch.Generator().manual_seed(seed)

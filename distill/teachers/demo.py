@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,11 @@ from dsmd.artifacts import read_manifest, sha256_file
 from dsmd.distill.teachers.base import Teacher
 from dsmd.errors import UserError
 from dsmd.preprocess import PreprocessCfg
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from dsmd.export.encoders import Encoders
 
 PAD, UNK, CLS, SEP = "[PAD]", "[UNK]", "[CLS]", "[SEP]"
 
@@ -75,10 +81,11 @@ class TextTower(nn.Module):
     """Dilated 1-D convolutions over word embeddings, then max- and mean-pooling.
 
     Convolutions see words in order, so "red circle" and "blue square" become features of
-    their own. Measured on the demo world: with the same budget, a 2-layer Transformer read
-    at [CLS] (and a BiGRU) still embedded "a red circle left of a blue square" and "a blue
-    circle left of a red square" at cosine 0.998; this tower learnt the binding in ~300 steps.
-    Dilations 1, 2, 4 give a 15-word receptive field, enough for "A left of B".
+    their own. On the demo world, with the same budget, a small Transformer read at [CLS] (and
+    a BiGRU) kept embedding "a red circle left of a blue square" and "a blue circle left of a
+    red square" alike, where this tower learnt the binding early (what binding is worth there:
+    BENCHMARKS.md, "How hard is the demo world?"). Dilations 1, 2, 4 give a 15-word receptive
+    field, enough for "A left of B".
     """
 
     def __init__(self, cfg: DemoTeacherConfig):
@@ -120,14 +127,15 @@ class DemoDualEncoder(nn.Module):
 # ---------------------------------------------------------------- tokenizer
 
 
-def build_tokenizer(captions: list[str], max_tokens: int):
+def build_tokenizer(captions: list[str], max_tokens: int) -> Tokenizer:
     """A word-level tokenizer over the captions' words, as a `tokenizers.Tokenizer`."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
     tok = Tokenizer(models.WordLevel({PAD: 0, UNK: 1, CLS: 2, SEP: 3}, unk_token=UNK))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    words = sorted({w for c in captions for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(c))})
+    split = tok.pre_tokenizer.pre_tokenize_str
+    words = sorted({w for c in captions for w, _ in split(tok.normalizer.normalize_str(c))})
     vocab = {PAD: 0, UNK: 1, CLS: 2, SEP: 3, **{w: i + 4 for i, w in enumerate(words)}}
     tok.model = models.WordLevel(vocab, unk_token=UNK)
     tok.post_processor = processors.TemplateProcessing(single=f"{CLS} $A {SEP}", special_tokens=[(CLS, 2), (SEP, 3)])
@@ -135,13 +143,15 @@ def build_tokenizer(captions: list[str], max_tokens: int):
     return tok
 
 
-def configure_tokenizer(tok, max_tokens: int):
+def configure_tokenizer(tok: Tokenizer, max_tokens: int) -> Tokenizer:
+    """Truncation to max_tokens and [PAD] (id 0) padding, as the model was trained; applied on build and on load."""
     tok.enable_truncation(max_length=max_tokens)
     tok.enable_padding(pad_id=0, pad_token=PAD)
     return tok
 
 
-def tokenize(tok, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize(tok: Tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask (1 on tokens), padded to the longest text of the batch."""
     enc = tok.encode_batch(list(texts))
     ids = torch.tensor([e.ids for e in enc], dtype=torch.long)
     mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)
@@ -151,7 +161,7 @@ def tokenize(tok, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------- save / load
 
 
-def save(model: DemoDualEncoder, tokenizer, folder: Path) -> None:
+def save(model: DemoDualEncoder, tokenizer: Tokenizer, folder: Path) -> None:
     """Write config.json, model.safetensors and tokenizer.json (the manifest is the caller's)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -160,7 +170,8 @@ def save(model: DemoDualEncoder, tokenizer, folder: Path) -> None:
     tokenizer.save(str(folder / "tokenizer.json"))
 
 
-def load(folder: Path, device: str | torch.device = "cpu") -> tuple[DemoDualEncoder, object]:
+def load(folder: Path, device: str | torch.device = "cpu") -> tuple[DemoDualEncoder, Tokenizer]:
+    """The model (eval mode) and tokenizer of a folder `save` wrote; a mismatch of weights and config is an error."""
     from tokenizers import Tokenizer
 
     folder = Path(folder)
@@ -197,7 +208,7 @@ class DemoTeacher(Teacher):
         self.device = next(model.parameters()).device
 
     @classmethod
-    def load(cls, folder: str | Path, device: str = "cpu") -> "DemoTeacher":
+    def load(cls, folder: str | Path, device: str = "cpu") -> DemoTeacher:
         folder = Path(folder)
         if read_manifest(folder) is None and (folder / "config.json").exists():
             raise UserError(f"{folder} holds an unfinished demo teacher (no manifest.json): train it again")
@@ -212,3 +223,25 @@ class DemoTeacher(Teacher):
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         ids, mask = tokenize(self.tokenizer, texts)
         return self.model.encode_text(ids.to(self.device), mask.to(self.device)).cpu()
+
+
+# ---------------------------------------------------------------- the plug-in (distill/teachers/registry.py)
+
+
+def load_teacher(kind: str, path: str | Path, device: str = "cpu", **options: Any) -> DemoTeacher:
+    """The registry's loader: a folder written by `dsmd train-teacher` (no options)."""
+    if not Path(path).exists():
+        from dsmd.distill.teachers.registry import teacher_spec
+
+        raise FileNotFoundError(f"teacher path {path} does not exist ({kind}: {teacher_spec(kind).description})")
+    return DemoTeacher.load(path, device=device)
+
+
+def export_encoders(kind: str, path: str | Path, **options: Any) -> Encoders:
+    """The registry's export wrapper: the model's own encode_image / encode_text, its word-level tokenizer."""
+    from dsmd.export.encoders import Encoders, ImageEncoder, TextEncoder
+
+    t = load_teacher(kind, path)
+    return Encoders(name=t.name, kind="demo-teacher", image=ImageEncoder(t.model), text=TextEncoder(t.model),
+                    tokenizer=t.tokenizer, preprocess=t.preprocess, dim=t.dim,
+                    source={"path": str(path), "weights_sha256": t.checkpoint_hash})

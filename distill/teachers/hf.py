@@ -1,8 +1,10 @@
-"""Hugging Face CLIP and SigLIP teachers, loaded from a local folder (never from the Hub).
+"""Hugging Face CLIP and SigLIP teachers, loaded from a local folder; a Hub id is fetched into the cache first.
 
 A folder is what `save_pretrained` (or `huggingface-cli download --local-dir`) writes:
-config.json, the weights, the tokenizer files and preprocessor_config.json. Everything is
-read with `local_files_only=True`, so loading a teacher never touches the network.
+config.json, the weights, the tokenizer files and preprocessor_config.json. `HFTeacher.load`
+reads everything with `local_files_only=True`, so loading a folder never touches the network;
+the plug-in functions at the end (`load_teacher`, `export_encoders`) resolve a Hub id to its
+cached folder first (`dsmd.hub`).
 
 The image preprocessing of the HF image processor is translated into a `PreprocessCfg`, so
 images go through dsmd's one PIL implementation (`dsmd.preprocess.image_to_array`) like
@@ -24,7 +26,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,9 @@ from dsmd.artifacts import sha256_file
 from dsmd.distill.teachers.base import Teacher
 from dsmd.errors import UserError
 from dsmd.preprocess import PreprocessCfg
+
+if TYPE_CHECKING:
+    from dsmd.export.encoders import Encoders
 
 KINDS = ("clip", "siglip")
 
@@ -232,7 +237,7 @@ class HFTeacher(Teacher):
         self.device = next(model.parameters()).device
 
     @classmethod
-    def load(cls, folder: str | Path, kind: str, device: str | torch.device = "cpu") -> "HFTeacher":
+    def load(cls, folder: str | Path, kind: str, device: str | torch.device = "cpu") -> HFTeacher:
         """Load a CLIP or SigLIP folder offline; errors say which file is wrong and what to do."""
         from transformers import AutoTokenizer, CLIPModel, SiglipModel
 
@@ -319,3 +324,64 @@ class HFTeacher(Teacher):
         if emb.shape != (batch, self.dim):
             raise RuntimeError(f"{self.name}: expected ({batch}, {self.dim}) embeddings, got {tuple(emb.shape)}")
         return F.normalize(emb.float(), dim=-1).cpu()
+
+
+# ---------------------------------------------------------------- the plug-in (distill/teachers/registry.py)
+
+
+def load_teacher(kind: str, path: str | Path, device: str = "cpu", **options: Any) -> HFTeacher:
+    """The registry's loader for clip and siglip: a local folder or a Hub id (fetched once, `dsmd.hub`)."""
+    from dsmd import hub
+
+    return HFTeacher.load(hub.resolve_hf(path, what=f"{kind} teacher"), kind=kind, device=device)
+
+
+class _ImageFeatures(torch.nn.Module):
+    """get_image_features, pooled and L2-normalised, as one traceable module (the bundle's image graph)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(_pooled(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+
+
+class _TextFeatures(torch.nn.Module):
+    """get_text_features with the mask (CLIP) or ids only (SigLIP, as trained), pooled and L2-normalised."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        inputs = {"input_ids": input_ids} if attention_mask is None else {"input_ids": input_ids,
+                                                                           "attention_mask": attention_mask}
+        return F.normalize(_pooled(self.model.get_text_features(**inputs)).float(), dim=-1)
+
+
+def export_encoders(kind: str, path: str | Path, **options: Any) -> Encoders:
+    """The registry's export wrapper, tokenised as the family was trained (module docstring): CLIP pads
+    to the longest text and takes the mask; SigLIP pads to max length, ids only."""
+    from dsmd import hub
+    from dsmd.export.encoders import Encoders
+
+    path = hub.resolve_hf(path, what=f"{kind} teacher")
+    t = HFTeacher.load(path, kind)
+    hf_tok = t.tokenizer
+    if not getattr(hf_tok, "is_fast", False):
+        raise UserError(f"{path}: the bundle runtime tokenises with the `tokenizers` library and this folder has no "
+                        f"tokenizer.json (SigLIP ships only spiece.model, which transformers cannot convert); "
+                        f"add a tokenizer.json to export it")
+    tok = hf_tok.backend_tokenizer
+    tok.enable_truncation(t.preprocess.max_tokens)
+    pad_id = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else 0
+    pad_token = hf_tok.pad_token or hf_tok.convert_ids_to_tokens(pad_id)
+    if kind == "siglip":
+        tok.enable_padding(pad_id=pad_id, pad_token=pad_token, length=t.preprocess.max_tokens)
+    else:
+        tok.enable_padding(pad_id=pad_id, pad_token=pad_token)
+    return Encoders(name=t.name, kind=f"{kind}-teacher", image=_ImageFeatures(t.model), text=_TextFeatures(t.model),
+                    tokenizer=tok, preprocess=t.preprocess, dim=t.dim,
+                    source={"path": str(path), "weights_sha256": t.checkpoint_hash},
+                    text_inputs=("input_ids",) if kind == "siglip" else ("input_ids", "attention_mask"))
