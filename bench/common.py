@@ -122,7 +122,7 @@ def make_bundle(preset: str, out: Path, demo_bundle: Path, variant: str = "fp32"
     import torch
 
     from dsmd.distill.student import create_student
-    from dsmd.export.onnx import ExportCfg, export, model_encoders
+    from dsmd.export.onnx import ExportConfig, export, model_encoders
 
     torch.manual_seed(0)
     model, tok = create_student(preset, 768, captions=unique_texts(2000), log=lambda *a: None)
@@ -130,5 +130,5 @@ def make_bundle(preset: str, out: Path, demo_bundle: Path, variant: str = "fp32"
     # both fp32 and the variant, so it passes without meaning anything: this bundle is for timing only
     variants = () if variant == "fp32" else (variant,)
     export(model_encoders(model.eval(), tok), out, data=data if variants else None,
-           cfg=ExportCfg(variants=variants, max_drop=600.0), log=lambda *a: None)
+           cfg=ExportConfig(variants=variants, max_drop=600.0), log=lambda *a: None)
     return out

@@ -40,7 +40,7 @@ MODES = ("dsmd", "reference", "none", "fixed")
 
 
 @dataclass
-class BalancerCfg:
+class BalancerConfig:
     mode: str = "dsmd"
     temperature: float = 1.0  # T
     total: float | None = None  # K, the sum of the weights; None = number of losses
@@ -60,9 +60,9 @@ class BalancerCfg:
 class Balancer:
     """Combines named losses into one objective and reports the weights it used."""
 
-    def __init__(self, names: list[str], cfg: BalancerCfg | None = None):
+    def __init__(self, names: list[str], cfg: BalancerConfig | None = None):
         self.names = list(names)
-        self.cfg = cfg or BalancerCfg()
+        self.cfg = cfg or BalancerConfig()
         if self.cfg.mode == "fixed" and set(self.cfg.fixed) != set(self.names):
             raise ValueError(f"fixed weights must name exactly {self.names}, got {sorted(self.cfg.fixed)}")
         self.smoothed: list[dict[str, float]] = []  # L̄(t-2), L̄(t-1): at most two entries

@@ -22,12 +22,12 @@ def _teachers(a: argparse.Namespace) -> int:
 
 
 def _train_teacher(a: argparse.Namespace) -> int:
-    from dsmd.distill.train_teacher import TeacherTrainCfg, is_trained, train_teacher
+    from dsmd.distill.train_teacher import TeacherTrainConfig, is_trained, train_teacher
 
     if is_trained(a.out) and not a.force:
         print(f"{a.out} already holds a trained demo teacher (use --force to train again)")
         return 0
-    cfg = TeacherTrainCfg(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, bf16=not a.no_bf16,
+    cfg = TeacherTrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, bf16=not a.no_bf16,
                           threads=a.threads)
     r = train_teacher(a.data, a.out, cfg, images=a.images)
     print(f"saved the demo teacher to {a.out}: val RSUM {r.rsum:.1f}")

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from dsmd.distill.balancer import BalancerCfg
+from dsmd.distill.balancer import BalancerConfig
 from dsmd.distill.student_presets import STUDENT_PRESETS
 from dsmd.errors import UserError
 
@@ -25,7 +25,7 @@ METHODS = ("dsmd", "clip")  # distil from the teacher, or train directly on the 
 
 
 @dataclass
-class DataCfg:
+class DataConfig:
     dataset: str = "data/world"  # a Karpathy JSON / JSONL file, or a folder holding one
     images: str | None = None  # image root, when not beside the data set file
     features: str = "artifacts/features"  # the teacher's feature store of that data set
@@ -34,11 +34,11 @@ class DataCfg:
 
 
 @dataclass
-class StudentCfg:
+class StudentConfig:
     preset: str = "base"
     image_init: str | None = None  # a timm ViT checkpoint (ImageNet-21k in the paper)
     text_init: str | None = None  # a Hugging Face BERT directory (bert-base-uncased in the paper)
-    overrides: dict = field(default_factory=dict)  # StudentConfig fields, e.g. {"image_size": 384}
+    overrides: dict = field(default_factory=dict)  # StudentModelConfig fields, e.g. {"image_size": 384}
 
     def __post_init__(self):
         if self.preset not in STUDENT_PRESETS:  # caught here, not after the data and features are loaded
@@ -47,7 +47,7 @@ class StudentCfg:
 
 
 @dataclass
-class LossCfg:
+class LossConfig:
     use: list[str] = field(default_factory=lambda: ["cd", "fd", "sd", "hnd"])
     tau: float = 0.05  # contrastive temperature
     queue_size: int = 8192  # K, per modality
@@ -62,7 +62,7 @@ class LossCfg:
 
 
 @dataclass
-class OptimCfg:
+class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-4
     epochs: int = 20
@@ -83,7 +83,7 @@ class OptimCfg:
 
 
 @dataclass
-class AugmentCfg:
+class AugmentConfig:
     """Training-time image augmentation; evaluation uses the plain preprocessing spec.
 
     No colour jitter and no horizontal flip by default: captions name colours and sides
@@ -96,7 +96,7 @@ class AugmentCfg:
 
 
 @dataclass
-class RunCfg:
+class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "auto"  # auto | bf16 | fp16 | off (auto: bf16 on GPUs that have it and on CPUs with native bf16)
@@ -133,14 +133,14 @@ def _positive(section: str, **values) -> None:
 
 @dataclass
 class DistillConfig:
-    data: DataCfg = field(default_factory=DataCfg)
-    student: StudentCfg = field(default_factory=StudentCfg)
+    data: DataConfig = field(default_factory=DataConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
     method: str = "dsmd"
-    loss: LossCfg = field(default_factory=LossCfg)
-    balancer: BalancerCfg = field(default_factory=BalancerCfg)
-    optim: OptimCfg = field(default_factory=OptimCfg)
-    augment: AugmentCfg = field(default_factory=AugmentCfg)
-    run: RunCfg = field(default_factory=RunCfg)
+    loss: LossConfig = field(default_factory=LossConfig)
+    balancer: BalancerConfig = field(default_factory=BalancerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -17,10 +17,10 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from dsmd.datasets import Item
-from dsmd.distill.config import AugmentCfg
+from dsmd.distill.config import AugmentConfig
 from dsmd.distill.student import tokenize
 from dsmd.images import BadImage, open_image
-from dsmd.preprocess import PreprocessCfg, image_to_array
+from dsmd.preprocess import PreprocessConfig, image_to_array
 
 
 @dataclass
@@ -68,21 +68,21 @@ def random_crop_box(w: int, h: int, rng: np.random.Generator, scale: tuple[float
     return 0, 0, w, h
 
 
-def train_pixels(img: Image.Image, pre: PreprocessCfg, aug: AugmentCfg, rng: np.random.Generator) -> np.ndarray:
+def train_pixels(img: Image.Image, pre: PreprocessConfig, aug: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
     """Augmented model input: a random resized crop (and flip, if on), then the preprocessing spec."""
     img = img.convert("RGB")
     img = img.crop(random_crop_box(*img.size, rng, tuple(aug.crop_scale), tuple(aug.crop_ratio)))
     if aug.hflip and rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     # the crop is resized straight to the model's size: a crop already chose the framing
-    return image_to_array(img, PreprocessCfg(**{**pre.to_json(), "resize": "squash"}))
+    return image_to_array(img, PreprocessConfig(**{**pre.to_json(), "resize": "squash"}))
 
 
 class TrainBatches(torch.utils.data.Dataset):
     """Micro-batches of one rank for the steps [start, stop) of an epoch (DataLoader, batch_size=None)."""
 
     def __init__(self, pairs: Pairs, order: np.ndarray, steps: range, *, batch: int, accum: int, rank: int,
-                 world: int, pre: PreprocessCfg, aug: AugmentCfg, tok: Tokenizer, seed: int, epoch: int):
+                 world: int, pre: PreprocessConfig, aug: AugmentConfig, tok: Tokenizer, seed: int, epoch: int):
         self.pairs, self.order, self.steps = pairs, order, steps
         self.batch, self.accum, self.rank, self.world = batch, accum, rank, world
         self.pre, self.aug, self.tok, self.seed, self.epoch = pre, aug, tok, seed, epoch
@@ -114,7 +114,7 @@ class TrainBatches(torch.utils.data.Dataset):
 class EvalImages(torch.utils.data.Dataset):
     """Images of a split with the plain preprocessing spec (no augmentation)."""
 
-    def __init__(self, items: list[Item], pre: PreprocessCfg):
+    def __init__(self, items: list[Item], pre: PreprocessConfig):
         self.items, self.pre = items, pre
 
     def __len__(self) -> int:

@@ -41,7 +41,7 @@ from dsmd.distill.distributed import Dist, init_dist
 from dsmd.distill.teachers.base import Teacher
 from dsmd.errors import UserError
 from dsmd.images import BadImage, open_image
-from dsmd.preprocess import PreprocessCfg, image_to_array
+from dsmd.preprocess import PreprocessConfig, image_to_array
 
 DTYPE = np.float16
 
@@ -182,7 +182,7 @@ class _ImageChunks(torch.utils.data.Dataset):
     Holds the preprocessing spec, not the teacher, so that spawned workers do not receive
     a copy of the model."""
 
-    def __init__(self, preprocess: PreprocessCfg, items: list[Item], chunks: list[int], chunk: int):
+    def __init__(self, preprocess: PreprocessConfig, items: list[Item], chunks: list[int], chunk: int):
         self.preprocess, self.items, self.chunks, self.chunk = preprocess, items, chunks, chunk
         self.shape = (3, preprocess.size, preprocess.size)
 

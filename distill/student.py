@@ -26,7 +26,7 @@ from torch import nn
 
 from dsmd.distill.student_presets import student_preset, student_preset_names
 from dsmd.errors import UserError
-from dsmd.preprocess import PreprocessCfg
+from dsmd.preprocess import PreprocessConfig
 
 # ImageNet statistics: timm's ViT-B/16 (augreg, in21k) checkpoints expect (0.5, 0.5, 0.5), the
 # original ViT too; we keep (0.5, 0.5, 0.5) for every preset so one value travels everywhere.
@@ -34,7 +34,7 @@ _HALF = (0.5, 0.5, 0.5)
 
 
 @dataclass
-class StudentConfig:
+class StudentModelConfig:
     """Architecture of a student; saved as student.json and read back by export."""
 
     preset: str
@@ -61,15 +61,15 @@ class StudentConfig:
     logit_scale: bool = False  # a learnable CLIP temperature (only the direct-training baseline)
     init: dict = field(default_factory=dict)  # where pretrained weights came from, for provenance
 
-    def preprocess(self) -> PreprocessCfg:
-        return PreprocessCfg(size=self.image_size, resize=self.resize, interpolation=self.interpolation,
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig(size=self.image_size, resize=self.resize, interpolation=self.interpolation,
                              mean=self.mean, std=self.std, max_tokens=self.max_tokens)
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> StudentConfig:
+    def from_json(cls, d: dict) -> StudentModelConfig:
         d = dict(d)
         for k in ("mean", "std"):
             if k in d:
@@ -82,15 +82,15 @@ def list_presets() -> list[str]:
     return student_preset_names()
 
 
-def preset_config(name: str, dim: int, **overrides: Any) -> StudentConfig:
-    """The config of preset `name` for a teacher of size `dim`, with `overrides` (StudentConfig fields) on top."""
-    return StudentConfig(preset=name, dim=dim, **{**student_preset(name).fields, **overrides})
+def preset_config(name: str, dim: int, **overrides: Any) -> StudentModelConfig:
+    """The config of preset `name` for a teacher of size `dim`, with `overrides` (StudentModelConfig fields) on top."""
+    return StudentModelConfig(preset=name, dim=dim, **{**student_preset(name).fields, **overrides})
 
 
 class Student(nn.Module):
     """Two towers and two projections; `forward` returns unit-norm (image, text) embeddings."""
 
-    def __init__(self, cfg: StudentConfig):
+    def __init__(self, cfg: StudentModelConfig):
         super().__init__()
         import timm
         from transformers import BertConfig, BertModel
@@ -220,7 +220,7 @@ def create_student(preset: str, dim: int, image_init: str | Path | None = None, 
             vocabulary is used.
         tokenizer: a ready tokenizer (when resuming); else built from `text_init` or learnt
             from `captions`.
-        overrides: StudentConfig fields.
+        overrides: StudentModelConfig fields.
     """
     from dsmd import hub
 
@@ -339,7 +339,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     for f in ("student.json", "model.safetensors", "tokenizer.json"):
         if not (path / f).exists():
             raise UserError(f"{path} is not a student checkpoint: {f} is missing")
-    cfg = StudentConfig.from_json(json.loads((path / "student.json").read_text()))
+    cfg = StudentModelConfig.from_json(json.loads((path / "student.json").read_text()))
     cfg = replace(cfg, logit_scale=False)
     model = Student(cfg)
     _strict_load(model, load_file(str(path / "model.safetensors")), f"student weights in {path}")

@@ -1,7 +1,7 @@
 """The student presets by name: one table that `create_student`, `dsmd students`, `dsmd distill
 --preset` and the config's validation read (timm's model registry, as a table).
 
-A preset is a name, what it is for, and the `StudentConfig` fields it changes from the
+A preset is a name, what it is for, and the `StudentModelConfig` fields it changes from the
 defaults (ViT-B/16 at 224 px + BERT-base: the paper's student, so `base` changes none). Torch-free, so the CLI parser
 and the config can read it without loading the model code (`student.py`).
 
@@ -19,7 +19,7 @@ from dsmd.errors import UserError
 
 @dataclass(frozen=True)
 class StudentPreset:
-    """A named student architecture: `fields` override `student.StudentConfig`'s defaults."""
+    """A named student architecture: `fields` override `student.StudentModelConfig`'s defaults."""
 
     name: str
     description: str  # what it is for (the help of `dsmd distill --preset`)

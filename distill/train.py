@@ -42,7 +42,7 @@ from dsmd.cpus import usable_cpus
 from dsmd.datasets import load_dataset
 from dsmd.distill.balancer import Balancer
 from dsmd.distill.checkpoint import load_train_state, open_run, save_checkpoint, truncate_jsonl
-from dsmd.distill.config import DistillConfig, OptimCfg
+from dsmd.distill.config import DistillConfig, OptimConfig
 from dsmd.distill.data import Pairs, TrainBatches, epoch_order
 from dsmd.distill.distributed import Dist, amp_dtype, close_dist, init_dist, resolve_device
 from dsmd.distill.evaluate import CollapsedError, evaluate_epoch, open_store, usable_items
@@ -91,7 +91,7 @@ class Queue:
 
 
 
-def lr_at(step: int, steps_per_epoch: int, cfg: OptimCfg) -> float:
+def lr_at(step: int, steps_per_epoch: int, cfg: OptimConfig) -> float:
     """Linear warm-up, then the paper's step decay (x decay at each of decay_epochs) or a cosine to 0."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps

@@ -27,12 +27,12 @@ from dsmd.distill.distributed import cpu_has_bf16
 from dsmd.distill.teachers import demo
 from dsmd.errors import UserError
 from dsmd.images import BadImage, SkipReport, open_image
-from dsmd.preprocess import PreprocessCfg, image_to_array
+from dsmd.preprocess import PreprocessConfig, image_to_array
 from dsmd.retrieval import Recall, evaluate
 
 
 @dataclass
-class TeacherTrainCfg:
+class TeacherTrainConfig:
     """Settings of `dsmd train-teacher` (saved in the teacher's manifest)."""
 
     epochs: int = 20
@@ -46,7 +46,7 @@ class TeacherTrainCfg:
     bf16: bool = True  # bf16 autocast, taken only where the CPU has native bf16 (elsewhere it is slower)
 
 
-def load_pixels(items: list[Item], cfg: PreprocessCfg, skips: SkipReport, workers: int = 4) -> np.ndarray:
+def load_pixels(items: list[Item], cfg: PreprocessConfig, skips: SkipReport, workers: int = 4) -> np.ndarray:
     """Decode and preprocess images into one float16 (N, 3, H, W) array.
 
     An unreadable image becomes zeros and is recorded in `skips` (the caller drops it).
@@ -78,14 +78,14 @@ def evaluate_model(model: demo.DemoDualEncoder, tok: Tokenizer, pixels: np.ndarr
     return evaluate(img.numpy(), txt.numpy(), owner)
 
 
-def train_teacher(data: str | Path, out: str | Path, cfg: TeacherTrainCfg | None = None,
+def train_teacher(data: str | Path, out: str | Path, cfg: TeacherTrainConfig | None = None,
                   model_cfg: dict | None = None, images: str | Path | None = None) -> Recall:
     """Train the demo teacher on `data` (a data set path) and save it to `out`.
 
     Returns the teacher's recall on the val split. The manifest is written last, so a
     killed run leaves no folder that looks finished.
     """
-    cfg = cfg or TeacherTrainCfg()
+    cfg = cfg or TeacherTrainConfig()
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads or usable_cpus())
     rng = np.random.default_rng(cfg.seed)

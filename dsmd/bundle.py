@@ -23,7 +23,7 @@ from dsmd.artifacts import read_manifest, sha256_file
 from dsmd.cpus import usable_cpus
 from dsmd.errors import UserError
 from dsmd.images import open_image
-from dsmd.preprocess import PreprocessCfg, image_to_array
+from dsmd.preprocess import PreprocessConfig, image_to_array
 
 BUNDLE_FORMAT = 1
 
@@ -91,7 +91,7 @@ class Bundle:
         self.manifest = manifest
         self.name: str = manifest["name"]
         self.dim: int = manifest["dim"]
-        self.preprocess = PreprocessCfg.from_json(manifest["preprocess"])
+        self.preprocess = PreprocessConfig.from_json(manifest["preprocess"])
         if variant not in manifest["variants"]:
             raise BundleError(f"{self.path} has no {variant!r} variant (has {', '.join(manifest['variants'])})")
         self.variant = variant

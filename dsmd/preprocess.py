@@ -1,6 +1,6 @@
 """The preprocessing spec and its one implementation (PIL + numpy, no torch).
 
-A `PreprocessCfg` travels with every model: teachers declare theirs, the student saves its
+A `PreprocessConfig` travels with every model: teachers declare theirs, the student saves its
 own in its checkpoint, export copies it into the bundle, and serving reads it from there.
 `image_to_array` is the only code that turns a PIL image into model input, so training,
 evaluation, export parity checks and serving cannot drift apart.
@@ -18,7 +18,7 @@ _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.B
 
 
 @dataclass(frozen=True)
-class PreprocessCfg:
+class PreprocessConfig:
     """How images and texts are prepared for a model.
 
     Attributes:
@@ -49,11 +49,11 @@ class PreprocessCfg:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> PreprocessCfg:
+    def from_json(cls, d: dict) -> PreprocessConfig:
         return cls(**d)
 
 
-def resize_image(img: Image.Image, cfg: PreprocessCfg) -> Image.Image:
+def resize_image(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
     """Resize (and crop) an RGB image to cfg.size x cfg.size as the spec says."""
     img = img.convert("RGB")
     resample = _RESAMPLE[cfg.interpolation]
@@ -68,7 +68,7 @@ def resize_image(img: Image.Image, cfg: PreprocessCfg) -> Image.Image:
     return img.crop((left, top, left + cfg.size, top + cfg.size))
 
 
-def image_to_array(img: Image.Image, cfg: PreprocessCfg) -> np.ndarray:
+def image_to_array(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """An RGB PIL image as a normalised float32 (3, size, size) array."""
     x = np.asarray(resize_image(img, cfg), dtype=np.float32) / 255.0
     x = (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)

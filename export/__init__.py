@@ -5,7 +5,7 @@
     onnx.py       the generic machinery: ONNX graphs, parity and recall checks, INT8 / fp16 variants
     cli.py        `dsmd export student|teacher|verify`
 
-The bundle carries the `dsmd.preprocess.PreprocessCfg` the model was trained with, so serving
+The bundle carries the `dsmd.preprocess.PreprocessConfig` the model was trained with, so serving
 preprocesses exactly as training did; parity with PyTorch and recall are checked at export.
 The bundle's runtime (`dsmd.bundle`) needs no torch.
 """

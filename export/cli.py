@@ -19,7 +19,7 @@ def _export(a: argparse.Namespace) -> int:
         print(f"{a.source} verified")
         return 0
     from dsmd.export.encoders import student_encoders, teacher_encoders
-    from dsmd.export.onnx import ExportCfg, export
+    from dsmd.export.onnx import ExportConfig, export
 
     if a.tokenizer and not (a.what == "teacher" and a.teacher in teacher_kinds("tokenizer")):
         raise UserError(f"--tokenizer is for `dsmd export teacher --teacher "
@@ -32,7 +32,7 @@ def _export(a: argparse.Namespace) -> int:
     bad = [v for v in variants if v not in ("int8", "fp16")]
     if bad:
         raise UserError(f"--variants takes int8 and/or fp16, not {', '.join(bad)}")
-    cfg = ExportCfg(variants=variants, max_drop=a.max_drop, split=a.split)
+    cfg = ExportConfig(variants=variants, max_drop=a.max_drop, split=a.split)
     m = export(enc, a.out, data=a.data, images=a.images, cfg=cfg)
     print(f"wrote {a.out}: {m['name']}, dim {m['dim']}, variants {', '.join(m['variants'])}"
           + (f" (refused: {', '.join(m['refused'])})" if m.get("refused") else ""))

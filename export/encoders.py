@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dsmd.artifacts import sha256_file
-from dsmd.preprocess import PreprocessCfg
+from dsmd.preprocess import PreprocessConfig
 
 
 class ImageEncoder(nn.Module):
@@ -51,7 +51,7 @@ class Encoders:
     image: nn.Module  # pixels -> unit rows
     text: nn.Module  # (input_ids, attention_mask) -> unit rows, or the inputs `text_inputs` names
     tokenizer: Any  # tokenizers.Tokenizer with truncation and padding configured
-    preprocess: PreprocessCfg
+    preprocess: PreprocessConfig
     dim: int
     source: dict
     text_inputs: tuple[str, ...] = ("input_ids", "attention_mask")

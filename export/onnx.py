@@ -6,7 +6,7 @@ path)`) and writes the image and text encoders as two ONNX graphs (`export_graph
 TorchScript exporter at opset 17, as torch's default dynamo exporter needs onnxscript), with
 dynamic batch and sequence length and L2-normalised outputs, beside the tokenizer and the
 preprocessing spec. Before the manifest is written (last), the bundle is checked against
-`ExportCfg`'s thresholds:
+`ExportConfig`'s thresholds:
 
   parity   ONNX Runtime vs PyTorch embeddings of images of several sizes and modes and of
            texts from empty to over-long (`parity_images`, `PARITY_TEXTS`): min cosine
@@ -44,7 +44,7 @@ from dsmd.preprocess import image_to_array
 from dsmd.retrieval import Recall, evaluate
 
 # Callers import the encoder sources from here too (the CLI, tests, bench/).
-__all__ = ["PARITY_TEXTS", "Encoders", "ExportCfg", "ExportError", "export", "export_graphs", "model_encoders",
+__all__ = ["PARITY_TEXTS", "Encoders", "ExportConfig", "ExportError", "export", "export_graphs", "model_encoders",
            "parity_images", "student_encoders", "teacher_encoders"]
 
 
@@ -53,7 +53,7 @@ class ExportError(UserError):
 
 
 @dataclass
-class ExportCfg:
+class ExportConfig:
     """The checks a bundle must pass (defaults: what `dsmd export` applies) and the variants to try."""
 
     opset: int = 17
@@ -144,9 +144,9 @@ def _torch_recall(enc: Encoders, items: list[Item]) -> Recall:
 
 
 def export(enc: Encoders, out: str | Path, data: str | Path | None = None, images: str | None = None,
-           cfg: ExportCfg | None = None, log: Callable[[str], Any] = print) -> dict:
+           cfg: ExportConfig | None = None, log: Callable[[str], Any] = print) -> dict:
     """Write, check and describe a bundle of `enc` at `out`; returns its manifest."""
-    cfg = cfg or ExportCfg()
+    cfg = cfg or ExportConfig()
     out = Path(out)
     t0 = time.time()
     tmp = out.with_name(f".{out.name}.tmp")
@@ -224,7 +224,7 @@ def _build_variant(folder: Path, name: str) -> dict[str, str]:
     return files
 
 
-def _variant(folder: Path, name: str, manifest: dict, items, r_fp32: Recall, cfg: ExportCfg, opts, log) -> None:
+def _variant(folder: Path, name: str, manifest: dict, items, r_fp32: Recall, cfg: ExportConfig, opts, log) -> None:
     """Build a variant, measure its recall, and keep it (in manifest["variants"]) or refuse it."""
     files = _build_variant(folder, name)
     manifest["variants"][name] = {"files": files}

@@ -75,9 +75,9 @@ class _Decode:
     """Ray task: read, hash and decode a batch of sources into the bundle's model input."""
 
     def __init__(self, preprocess: dict):
-        from dsmd.preprocess import PreprocessCfg
+        from dsmd.preprocess import PreprocessConfig
 
-        self.cfg = PreprocessCfg.from_json(preprocess)
+        self.cfg = PreprocessConfig.from_json(preprocess)
 
     def __call__(self, batch: dict) -> dict:
         from dsmd.images import BadImage, open_image

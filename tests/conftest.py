@@ -31,10 +31,10 @@ def tiny_world(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_teacher(tiny_world, tmp_path_factory) -> Path:
     """A demo teacher trained for a few steps on the tiny world (quality is not the point)."""
-    from dsmd.distill.train_teacher import TeacherTrainCfg, train_teacher
+    from dsmd.distill.train_teacher import TeacherTrainConfig, train_teacher
 
     out = tmp_path_factory.mktemp("teacher")
-    cfg = TeacherTrainCfg(epochs=2, batch_size=32, warmup_steps=2, eval_every=1, threads=1)
+    cfg = TeacherTrainConfig(epochs=2, batch_size=32, warmup_steps=2, eval_every=1, threads=1)
     train_teacher(tiny_world, out, cfg, model_cfg={"image_size": 32, "channels": (8, 16), "image_hidden": 32,
                                                     "text_width": 32, "text_dilations": (1, 2), "dim": 16})
     return out
@@ -73,11 +73,11 @@ def tiny_search(request, tmp_path_factory) -> Path:
     if PREBUILT:
         return Path(PREBUILT)
     from dsmd.bundle import Bundle
-    from dsmd.export.onnx import ExportCfg, export, student_encoders
+    from dsmd.export.onnx import ExportConfig, export, student_encoders
     from dsmd.index.build import build, dataset_sources
 
     world, student = request.getfixturevalue("tiny_world"), request.getfixturevalue("tiny_student")
     root = tmp_path_factory.mktemp("search")
-    export(student_encoders(student), root / "bundle", data=world, cfg=ExportCfg(variants=()), log=lambda *a: None)
+    export(student_encoders(student), root / "bundle", data=world, cfg=ExportConfig(variants=()), log=lambda *a: None)
     build(root / "index", Bundle(root / "bundle"), dataset_sources(world, split="test"), progress=False)
     return root

@@ -30,7 +30,7 @@ from dsmd.distill.teachers.beit3 import (
     load_checkpoint,
 )
 from dsmd.errors import UserError
-from dsmd.preprocess import PreprocessCfg
+from dsmd.preprocess import PreprocessConfig
 
 TINY = BEiT3Config.tiny()
 
@@ -288,7 +288,7 @@ def test_teacher_end_to_end(tmp_path, spm_path):
     assert isinstance(teacher, BEiT3Teacher)
     assert (teacher.kind, teacher.name, teacher.dim) == ("beit3", "beit3-custom", TINY.embed_dim)
     assert teacher.checkpoint_hash == sha256_file(ckpt)
-    assert teacher.preprocess == PreprocessCfg(size=TINY.img_size, resize="squash", interpolation="bicubic",
+    assert teacher.preprocess == PreprocessConfig(size=TINY.img_size, resize="squash", interpolation="bicubic",
                                                mean=(0.5,) * 3, std=(0.5,) * 3, max_tokens=64)
     assert teacher.describe()["config"]["embed_dim"] == TINY.embed_dim
 

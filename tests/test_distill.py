@@ -48,11 +48,11 @@ def test_every_preset_is_a_registry_entry_with_a_purpose_and_valid_fields(name):
     """`dsmd students`, `--preset` and the config read the one table; each entry builds a config."""
     from dataclasses import fields
 
-    from dsmd.distill.student import StudentConfig, list_presets, preset_config
+    from dsmd.distill.student import StudentModelConfig, list_presets, preset_config
 
     preset = student_preset(name)
     assert preset.name == name and preset.description.strip() and name in list_presets()
-    assert set(preset.fields) <= {f.name for f in fields(StudentConfig)} - {"preset", "dim"}
+    assert set(preset.fields) <= {f.name for f in fields(StudentModelConfig)} - {"preset", "dim"}
     cfg = preset_config(name, dim=8)
     assert cfg.preset == name and all(getattr(cfg, k) == v for k, v in preset.fields.items())
     assert load_config(None, [f"student.preset={name}"]).student.preset == name

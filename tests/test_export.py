@@ -21,10 +21,10 @@ from dsmd.images import BadImage
 @pytest.fixture(scope="module")
 def bundle(tiny_student, tiny_world, tmp_path_factory) -> Path:
     from dsmd.export.encoders import student_encoders
-    from dsmd.export.onnx import ExportCfg, export
+    from dsmd.export.onnx import ExportConfig, export
 
     out = tmp_path_factory.mktemp("b") / "bundle"
-    export(student_encoders(tiny_student), out, data=tiny_world, cfg=ExportCfg(max_drop=600.0), log=lambda *a: None)
+    export(student_encoders(tiny_student), out, data=tiny_world, cfg=ExportConfig(max_drop=600.0), log=lambda *a: None)
     return out
 
 
@@ -84,10 +84,10 @@ def test_bad_image_bytes_raise_bad_image(bundle):
 
 def test_variants_are_refused_when_they_lose_too_much(tiny_student, tiny_world, tmp_path):
     from dsmd.export.encoders import student_encoders
-    from dsmd.export.onnx import ExportCfg, export
+    from dsmd.export.onnx import ExportConfig, export
 
     m = export(student_encoders(tiny_student), tmp_path / "b", data=tiny_world,
-               cfg=ExportCfg(variants=("int8", "fp16"), max_drop=-1000.0), log=lambda *a: None)
+               cfg=ExportConfig(variants=("int8", "fp16"), max_drop=-1000.0), log=lambda *a: None)
     assert set(m["variants"]) == {"fp32"} and set(m["refused"]) == {"int8", "fp16"}
     assert "rsum_change" in m["refused"]["int8"] and "recall" in m["refused"]["fp16"]
     assert not list((tmp_path / "b").glob("*.int8.onnx")) and not list((tmp_path / "b").glob("*.fp16.onnx"))
@@ -96,10 +96,10 @@ def test_variants_are_refused_when_they_lose_too_much(tiny_student, tiny_world, 
 
 def test_fp16_variant_ships_with_its_recall_change(tiny_student, tiny_world, tmp_path):
     from dsmd.export.encoders import student_encoders
-    from dsmd.export.onnx import ExportCfg, export
+    from dsmd.export.onnx import ExportConfig, export
 
     m = export(student_encoders(tiny_student), tmp_path / "b", data=tiny_world,
-               cfg=ExportCfg(variants=("fp16",), max_drop=600.0), log=lambda *a: None)
+               cfg=ExportConfig(variants=("fp16",), max_drop=600.0), log=lambda *a: None)
     assert set(m["variants"]) == {"fp32", "fp16"}
     fp16 = m["variants"]["fp16"]
     assert fp16["rsum_change"] == round(fp16["recall"]["rsum"] - m["figures"]["recall"]["fp32"]["rsum"], 2)
@@ -109,10 +109,10 @@ def test_fp16_variant_ships_with_its_recall_change(tiny_student, tiny_world, tmp
 
 def test_failed_parity_writes_no_bundle(tiny_student, tmp_path):
     from dsmd.export.encoders import student_encoders
-    from dsmd.export.onnx import ExportCfg, ExportError, export
+    from dsmd.export.onnx import ExportConfig, ExportError, export
 
     with pytest.raises(ExportError, match="min cosine"):
-        export(student_encoders(tiny_student), tmp_path / "b", cfg=ExportCfg(min_cosine=1.5), log=lambda *a: None)
+        export(student_encoders(tiny_student), tmp_path / "b", cfg=ExportConfig(min_cosine=1.5), log=lambda *a: None)
     assert not (tmp_path / "b").exists()
 
 

@@ -39,10 +39,10 @@ from dsmd.retrieval import evaluate
 
 @pytest.fixture(scope="module")
 def bundle_path(tiny_student, tiny_world, tmp_path_factory) -> Path:
-    from dsmd.export.onnx import ExportCfg, export, student_encoders
+    from dsmd.export.onnx import ExportConfig, export, student_encoders
 
     out = tmp_path_factory.mktemp("bundle") / "b"
-    export(student_encoders(tiny_student), out, data=tiny_world, cfg=ExportCfg(variants=()), log=lambda *a: None)
+    export(student_encoders(tiny_student), out, data=tiny_world, cfg=ExportConfig(variants=()), log=lambda *a: None)
     return out
 
 
@@ -134,9 +134,9 @@ def test_a_folder_with_bad_files_indexes_the_good_ones_and_lists_the_rest(bundle
 
 
 def test_a_bundle_of_another_model_is_refused(test_index, bundle_path, tiny_teacher, tiny_world, tmp_path):
-    from dsmd.export.onnx import ExportCfg, export, teacher_encoders
+    from dsmd.export.onnx import ExportConfig, export, teacher_encoders
 
-    export(teacher_encoders("demo", tiny_teacher), tmp_path / "teacher", cfg=ExportCfg(variants=()),
+    export(teacher_encoders("demo", tiny_teacher), tmp_path / "teacher", cfg=ExportConfig(variants=()),
            log=lambda *a: None)
     other = Bundle(tmp_path / "teacher")  # the tiny teacher: also 16 dims, another model
     with pytest.raises(IndexMismatch, match="not the one the index"):

@@ -26,7 +26,7 @@ from dsmd.index.build import add_images, dataset_sources, finalize
 from dsmd.index.db import IndexDB, NewItem
 from dsmd.index.search import IndexMismatch, ReadOnlyIndex, SearchIndex
 from dsmd.index.uploads import UploadRefused, remove_items, store_upload
-from dsmd.preprocess import PreprocessCfg
+from dsmd.preprocess import PreprocessConfig
 
 DIM = 16
 
@@ -38,7 +38,7 @@ class FakeBundle:
         self.dim, self.variant, self.name, self.path = DIM, variant, "fake", Path("/nonexistent/fake-bundle")
         self.manifest = {"files": {"image.onnx": "1" * 64, "text.onnx": "2" * 64}}
         self.w = np.random.default_rng(0).normal(size=(3 * 8 * 8, DIM)).astype(np.float32)
-        self.preprocess = PreprocessCfg(size=8)
+        self.preprocess = PreprocessConfig(size=8)
 
     def transform(self, img: Image.Image) -> np.ndarray:
         return np.asarray(img.convert("RGB").resize((8, 8)), np.float32).transpose(2, 0, 1) / 255 - 0.5

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsmd.distill.balancer import Balancer, BalancerCfg
+from dsmd.distill.balancer import Balancer, BalancerConfig
 from dsmd.distill.losses import (
     clip_contrastive,
     contrastive_distill,
@@ -103,7 +103,7 @@ def test_magnitude_scaling_with_equal_rates():
 
 
 def test_dwa_rates_favour_the_loss_that_falls_slowest():
-    cfg = BalancerCfg(ema=0.0, window=0)  # no smoothing: rates are plain ratios of consecutive losses
+    cfg = BalancerConfig(ema=0.0, window=0)  # no smoothing: rates are plain ratios of consecutive losses
     bal = Balancer(["fast", "slow"], cfg)
     bal(_losses(fast=4.0, slow=4.0))
     bal(_losses(fast=2.0, slow=4.0))
@@ -117,7 +117,7 @@ def test_dwa_rates_favour_the_loss_that_falls_slowest():
 
 
 def test_ema_smooths_the_rates():
-    bal = Balancer(["a", "b"], BalancerCfg(ema=0.5, window=0))
+    bal = Balancer(["a", "b"], BalancerConfig(ema=0.5, window=0))
     bal(_losses(a=4.0, b=4.0))  # L̄ = 4, 4
     bal(_losses(a=2.0, b=4.0))  # L̄ = 3, 4
     _, f = bal(_losses(a=2.0, b=4.0))  # rates 3/4, 1
@@ -126,14 +126,14 @@ def test_ema_smooths_the_rates():
 
 
 def test_scale_is_capped_when_a_loss_reaches_zero():
-    bal = Balancer(["cd", "hnd"], BalancerCfg(max_scale=100.0))
+    bal = Balancer(["cd", "hnd"], BalancerConfig(max_scale=100.0))
     _, f = bal(_losses(cd=5.0, hnd=0.0))
     assert f["hnd"] == pytest.approx(100.0)
     assert math.isfinite(f["hnd"])
 
 
 def test_reference_mode_keeps_equal_weights():
-    bal = Balancer(["a", "b", "c"], BalancerCfg(mode="reference", ema=0.0, window=0))
+    bal = Balancer(["a", "b", "c"], BalancerConfig(mode="reference", ema=0.0, window=0))
     for a in (3.0, 1.0, 0.5, 0.1):
         _, f = bal(_losses(a=a, b=2.0, c=4.0))
     # weights K/M = 1: only the magnitude scaling acts
@@ -141,14 +141,14 @@ def test_reference_mode_keeps_equal_weights():
 
 
 def test_none_and_fixed_modes_and_state_round_trip():
-    total, f = Balancer(["a", "b"], BalancerCfg(mode="none"))(_losses(a=1.0, b=3.0))
+    total, f = Balancer(["a", "b"], BalancerConfig(mode="none"))(_losses(a=1.0, b=3.0))
     assert total.item() == 4.0 and f == {"a": 1.0, "b": 1.0}
-    total, _ = Balancer(["a", "b"], BalancerCfg(mode="fixed", fixed={"a": 2.0, "b": 0.5}))(_losses(a=1.0, b=3.0))
+    total, _ = Balancer(["a", "b"], BalancerConfig(mode="fixed", fixed={"a": 2.0, "b": 0.5}))(_losses(a=1.0, b=3.0))
     assert total.item() == pytest.approx(3.5)
     with pytest.raises(ValueError, match="fixed weights"):
-        Balancer(["a", "b"], BalancerCfg(mode="fixed", fixed={"a": 1.0}))
+        Balancer(["a", "b"], BalancerConfig(mode="fixed", fixed={"a": 1.0}))
     with pytest.raises(ValueError, match="mode"):
-        BalancerCfg(mode="magic")
+        BalancerConfig(mode="magic")
 
     one, two = Balancer(["a", "b"]), Balancer(["a", "b"])
     for v in (4.0, 3.0):
@@ -164,7 +164,7 @@ def test_weights_are_constants_for_autograd():
     assert losses["a"].grad.item() == pytest.approx(4.0) and losses["b"].grad.item() == pytest.approx(1.0)
 
 
-def _weights_along(cfg: BalancerCfg, steps: int = 300) -> list[dict[str, float]]:
+def _weights_along(cfg: BalancerConfig, steps: int = 300) -> list[dict[str, float]]:
     """The weights w_m (factor / scale) over a trajectory where `a` falls fast and `b` slowly, with noise."""
     import random
 
@@ -181,8 +181,8 @@ def _weights_along(cfg: BalancerCfg, steps: int = 300) -> list[dict[str, float]]
 
 
 def test_window_means_give_dwa_rates_and_move_the_weights_where_the_per_step_ema_barely_does():
-    ema = _weights_along(BalancerCfg(window=0))
-    window = _weights_along(BalancerCfg(window=30))
+    ema = _weights_along(BalancerConfig(window=0))
+    window = _weights_along(BalancerConfig(window=30))
     spread = lambda ws: max(abs(w["b"] - w["a"]) for w in ws[60:])  # noqa: E731
     # per-step EMA: consecutive smoothed values differ by ~1%: the weights stay within ~1% of equal
     assert spread(ema) < 0.02
@@ -196,7 +196,7 @@ def test_window_means_give_dwa_rates_and_move_the_weights_where_the_per_step_ema
 
 
 def test_window_state_round_trips():
-    one, two = Balancer(["a", "b"], BalancerCfg(window=3)), Balancer(["a", "b"], BalancerCfg(window=3))
+    one, two = Balancer(["a", "b"], BalancerConfig(window=3)), Balancer(["a", "b"], BalancerConfig(window=3))
     for v in (4.0, 3.0, 2.5, 2.0, 1.0):
         one(_losses(a=v, b=1.0))
     two.load_state_dict(one.state_dict())

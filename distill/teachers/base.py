@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dsmd.preprocess import PreprocessCfg, image_to_array
+from dsmd.preprocess import PreprocessConfig, image_to_array
 
 
 class Teacher(ABC):
@@ -26,7 +26,7 @@ class Teacher(ABC):
     kind: str
     name: str
     dim: int
-    preprocess: PreprocessCfg
+    preprocess: PreprocessConfig
     checkpoint_hash: str
     device: torch.device = torch.device("cpu")
 

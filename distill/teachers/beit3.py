@@ -22,7 +22,7 @@ from dsmd.artifacts import sha256_file
 from dsmd.distill.teachers.base import Teacher
 from dsmd.distill.teachers.beit3_model import PRESETS, Attention, BEiT3Config, BEiT3Retrieval, Precision
 from dsmd.errors import UserError
-from dsmd.preprocess import PreprocessCfg
+from dsmd.preprocess import PreprocessConfig
 
 if TYPE_CHECKING:
     from dsmd.export.encoders import Encoders
@@ -198,7 +198,7 @@ class BEiT3Teacher(Teacher):
         self.tokenizer = tokenizer
         self.name = name
         self.dim = model.cfg.embed_dim
-        self.preprocess = PreprocessCfg(size=model.cfg.img_size, resize="squash", interpolation="bicubic",
+        self.preprocess = PreprocessConfig(size=model.cfg.img_size, resize="squash", interpolation="bicubic",
                                         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), max_tokens=tokenizer.max_tokens)
         self.checkpoint_hash = checkpoint_hash
         self.tokenizer_hash = sha256_file(tokenizer.path)

@@ -252,7 +252,7 @@ class BEiT3Retrieval(nn.Module):
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (self.cfg.in_chans, size, size):
             raise UserError(f"BEiT-3 takes images of exactly ({self.cfg.in_chans}, {size}, {size}), got "
                              f"{tuple(pixels.shape)}: prepare them with the teacher's transform "
-                             f"(PreprocessCfg(size={size}, resize='squash'))")
+                             f"(PreprocessConfig(size={size}, resize='squash'))")
         x = self.beit3.vision_embed(pixels)
         return self._embed(self.vision_head(self.beit3(x, "vision", None, attention)))
 

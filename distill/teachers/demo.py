@@ -24,7 +24,7 @@ from torch import nn
 from dsmd.artifacts import read_manifest, sha256_file
 from dsmd.distill.teachers.base import Teacher
 from dsmd.errors import UserError
-from dsmd.preprocess import PreprocessCfg
+from dsmd.preprocess import PreprocessConfig
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -49,8 +49,8 @@ class DemoTeacherConfig:
     max_tokens: int = 40
     preprocess: dict = field(default_factory=dict)
 
-    def preprocess_cfg(self) -> PreprocessCfg:
-        return PreprocessCfg.from_json(self.preprocess) if self.preprocess else PreprocessCfg(
+    def preprocess_cfg(self) -> PreprocessConfig:
+        return PreprocessConfig.from_json(self.preprocess) if self.preprocess else PreprocessConfig(
             size=self.image_size, resize="squash", interpolation="bilinear", max_tokens=self.max_tokens
         )
 

@@ -6,10 +6,10 @@ reads everything with `local_files_only=True`, so loading a folder never touches
 the plug-in functions at the end (`load_teacher`, `export_encoders`) resolve a Hub id to its
 cached folder first (`dsmd.hub`).
 
-The image preprocessing of the HF image processor is translated into a `PreprocessCfg`, so
+The image preprocessing of the HF image processor is translated into a `PreprocessConfig`, so
 images go through dsmd's one PIL implementation (`dsmd.preprocess.image_to_array`) like
 every other model in the project. With the PIL backend of the HF processor the pixels are
-identical; see `preprocess_from_hf` for the cases a `PreprocessCfg` cannot express.
+identical; see `preprocess_from_hf` for the cases a `PreprocessConfig` cannot express.
 
 Text handling follows how each family was trained:
   * CLIP: causal text tower pooled at the first EOS, so padding is irrelevant; we pad to
@@ -34,14 +34,14 @@ import torch.nn.functional as F
 from dsmd.artifacts import sha256_file
 from dsmd.distill.teachers.base import Teacher
 from dsmd.errors import UserError
-from dsmd.preprocess import PreprocessCfg
+from dsmd.preprocess import PreprocessConfig
 
 if TYPE_CHECKING:
     from dsmd.export.encoders import Encoders
 
 KINDS = ("clip", "siglip")
 
-# PIL's integer resampling codes (what HF writes as "resample") that PreprocessCfg supports.
+# PIL's integer resampling codes (what HF writes as "resample") that PreprocessConfig supports.
 _PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic", 4: "box"}
 _PIL_RESAMPLE_NAMES = {1: "lanczos", 5: "hamming"}
 
@@ -139,7 +139,7 @@ def _square(value: Any, what: str, where: str) -> int:
 
 
 def _interpolation(resample: Any, where: str) -> str:
-    """PreprocessCfg's filter name for HF's "resample" (a PIL int code, or a name)."""
+    """PreprocessConfig's filter name for HF's "resample" (a PIL int code, or a name)."""
     if isinstance(resample, str):
         name = resample.rsplit(".", 1)[-1].lower()
     else:
@@ -151,11 +151,11 @@ def _interpolation(resample: Any, where: str) -> str:
 
 
 def preprocess_from_hf(kind: str, processor: dict[str, Any] | None, image_size: int, max_tokens: int,
-                       where: str = "preprocessor_config.json") -> PreprocessCfg:
-    """Translate an HF image processor config into the project's `PreprocessCfg`.
+                       where: str = "preprocessor_config.json") -> PreprocessConfig:
+    """Translate an HF image processor config into the project's `PreprocessConfig`.
 
     `processor` is the parsed preprocessor_config.json (None: the family's HF defaults at the
-    model's `image_size`). Raises ValueError for pipelines a PreprocessCfg cannot express
+    model's `image_size`). Raises ValueError for pipelines a PreprocessConfig cannot express
     (resize to one size then crop to a smaller one, non-square output, no resize, odd
     rescaling) rather than silently preprocess differently from the processor.
     """
@@ -200,9 +200,9 @@ def preprocess_from_hf(kind: str, processor: dict[str, Any] | None, image_size: 
     if len(mean) != 3 or len(std) != 3:
         raise UserError(f"{where}: image_mean / image_std must have 3 values (RGB), got {mean} / {std}")
 
-    return PreprocessCfg(size=side, resize=resize, interpolation=_interpolation(p.get("resample", defaults["resample"]),
-                                                                                  where),
-                         mean=tuple(mean), std=tuple(std), max_tokens=int(max_tokens))
+    interpolation = _interpolation(p.get("resample", defaults["resample"]), where)
+    return PreprocessConfig(size=side, resize=resize, interpolation=interpolation, mean=tuple(mean), std=tuple(std),
+                            max_tokens=int(max_tokens))
 
 
 def _pooled(output: Any) -> torch.Tensor:
@@ -226,7 +226,7 @@ class HFTeacher(Teacher):
     """A Hugging Face CLIPModel / SiglipModel behind the `Teacher` interface (float32, eval)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, kind: str, name: str, dim: int,
-                 preprocess: PreprocessCfg, checkpoint_hash: str):
+                 preprocess: PreprocessConfig, checkpoint_hash: str):
         self.model = model
         self.tokenizer = tokenizer
         self.kind = kind
