@@ -53,7 +53,7 @@ lock: | $(STAMP)
 		--strip-extras --output-file requirements-serve.lock pyproject.toml
 
 # The web-page test drives a real headless browser: Debian's chromium and its driver, installed with apt
-# where that works (Debian or Ubuntu, as root). Elsewhere the test is skipped with the reason printed,
+# where that works (Debian, as root). Elsewhere the test is skipped with the reason printed,
 # unless DSMD_REQUIRE_BROWSER=1 (set by .ci/run) makes a missing browser a failure.
 BROWSER := $(VENV)/.chromium
 $(BROWSER): | $(STAMP)
@@ -145,7 +145,7 @@ $(WRK): | $(STAMP)
 # The serving benchmark on the demo bundle and the base preset (random weights: timing only), then
 # the encoder latencies. Tens of minutes on 2 cores. Each run writes a new folder, so the results that
 # BENCHMARKS.md cites (bench/results/load, load-int8, latency, beit3-bundle) are never overwritten.
-BENCH_OUT ?= bench/results/bench-$(shell date +%Y-%m-%d-%H%M)
+BENCH_OUT := bench/results/bench-$(shell date +%Y-%m-%d-%H%M)
 bench: $(BUNDLE)/manifest.json $(WRK)
 	$(BIN)/python bench/load.py --presets base demo --out $(BENCH_OUT)/load
 	$(BIN)/python bench/load.py --presets base --variant int8 --out $(BENCH_OUT)/load-int8

@@ -1,24 +1,22 @@
 """What the benchmark scripts share: the machine they ran on, timing, synthetic vectors, a base bundle.
 
 A script in bench/ imports these as `from common import ...` (Python puts the script's own
-folder first on sys.path), never another script's private names.
+folder first on sys.path), never another script's private names. Run the scripts with the
+project's environment (`.venv/bin/python bench/...`), where `dsmd` is installed.
 """
 
 from __future__ import annotations
 
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # a clone used without `pip install -e`
-    sys.path.insert(0, str(ROOT))
+from dsmd.cpus import usable_cpus
 
-from dsmd.cpus import usable_cpus  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 # Texts of several lengths for encoder timing (short to over the demo's token limit).
 CAPTIONS = ["a small red circle left of a big blue square", "two yellow stars", "a green triangle",

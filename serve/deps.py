@@ -29,7 +29,7 @@ async def get_state(request: Request) -> State:
 StateDep = Annotated[State, Depends(get_state)]
 
 
-async def writer(request: Request, s: StateDep) -> State:
+async def require_token(request: Request, s: StateDep) -> State:
     """The write routes' dependency: it runs before their parameters are validated, so a caller
     without the token learns nothing but 401/403."""
     if not s.settings.token:
@@ -39,14 +39,14 @@ async def writer(request: Request, s: StateDep) -> State:
     if not hmac.compare_digest(sent, f"Bearer {s.settings.token}".encode()):
         raise HTTPException(401, "missing or wrong token: send Authorization: Bearer <token>")
     if not s.writes:
-        raise read_only(s)
+        raise read_only_error(s)
     return s
 
 
-WriterDep = Annotated[State, Depends(writer)]
+WriterDep = Annotated[State, Depends(require_token)]
 
 
-def read_only(s: State) -> HTTPException:
+def read_only_error(s: State) -> HTTPException:
     """The 403 of a write to an index this server may not change, saying why and what to do.
 
     A host folder bind-mounted into the container keeps its owner: one owned by another user is

@@ -80,6 +80,21 @@ def test_a_new_kind_is_one_registry_entry(tiny_teacher):
         register_teacher(TeacherSpec("demo", "twice", "dsmd.distill.teachers.demo"))
 
 
+def test_an_option_a_kind_does_not_take_is_refused_not_ignored(tiny_teacher):
+    """`dsmd features --teacher demo --tokenizer X` used to ignore the tokenizer; the registry refuses it."""
+    from dsmd.export.encoders import teacher_encoders
+
+    with pytest.raises(UserError, match="demo teacher does not take tokenizer; it takes none"):
+        load_teacher("demo", tiny_teacher, tokenizer="beit3.spm")
+    with pytest.raises(UserError, match="does not take size"):
+        teacher_encoders("demo", tiny_teacher, size="large")
+
+
+def test_a_teacher_module_without_the_plugin_functions_is_refused():
+    with pytest.raises(TypeError, match="does not define load_teacher, export_encoders"):
+        TeacherSpec("broken", "a module that is no teacher", "dsmd.distill.teachers.registry").plugin()
+
+
 def test_text_tower_is_order_sensitive(tiny_teacher):
     """Swapping which colour goes with which shape must change the embedding (no bag of words)."""
     t = load_teacher("demo", tiny_teacher)

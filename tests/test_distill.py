@@ -369,6 +369,7 @@ def _cli_args(world, store, out, extra=()) -> list[str]:
     return ["--out", str(out), *[a for s in sets + list(extra) for a in ("--set", s)]]
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_weights(tiny_world, tiny_store, finished_run, tmp_path):
     """SIGKILL mid-epoch, start again: same final weights as the uninterrupted run."""
     out = tmp_path / "killed"
@@ -399,6 +400,7 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny_world, tiny_store, finish
     assert len((out / "steps.jsonl").read_text().splitlines()) == 90  # no step logged twice
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_training_gathers_queues(tiny_world, tiny_store, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dsmd.cli",

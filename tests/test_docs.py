@@ -20,7 +20,7 @@ from dsmd.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", "BENCHMARKS.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
-PACKAGES = ["dsmd", "distill", "distill/teachers", "export", "index", "serve"]
+PACKAGES = ["dsmd", "distill", "distill/teachers", "export", "index", "serve", "serve/routes"]
 TOP = ("bench", "configs", "docs", "dsmd", "distill", "export", "index", "serve", "tests", ".ci")
 
 # `dsmd CMD` as a command: first on the line or after ; && |, maybe with a path (.venv/bin/, make's $(BIN)/),
@@ -118,8 +118,9 @@ def _mention_fits(argv: list[str]) -> str | None:
         subs = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
         if subs is None or rest[0].startswith("-"):
             break
-        if re.fullmatch(r"[A-Z_]+", rest[0]):
-            return None  # `dsmd index ACTION --help`: a placeholder for any sub-command
+        if re.fullmatch(r"[A-Z_]+", rest[0]):  # `dsmd index ACTION --help`: a placeholder for any sub-command
+            extra = [t for t in rest[1:] if t not in ("--help", "-h")]
+            return f"options after the placeholder {rest[0]}: {extra}" if extra else None
         if rest[0] not in subs.choices:
             return f"no sub-command {rest[0]!r} (choices: {', '.join(subs.choices)})"
         parser = subs.choices[rest.pop(0)]
@@ -154,6 +155,8 @@ def test_a_wrong_command_is_caught(capsys):
     assert _parses(_argv("dsmd evaluate runs/x --no-such-flag"))
     assert _parses(_argv("dsmd export student|teacher runs/x")) is None
     assert _mention_fits(_argv("dsmd index build --folder")) is None
+    assert _mention_fits(_argv("dsmd index ACTION --help")) is None
+    assert _mention_fits(_argv("dsmd index ACTION --folder x"))
     assert _parses(_argv("dsmd index build --folder")) is not None
 
 

@@ -82,6 +82,7 @@ def test_recall_command_prints_table_and_writes_clip_benchmark_json(reference_st
     assert doc["dsmd"]["rsum"] == pytest.approx(sum(v for k, v in doc["dsmd"].items() if "_R@" in k))
 
 
+@pytest.mark.slow
 def test_killed_extraction_resumes_to_an_identical_store(reference_store, tiny_world, tiny_teacher, tmp_path):
     out = tmp_path / "killed"
     args = _cli("features", "--teacher-path", str(tiny_teacher), "--data", str(tiny_world), "--out", str(out),
@@ -112,6 +113,7 @@ def test_killed_extraction_resumes_to_an_identical_store(reference_store, tiny_w
     assert FeatureStore(out).manifest["splits"] == FeatureStore(reference_store).manifest["splits"]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_give_the_same_store(reference_store, tiny_world, tiny_teacher, tmp_path):
     out = tmp_path / "dist"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dsmd.cli",

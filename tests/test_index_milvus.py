@@ -90,6 +90,7 @@ def test_closing_one_index_leaves_another_on_the_same_milvus_working(milvus_inde
     b.close()
 
 
+@pytest.mark.slow
 def test_live_adds_and_removals_go_to_milvus_and_survive_reopening(milvus_index, tiny_world, tmp_path):
     bundle, built = milvus_index
     index = tmp_path / "index"
@@ -150,6 +151,7 @@ def test_serving_a_faiss_index_as_milvus_is_refused_with_the_fix(tiny_search):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_an_unreachable_milvus_fails_before_the_embedding(tiny_search, tiny_world, tmp_path):
     backend = {"name": "milvus", "uri": "http://127.0.0.1:9", "collection": "x"}
     with pytest.raises(UserError, match="could not open Milvus at http://127.0.0.1:9"):

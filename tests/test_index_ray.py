@@ -40,6 +40,7 @@ def _rows(index: Path) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_ray_shards_build_the_same_index_as_one_process(tiny_search, world200, tmp_path):
     bundle_path = tiny_search / "bundle"
     b = Bundle(bundle_path)

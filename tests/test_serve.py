@@ -176,7 +176,9 @@ def test_operations_endpoints(served):
     assert "process_resident_memory_bytes" in metrics
     page = httpx.get(url + "/")
     assert page.status_code == 200 and "dsmd search" in page.text
-    assert "/search/image" in httpx.get(f"{url}/openapi.json").json()["paths"]
+    spec = httpx.get(f"{url}/openapi.json").json()
+    target = next(p for p in spec["paths"]["/search/image"]["post"]["parameters"] if p["name"] == "target")
+    assert target["schema"]["enum"] == ["images", "texts"]  # the spec lists the allowed values
 
 
 def test_concurrent_text_queries_are_batched_together(served):
@@ -204,7 +206,7 @@ def test_concurrent_text_queries_are_batched_together(served):
 
 def _browser_or_skip() -> None:
     """The browser test needs Debian's chromium and chromedriver, which `make test` installs with apt where it
-    can (Debian or Ubuntu, as root). Elsewhere it is skipped with the reason, unless DSMD_REQUIRE_BROWSER=1
+    can (Debian, as root). Elsewhere it is skipped with the reason, unless DSMD_REQUIRE_BROWSER=1
     (set by .ci/run) makes a missing browser a failure."""
     missing = [name for name in ("chromium", "chromedriver") if not shutil.which(name)]
     if not missing:
@@ -265,6 +267,7 @@ def test_web_page_in_headless_chromium(served, tmp_path):
 # ---------------------------------------------------------------- fuzzing from the OpenAPI spec
 
 
+@pytest.mark.slow
 def test_fuzzing_the_api_from_its_openapi_spec_finds_no_5xx_and_answers_as_documented(served):
     """schemathesis generates requests from /openapi.json (valid and invalid): none may get a 5xx, and every
     answer, errors included, must have a status code, content type, headers and body the spec declares."""

@@ -39,15 +39,28 @@ class TeacherSpec:
     options: tuple[str, ...] = ()  # loader options beyond path and device (the CLI's --tokenizer needs one)
 
     def plugin(self) -> ModuleType:
-        """The implementing module (this imports torch)."""
-        return importlib.import_module(self.module)
+        """The implementing module (this imports torch), checked to define what a teacher module must."""
+        module = importlib.import_module(self.module)
+        missing = [name for name in PLUGIN_FUNCTIONS if not callable(getattr(module, name, None))]
+        if missing:
+            raise TypeError(f"teacher kind {self.kind!r}: {self.module} does not define {', '.join(missing)}")
+        return module
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Refuse an option this kind does not take (a silently ignored --tokenizer misleads)."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            takes = f"it takes {', '.join(self.options)}" if self.options else "it takes none"
+            raise UserError(f"the {self.kind} teacher does not take {', '.join(unknown)}; {takes}")
 
     def load(self, path: str | Path, device: str = "cpu", **options: Any) -> Teacher:
         """A ready teacher of this kind from a local path or a name (see `dsmd.hub`)."""
+        self.check_options(options)
         return self.plugin().load_teacher(self.kind, path, device=device, **options)
 
     def encoders(self, path: str | Path, **options: Any) -> Encoders:
         """What `dsmd.export.onnx.export` needs to write this teacher as an encoder bundle."""
+        self.check_options(options)
         return self.plugin().export_encoders(self.kind, path, **options)
 
 

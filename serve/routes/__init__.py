@@ -1,4 +1,10 @@
-"""The HTTP routes, one APIRouter per concern; `create_app` (serve/app.py) includes them in this order."""
+"""The HTTP routes, one APIRouter per concern; the app includes them in this order.
+
+    search.py   GET /search, POST /search/image, GET /items/{id}/similar
+    items.py    an item's metadata, image and thumbnail; POST /items, DELETE /items/{id}
+    ops.py      /healthz, /readyz, /info, /metrics and the web page at /
+    common.py   what several routes share: search, read and decode uploads, write the index
+"""
 
 from __future__ import annotations
 

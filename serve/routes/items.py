@@ -17,7 +17,7 @@ from dsmd.index.search import ReadOnlyIndex
 from dsmd.index.uploads import UploadRefused
 from dsmd.serve import models
 from dsmd.serve.admission import Deadline
-from dsmd.serve.deps import ItemId, StateDep, WriterDep, read_only
+from dsmd.serve.deps import ItemId, StateDep, WriterDep, read_only_error
 from dsmd.serve.routes.common import after_write, decode, on_writer, public, read_body
 from dsmd.serve.state import State
 from dsmd.serve.uploads import check_content_type, upload_spec
@@ -79,7 +79,7 @@ async def add_item(request: Request, s: WriterDep) -> dict:
         try:
             item = await on_writer(s, lambda: s.index.add_image(data, s.bundle, s.upload_dir()))
         except ReadOnlyIndex:  # the index reopened read-only since start-up (a rebuild by another user)
-            raise read_only(s) from None
+            raise read_only_error(s) from None
         except UploadRefused as e:
             raise HTTPException(422, str(e)) from None
     after_write(s)
@@ -93,7 +93,7 @@ async def delete_item(s: WriterDep, item_id: ItemId) -> dict:
         try:
             removed = await on_writer(s, lambda: s.index.remove(item_id))
         except ReadOnlyIndex:
-            raise read_only(s) from None
+            raise read_only_error(s) from None
     if not removed:
         raise HTTPException(404, f"no item {item_id}")
     after_write(s)
