@@ -5,6 +5,7 @@
     train_teacher.py    the demo teacher, trained in place on the demo world
     student.py          the dual-encoder student (ViT + BERT), its tokenizer, save and load
     student_presets.py  the student presets by name (base, demo, tiny); torch-free
+    registry.py         the named table both the teacher kinds and the student presets are kept in
     config.py           every setting of a distillation run, from JSON and --set overrides
     losses.py           the four DSMD losses (and the peers' ones for the ablation)
     balancer.py         the dynamic self-adaptive loss balancer and its variants

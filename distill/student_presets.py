@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsmd.errors import UserError
+from dsmd.distill.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -26,24 +26,19 @@ class StudentPreset:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-STUDENT_PRESETS: dict[str, StudentPreset] = {}
+_REGISTRY: Registry[StudentPreset] = Registry("student preset", "`dsmd students` lists their sizes",
+                                               name=lambda preset: preset.name)
+STUDENT_PRESETS: dict[str, StudentPreset] = _REGISTRY.entries
 
 
 def register_student_preset(preset: StudentPreset) -> StudentPreset:
     """Add a preset to the table; a name is registered once."""
-    if preset.name in STUDENT_PRESETS:
-        raise ValueError(f"student preset {preset.name!r} is already registered")
-    STUDENT_PRESETS[preset.name] = preset
-    return preset
+    return _REGISTRY.register(preset)
 
 
 def student_preset(name: str) -> StudentPreset:
     """The preset called `name`, or an error that lists the presets there are."""
-    try:
-        return STUDENT_PRESETS[name]
-    except KeyError:
-        raise UserError(f"unknown student preset {name!r}: choose one of {', '.join(STUDENT_PRESETS)} "
-                        f"(`dsmd students` lists their sizes)") from None
+    return _REGISTRY[name]
 
 
 def student_preset_names() -> list[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from dsmd.distill.registry import Registry
 from dsmd.errors import UserError
 
 if TYPE_CHECKING:
@@ -64,24 +65,19 @@ class TeacherSpec:
         return self.plugin().export_encoders(self.kind, path, **options)
 
 
-TEACHERS: dict[str, TeacherSpec] = {}
+_REGISTRY: Registry[TeacherSpec] = Registry("teacher kind", "`dsmd teachers` says what path each takes",
+                                              name=lambda spec: spec.kind, origin=lambda spec: spec.module)
+TEACHERS: dict[str, TeacherSpec] = _REGISTRY.entries
 
 
 def register_teacher(spec: TeacherSpec) -> TeacherSpec:
     """Add a kind to the table (timm's `register_model`, as a table entry); a kind is registered once."""
-    if spec.kind in TEACHERS:
-        raise ValueError(f"teacher kind {spec.kind!r} is already registered (by {TEACHERS[spec.kind].module})")
-    TEACHERS[spec.kind] = spec
-    return spec
+    return _REGISTRY.register(spec)
 
 
 def teacher_spec(kind: str) -> TeacherSpec:
     """The spec of `kind`, or an error that lists the kinds there are."""
-    try:
-        return TEACHERS[kind]
-    except KeyError:
-        raise UserError(f"unknown teacher kind {kind!r}; choose one of: {', '.join(TEACHERS)} "
-                        f"(`dsmd teachers` says what path each takes)") from None
+    return _REGISTRY[kind]
 
 
 def teacher_kinds(option: str | None = None) -> list[str]:
