@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
-import subprocess
 from pathlib import Path
 
 import pytest
+from test_packaging import _tracked  # the repository's files, as git sees them
 
 from dsmd.cli import build_parser
 
@@ -200,17 +200,11 @@ def test_the_package_map_names_every_module_and_only_modules_that_exist(package)
     assert unnamed == [], f"{package}/__init__.py does not name: {unnamed}"
 
 
-def _tracked_markdown() -> list[Path]:
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.md"], cwd=ROOT,
-                         capture_output=True, text=True)
-    return [ROOT / line for line in out.stdout.splitlines()] if out.returncode == 0 else list(ROOT.glob("**/*.md"))
-
-
 def test_every_link_and_path_in_the_docs_resolves():
     """Markdown links and `path` mentions of repository files point at files that exist."""
     placeholder = re.compile(r"[*{}<>]|YYYY|DATE|\.\.\.|…|NAME|/N\b|/X\b")
     bad = []
-    for doc in _tracked_markdown():
+    for doc in _tracked("*.md"):
         text = doc.read_text(encoding="utf-8")
         for target in re.findall(r"\]\(([^)#\s]+)", text):
             if re.match(r"[a-z]+://", target):
