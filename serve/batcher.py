@@ -9,8 +9,12 @@ waits. The event loop never runs the encoder itself.
 The queue is bounded: past `max_queue` waiting inputs, `submit` raises `Overloaded` at once
 (the server answers 503), so a burst never builds a backlog that every later request waits
 behind. A request that gives up (its client went away, or its deadline passed) cancels its
-job, and the worker drops cancelled jobs before encoding them. If the worker thread dies,
-`healthy` turns false, `/readyz` says so and `submit` refuses instead of waiting forever.
+job, and the worker drops cancelled jobs before encoding them.
+
+Failures are 503s that say what happened, never a 500 or a wait: an encoder call that raises is
+`EncoderFailed` for each input of that batch, and `healthy` stays false (so `/readyz` says so)
+until a later call succeeds; if the worker thread dies, every input it held or that was
+waiting gets `EncoderStopped`, `healthy` is false for good and `submit` refuses at once.
 """
 
 from __future__ import annotations
@@ -27,7 +31,15 @@ import numpy as np
 
 
 class Overloaded(Exception):
-    """The encoder's queue is full, or its worker is gone: answer 503 and let the client retry."""
+    """The encoder's queue is full: answer 503 and let the client retry."""
+
+
+class EncoderStopped(Exception):
+    """The encoder's worker thread is gone: nothing more will be encoded until a restart."""
+
+
+class EncoderFailed(Exception):
+    """The encoder raised on the batch that held this input."""
 
 
 @dataclass(eq=False)
@@ -49,27 +61,36 @@ class MicroBatcher:
         self.delay = delay_ms / 1000
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
         self.name = name
+        self.failing = False  # the last encoder call raised
+        self.stopped = False  # the worker is gone (set before it answers what it leaves)
+        self._in_hand: list[Job] = []  # the batch being gathered or encoded
         self.thread = threading.Thread(target=self._guarded, name=name, daemon=True)
         self.thread.start()
 
     @property
     def healthy(self) -> bool:
-        return self.thread.is_alive()
+        return not self.stopped and self.thread.is_alive() and not self.failing
 
     def queued(self) -> int:
         return self.jobs.qsize()
 
     def submit_nowait(self, item: Any) -> Job:
-        """Queue `item`; the job's future gets its embedding. Raises Overloaded when full or dead."""
-        if not self.healthy:
-            raise Overloaded(f"the {self.name} has stopped; the server needs a restart")
+        """Queue `item`; the job's future gets its embedding. Raises Overloaded when full,
+        EncoderStopped when the worker is gone."""
+        if self.stopped or not self.thread.is_alive():
+            raise self._stopped()
         loop = asyncio.get_running_loop()
         job = Job(item, loop.create_future(), loop)
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
             raise Overloaded(f"the {self.name} has {self.jobs.maxsize} inputs waiting") from None
+        if self.stopped:  # died while we queued: its last look at the queue may have missed this job
+            raise self._stopped()
         return job
+
+    def _stopped(self) -> EncoderStopped:
+        return EncoderStopped(f"the {self.name} has stopped; the server needs a restart")
 
     async def submit(self, item: Any) -> np.ndarray:
         job = self.submit_nowait(item)
@@ -88,14 +109,18 @@ class MicroBatcher:
     def _guarded(self) -> None:
         try:
             self._run()
-        finally:  # a dying worker must not leave anyone waiting
+        finally:  # a dying worker must not leave anyone waiting: neither its batch nor the queue
+            self.stopped = True
+            stopped = self._stopped()
+            for job in self._in_hand:
+                _hand(job, None, stopped)
             while True:
                 try:
                     job = self.jobs.get_nowait()
                 except queue.Empty:
                     break
                 if job is not None:
-                    _hand(job, None, Overloaded(f"the {self.name} has stopped"))
+                    _hand(job, None, stopped)
 
     def _take(self) -> Job | None:
         """The next job that still has someone waiting (None: close)."""
@@ -111,7 +136,7 @@ class MicroBatcher:
             first = self._take()
             if first is None:
                 return
-            batch = [first]
+            batch = self._in_hand = [first]
             deadline = time.monotonic() + self.wait
             while len(batch) < self.max_batch:
                 try:
@@ -138,12 +163,16 @@ class MicroBatcher:
             try:
                 out = self.encode([j.item for j in live])
                 results = [(j, out[i], None) for i, j in enumerate(live)]
+                self.failing = False
             except Exception as e:  # handed to each waiting request
-                results = [(j, None, e) for j in live]
+                self.failing = True
+                failed = EncoderFailed(f"the {self.name} failed: {type(e).__name__}: {e}")
+                results = [(j, None, failed) for j in live]
             if self.on_batch:
                 self.on_batch(len(live))
             for job, value, error in results:
                 _hand(job, value, error)
+            self._in_hand = []
 
 
 def _hand(job: Job, value: Any, error: BaseException | None) -> None:

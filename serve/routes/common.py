@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from dsmd.errors import UserError
 from dsmd.images import BadImage
 from dsmd.serve.admission import Deadline, busy, wait_or_give_up, within
-from dsmd.serve.batcher import MicroBatcher, Overloaded
+from dsmd.serve.batcher import EncoderFailed, EncoderStopped, MicroBatcher, Overloaded
 from dsmd.serve.deps import Target
 from dsmd.serve.state import State, search_here
 from dsmd.serve.uploads import read_upload
@@ -56,10 +56,17 @@ async def encode_and_search(request: Request, s: State, batcher: MicroBatcher, j
     except Overloaded as e:
         s.metrics.rejected.labels("queue").inc()
         raise busy(f"the server is at capacity ({e}); retry shortly") from None
+    except EncoderStopped as e:
+        s.metrics.rejected.labels("stopped").inc()
+        raise HTTPException(503, str(e)) from None  # no Retry-After: retrying here cannot help
     try:
         return await wait_or_give_up(request, job.future, deadline, lambda: setattr(job, "cancelled", True))
     except UserError as e:  # the database busy beyond its timeout
         raise busy(str(e)) from None
+    except EncoderStopped as e:
+        raise HTTPException(503, str(e)) from None
+    except EncoderFailed as e:  # the model raised: a fault of this server, said as such, never a 500
+        raise HTTPException(503, str(e)) from None
 
 
 def results(s: State, hits: list, target: Target, min_score: float | None) -> list[dict]:
