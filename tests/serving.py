@@ -71,6 +71,12 @@ class Server:
                 out[key] = int(line.split()[1]) * 1024
         return out
 
+    def reset_peak(self) -> int:
+        """Set the server's VmHWM back to its resident size now (Linux clear_refs "5"), so a later
+        memory()["VmHWM"] is the peak of what happened in between, not of start-up; returns that size."""
+        Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+        return self.memory()["VmHWM"]
+
     def metric(self, name: str, **labels: str) -> float:
         """The value of one sample of /metrics (0 when absent)."""
         want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
