@@ -89,3 +89,40 @@ def tiny_search(request, tmp_path_factory) -> Path:
     export(student_encoders(student), root / "bundle", data=world, cfg=ExportConfig(variants=()), log=lambda *a: None)
     build(root / "index", Bundle(root / "bundle"), dataset_sources(world, split="test"), progress=False)
     return root
+
+
+# ---------------------------------------------------------------- no silent skips
+# `make test` installs everything the suite needs, so a skip means a broken install or a missing
+# system package (the browser). Where that is acceptable (a laptop without chromium) it is printed as
+# a skip; DSMD_NO_SKIPS=1 (set by .ci/run) turns every skip, at collection or in a test, into a failed run.
+_skips: list[str] = []
+
+
+def _skips_refused() -> bool:
+    return os.environ.get("DSMD_NO_SKIPS") == "1"
+
+
+def _note_skip(report) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skips.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_collectreport(report) -> None:
+    _note_skip(report)
+
+
+def pytest_runtest_logreport(report) -> None:
+    _note_skip(report)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _skips_refused() and _skips:
+        terminalreporter.section("skips refused (DSMD_NO_SKIPS=1)", red=True)
+        for line in _skips:
+            terminalreporter.write_line(line)
+
+
+def pytest_sessionfinish(session) -> None:
+    if _skips_refused() and _skips and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = 1
