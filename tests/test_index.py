@@ -82,12 +82,25 @@ def test_recall_through_the_index_equals_recall_from_embeddings(test_index, bund
     assert m["images"]["count"] == 24 and m["texts"]["count"] == 120
 
 
-def test_image_to_text_search_uses_the_caption_index(test_index, bundle_path, tiny_world):
+def assert_exact_top(got: list, got_scores: list[float], truth: dict, k: int, tie: float = 1e-5) -> None:
+    """`got` (keys, best first, with the scores the index gave) is the exact top k of `truth` (key ->
+    score computed in the test): rank for rank it scores what the exact hit of that rank scores, and
+    reports that score. Keys may trade places only with one scoring within `tie`."""
+    assert len(got) == len(set(got)) == k, got
+    want = sorted(truth.values(), reverse=True)[:k]
+    np.testing.assert_allclose([truth[key] for key in got], want, atol=tie, err_msg=str(got))
+    np.testing.assert_allclose(got_scores, [truth[key] for key in got], atol=tie, err_msg=str(got))
+
+
+def test_image_to_text_search_returns_the_exact_top_captions(test_index, bundle_path, tiny_world):
     b = Bundle(bundle_path)
-    item = load_dataset(tiny_world).split("test")[0]
-    hits = SearchIndex(test_index).search(b.encode_images([item.path.read_bytes()]), 5, target="texts")[0]
-    assert len(hits) == 5 and all(isinstance(h.item["text"], str) for h in hits)
-    assert hits[0].score >= hits[-1].score
+    items = load_dataset(tiny_world).split("test")
+    captions = [c for it in items for c in it.captions]
+    images = b.encode_images([it.path.read_bytes() for it in items])
+    stored = b.encode_texts(captions).astype(np.float16).astype(np.float32)  # the index keeps float16
+    hits = SearchIndex(test_index).search(images, 5, target="texts")
+    for q, row in zip(images, hits):
+        assert_exact_top([h.item["text"] for h in row], [h.score for h in row], dict(zip(captions, stored @ q)), 5)
 
 
 def test_indexing_the_same_images_again_adds_nothing(test_index, bundle_path, tiny_world, tmp_path):
@@ -175,10 +188,9 @@ def test_free_texts_join_the_caption_index(test_index, bundle_path, tmp_path):
     assert add_texts(copy, b, ["a lonely purple star", "", "two red circles"]) == 2
     m = finalize(copy, b, progress=False)
     assert m["texts"]["count"] == 122
-    hits = SearchIndex(copy).search(b.encode_texts(["two red circles"]), 122, target="texts")[0]
-    mine = next(h for h in hits if h.item["text"] == "two red circles")
-    # found, and best (to float16 precision)
-    assert mine.item["item_id"] is None and mine.score == pytest.approx(hits[0].score, abs=1e-3)
+    hits = SearchIndex(copy).search(b.encode_texts(["two red circles"]), 1, target="texts")[0]
+    assert [h.item["text"] for h in hits] == ["two red circles"] and hits[0].item["item_id"] is None
+    assert hits[0].score == pytest.approx(1.0, abs=1e-3)  # itself, to float16 precision
 
 
 def test_shards_merge_into_the_same_index(bundle_path, tiny_world, tmp_path):
@@ -274,20 +286,115 @@ def _check_invariants(path: Path, finished: bool, expected: int | None = None) -
         SearchIndex(path).search(np.ones((1, 16), np.float32), 3)
 
 
+# What one vector of each kind holds in memory, from the kinds' definitions (index/ann.py): float32
+# vectors (4 bytes a dimension); HNSW's M = 32 links each way (2·M int32); IVF-PQ's dim/8 one-byte
+# codes, its 8-byte list id and a re-ranking copy (float16: 2 bytes a dimension, 8-bit: 1, none: 0);
+# and FAISS's id map around each (ids and their reverse map, about 48 bytes). On-disk IVF keeps
+# only its lists' 8-byte ids in memory.
+ID_MAP = 48
+REFINE_BYTES = {"fp16": 2, "sq8": 1, "none": 0}
+# The size limits of the policy (index/ann.py's table): exact search up to 10M cells (n·dim),
+# 100M as a fallback; HNSW up to 5M vectors.
+FLAT_CELLS, FLAT_FALLBACK_CELLS, HNSW_VECTORS = 10_000_000, 100_000_000, 5_000_000
+PREFERENCE = ("flat", "hnsw", "ivfpq", "ivfdisk")
+DIMS = (16, 256, 768, 1024)
+BUDGETS = (None, 100 * 2**20, 2**30, 8 * 2**30, 64 * 2**30, 2**40)
+
+
+def memory_per_vector(kind: str, dim: int, refine: str = "fp16") -> int:
+    if kind == "ivfdisk":
+        return 8
+    return ID_MAP + {"flat": 4 * dim, "hnsw": 4 * dim + 2 * 32 * 4,
+                     "ivfpq": dim // 8 + 8 + REFINE_BYTES[refine] * dim}[kind]
+
+
+def fits(kind: str, n: int, dim: int, memory: int | None, refine: str = "fp16") -> bool:
+    return memory is None or n * memory_per_vector(kind, dim, refine) <= memory
+
+
+def size_allows(kind: str, n: int, dim: int) -> bool:
+    return {"flat": n * dim <= FLAT_CELLS, "hnsw": n <= HNSW_VECTORS}.get(kind, True)
+
+
+def grid():
+    """(n, dim, memory): n from 1 to 1e9 on a log grid, plus each side of every limit of size and memory;
+    budgets round, and exact multiples of a kind's vector (where "fits" and "fits with a byte to spare"
+    differ)."""
+    for dim in DIMS:
+        exact = [m * memory_per_vector(k, dim, r) for m in (3_001, 300_007) for k in PREFERENCE for r in REFINE_BYTES]
+        for memory in (*BUDGETS, *exact):
+            edges = [FLAT_CELLS // dim, FLAT_FALLBACK_CELLS // dim, HNSW_VECTORS]
+            if memory is not None:
+                edges += [memory // memory_per_vector(k, dim, r) for k in PREFERENCE for r in REFINE_BYTES]
+            ns = {round(10 ** e) for e in np.arange(0, 9.01, 0.25)} | {e + d for e in edges for d in (0, 1)}
+            yield from ((n, dim, memory) for n in sorted(ns) if n >= 1)
+
+
+def test_the_kind_chosen_is_the_first_preferred_that_its_size_limit_and_the_memory_allow():
+    """Exact while small, HNSW above, IVF-PQ past its size or memory, on-disk IVF when even IVF-PQ does
+    not fit (the last resort: whatever its 8 bytes a vector come to)."""
+    wrong = []
+    for n, dim, memory in grid():
+        kind = ann.choose_kind(n, dim, memory)
+        allowed = [k for k in PREFERENCE if k == "ivfdisk" or (size_allows(k, n, dim) and fits(k, n, dim, memory))]
+        if kind != allowed[0]:
+            wrong.append((n, dim, memory, kind, allowed[0]))
+    assert not wrong, f"(n, dim, memory, chosen, expected): {wrong[:10]}"
+
+
 @pytest.mark.parametrize("n,dim,memory,kind", [
-    (1_000, 768, None, "flat"), (13_000, 768, None, "flat"), (14_000, 768, None, "hnsw"), (39_000, 256, None, "flat"),
-    (200_000, 768, None, "hnsw"),
-    (5_000_000, 768, None, "hnsw"), (5_000_001, 768, None, "ivfpq"), (100_000, 768, 100 * 2**20, "ivfdisk"),
-    (100_000, 768, 200 * 2**20, "ivfpq"), (300_000, 768, 2 * 2**30, "hnsw"),
-    (1_000_000, 768, 2**30, "ivfdisk"), (10_000_000, 768, 20 * 2**30, "ivfpq"), (10_000_000, 768, 8 * 2**30, "ivfdisk"),
+    (13_000, 768, None, "flat"), (14_000, 768, None, "hnsw"),  # 10M cells: about 13k vectors of 768 dims
+    (5_000_001, 768, None, "ivfpq"),  # past HNSW's 5M
+    (100_000, 768, 100 * 2**20, "ivfdisk"),  # IVF-PQ with float16 re-ranking takes 169 MB
 ])
-def test_index_kind_by_size_and_memory(n, dim, memory, kind):
+def test_index_kind_by_size_and_memory_examples(n, dim, memory, kind):
     assert ann.choose_kind(n, dim, memory) == kind
 
 
+def test_ivfpq_reranks_with_the_finest_stage_that_fits_the_memory():
+    wrong = []
+    for n, dim, memory in grid():
+        want = next((r for r in ("fp16", "sq8") if fits("ivfpq", n, dim, memory, r)), "none")
+        if ann.choose_refine(n, dim, memory) != want:
+            wrong.append((n, dim, memory, ann.choose_refine(n, dim, memory), want))
+    assert not wrong, f"(n, dim, memory, chosen, expected): {wrong[:10]}"
+
+
 @pytest.mark.parametrize("memory,refine", [(None, "fp16"), (2 * 2**30, "fp16"), (2**30, "sq8"), (200 * 2**20, "none")])
-def test_ivfpq_reranking_stage_fits_the_memory(memory, refine):
+def test_ivfpq_reranking_stage_fits_the_memory_examples(memory, refine):
     assert ann.choose_refine(1_000_000, 768, memory) == refine
+
+
+def test_fallbacks_are_the_kinds_after_the_one_that_fell_short_that_fit():
+    """After HNSW, IVF-PQ then exact search; after IVF-PQ (in memory or on disk), exact search. IVF-PQ fits
+    with any re-ranking stage; exact search fits the memory, or without a budget 100M cells."""
+    after = {"hnsw": ["ivfpq", "flat"], "ivfpq": ["flat"], "ivfdisk": ["flat"], "flat": []}
+    wrong = []
+    for n, dim, memory in grid():
+        fit = {"ivfpq": any(fits("ivfpq", n, dim, memory, r) for r in REFINE_BYTES),
+               "flat": n * dim <= FLAT_FALLBACK_CELLS if memory is None else fits("flat", n, dim, memory)}
+        for kind, then in after.items():
+            want = [k for k in then if fit[k]]
+            if ann.fallbacks(kind, n, dim, memory) != want:
+                wrong.append((kind, n, dim, memory, ann.fallbacks(kind, n, dim, memory), want))
+    assert not wrong, f"(kind, n, dim, memory, fallbacks, expected): {wrong[:10]}"
+
+
+@pytest.mark.parametrize("kind,n,dim,memory,after", [
+    ("hnsw", 100_000, 768, None, ["ivfpq", "flat"]), ("hnsw", 1_000_000, 768, None, ["ivfpq"]),  # 768M cells
+])
+def test_fallback_kinds_examples(kind, n, dim, memory, after):
+    assert ann.fallbacks(kind, n, dim, memory) == after
+
+
+def exact_top10(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Rows of the 10 best inner products per query (numpy, no FAISS)."""
+    return np.argpartition(-(queries @ vectors.T), 10, axis=1)[:, :10]
+
+
+def overlap_at_10(got, exact: np.ndarray) -> float:
+    """Recall@10: the share of the exact top 10 that a search returned (rows of ids; a short row misses)."""
+    return float(np.mean([len(set(np.asarray(g).tolist()) & set(e.tolist())) / 10 for g, e in zip(got, exact)]))
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
@@ -300,23 +407,17 @@ def test_approximate_indexes_are_tuned_to_the_target_recall(kind):
     chunks = lambda: iter([(ids[:12_000], x[:12_000]), (ids[12_000:], x[12_000:])])  # noqa: E731
     index, _ = ann.build(kind, 32, chunks, len(x))
     queries = x[::40]
-    search, recall = ann.tune(index, kind, queries, ann.exact_kth_score(chunks, queries), lambda i: x[i - 100])
-    assert recall >= 0.95 and search
-    _, got = index.search(queries[:5], 1)
-    assert (got[:, 0] == ids[::40][:5]).all()  # ids survive; each vector finds itself
+    search, reported = ann.tune(index, kind, queries, ann.exact_kth_score(chunks, queries), lambda i: x[i - 100])
+    ann.apply_search_params(index, kind, search)  # as the server opens it
+    _, got = index.search(queries, 10)
+    measured = overlap_at_10(got - 100, exact_top10(x, queries))
+    assert search and measured >= ann.TARGET_RECALL and reported == pytest.approx(measured, abs=0.01)
+    assert (got[:5, 0] == ids[::40][:5]).all()  # ids survive; each vector finds itself
 
 
-@pytest.mark.parametrize("kind,n,dim,memory,after", [
-    ("hnsw", 100_000, 768, None, ["ivfpq", "flat"]), ("hnsw", 1_000_000, 768, None, ["ivfpq"]),
-    ("hnsw", 100_000, 768, 100_000 * 700, ["ivfpq"]), ("ivfpq", 100_000, 768, None, ["flat"]),
-    ("ivfpq", 100_000, 768, 100_000 * 1000, []), ("flat", 1_000, 768, None, []),
-])
-def test_fallback_kinds_are_the_ones_that_fit(kind, n, dim, memory, after):
-    assert ann.fallbacks(kind, n, dim, memory) == after
-
-
-def _random_index(path: Path, bundle: Bundle, n: int) -> None:
-    """An index of n items whose vectors are random unit vectors: no structure for a graph to follow."""
+def _random_index(path: Path, bundle: Bundle, n: int) -> np.ndarray:
+    """An index of n items (uri random/ROW.png) whose vectors are random unit vectors: no structure for
+    a graph to follow. Returns the vectors."""
     from dsmd.index.build import bundle_fingerprint
     from dsmd.index.db import IndexDB, NewItem
 
@@ -326,17 +427,29 @@ def _random_index(path: Path, bundle: Bundle, n: int) -> None:
     db = IndexDB(path / "items.sqlite", bundle.dim, bundle_fingerprint(bundle), bundle.variant)
     db.replace([NewItem(f"random/{i}.png", f"{i:064x}", 8, 8, [], v) for i, v in enumerate(x)])
     db.close()
+    return x
+
+
+def recall_through(s: SearchIndex, x: np.ndarray) -> float:
+    """Recall@10 of the opened index for every 10th of its vectors as queries, against the exact top 10
+    computed here over `x` as stored (float16); hits map back to rows by their uri (PREFIX/ROW.ext)."""
+    stored = x.astype(np.float16).astype(np.float32)
+    q = stored[::10]
+    got = [[int(Path(h.item["uri"]).stem) for h in row] for row in s.search(q, 10)]
+    return overlap_at_10(got, exact_top10(stored, q))
 
 
 def test_a_kind_short_of_the_recall_target_is_followed_by_the_next_that_fits(bundle_path, tmp_path, monkeypatch):
     b = Bundle(bundle_path)
-    _random_index(tmp_path, b, 3000)
+    x = _random_index(tmp_path, b, 3000)
     monkeypatch.setattr(ann, "FLAT_MAX_CELLS", 0)  # HNSW by size
     monkeypatch.setattr(ann, "HNSW_EF_GRID", (1,))  # and too small a search budget to reach 0.95
     m = finalize(tmp_path, b, progress=False)["images"]
     assert m["tried"][0]["kind"] == "hnsw" and m["tried"][0]["recall_at_10"] < 0.95
     assert len(m["tried"]) >= 2 and m["index"]["kind"] == m["tried"][-1]["kind"] != "hnsw"
     assert m["index"]["recall_at_10"] >= 0.95 and m["shortfall"] is None
+    measured = recall_through(SearchIndex(tmp_path), x)  # what the index it settled on reaches
+    assert measured >= 0.95 and m["index"]["recall_at_10"] == pytest.approx(measured, abs=0.03)
     # the next finalize (a compaction) starts from the kind that worked, not from the failure again
     again = finalize(tmp_path, b, progress=False)["images"]
     assert [t["kind"] for t in again["tried"]] == [m["index"]["kind"]]
@@ -349,12 +462,14 @@ def test_a_build_that_cannot_reach_the_target_says_so_in_info_and_the_server(bun
     b = Bundle(bundle_path)
     index = tmp_path / "idx"
     index.mkdir()
-    _random_index(index, b, 3000)
+    x = _random_index(index, b, 3000)
     monkeypatch.setattr(ann, "IVF_NPROBE_GRID", (1,))  # IVF-PQ searching one list of many
     tight = 3000 * ann.bytes_per_vector("ivfpq", b.dim) + 1  # IVF-PQ fits; flat and HNSW do not
     m = finalize(index, b, memory_bytes=tight, progress=False)["images"]
     assert [t["kind"] for t in m["tried"]] == ["ivfpq"] and m["index"]["recall_at_10"] < 0.95
     assert "short of the target 0.95" in m["shortfall"] and "ivfpq" in m["shortfall"]
+    measured = recall_through(SearchIndex(index), x)  # the shortfall is real, and the number reported its size
+    assert measured < 0.95 and m["index"]["recall_at_10"] == pytest.approx(measured, abs=0.05)
     out = subprocess.run([sys.executable, "-m", "dsmd.cli", "index", "info", str(index)], capture_output=True,
                          text=True, check=True).stdout
     assert "warning: the images index reaches recall@10" in out
@@ -461,6 +576,8 @@ def test_an_on_disk_ivf_index_serves_from_its_files_and_takes_live_changes(bundl
     stored = x.astype(np.float16).astype(np.float32)
     with SearchIndex(tmp_path) as s:
         assert s.count() == 5000
+        measured = recall_through(s, x)
+        assert measured >= 0.95 and m["index"]["recall_at_10"] == pytest.approx(measured, abs=0.03)
         hits = s.search(stored[:40], 1)
         # each vector finds itself (re-ranked exactly), but for the few the tuned shortlist misses (recall 0.95)
         found = [h[0].id for h in hits] == np.arange(1, 41)
