@@ -59,7 +59,6 @@ def spm_path(tmp_path_factory) -> Path:
 def _ts_modules():
     with warnings.catch_warnings():  # torchscale imports timm.models.layers (FutureWarning)
         warnings.simplefilter("ignore")
-        pytest.importorskip("torchscale")
         from torchscale.architecture.config import EncoderConfig
         from torchscale.model.BEiT3 import BEiT3
     return EncoderConfig, BEiT3
@@ -318,15 +317,22 @@ def test_teacher_load_errors(tmp_path, spm_path):
         BEiT3Teacher.load(ckpt, tokenizer=spm_path, size="base")
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_half_precision_stays_close(tmp_path, spm_path, precision):
-    """Autocast (as the official fp16 evaluation) moves a tiny model's embeddings only slightly."""
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_half_precision_stays_close(tmp_path, spm_path, precision, dtype):
+    """Autocast (as the official fp16 evaluation) runs the layers in half precision and moves a tiny
+    model's embeddings only slightly."""
     ckpt = tmp_path / "beit3_tiny.pth"
     BEiT3Retrieval.random(TINY).save_official(ckpt)
     full = BEiT3Teacher.load(ckpt, tokenizer=spm_path, config=TINY)
     half = BEiT3Teacher.load(ckpt, tokenizer=spm_path, config=TINY, precision=precision, attention="sdpa")
+    seen: set[torch.dtype] = set()  # what the linear layers compute in: fp32 only if autocast did nothing
+    for m in half.model.modules():
+        if isinstance(m, nn.Linear):
+            m.register_forward_hook(lambda _m, _in, out: seen.add(out.dtype))
     pixels = torch.randn(2, 3, TINY.img_size, TINY.img_size)
-    for a, b in [(full.encode_pixels(pixels), half.encode_pixels(pixels)),
-                 (full.encode_texts(CAPTIONS[:3]), half.encode_texts(CAPTIONS[:3]))]:
+    for encode, inputs in [("encode_pixels", pixels), ("encode_texts", CAPTIONS[:3])]:
+        seen.clear()
+        a, b = getattr(full, encode)(inputs), getattr(half, encode)(inputs)
+        assert seen == {dtype}, encode
         assert b.dtype == torch.float32
         assert (a * b).sum(-1).min() > 0.999

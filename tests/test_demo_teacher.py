@@ -1,11 +1,13 @@
 """The demo teacher: trains, saves, loads through the Teacher interface."""
 
+import hashlib
 import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from test_retrieval import recall_by_definition
 
 from dsmd.datasets import load_dataset
 from dsmd.distill.teachers import TEACHERS, TeacherSpec, list_teachers, load_teacher, register_teacher, teacher_kinds
@@ -30,10 +32,21 @@ def test_trained_teacher_loads_and_gives_unit_embeddings(tiny_teacher, tiny_worl
     assert d["preprocess"]["size"] == 32 and len(d["checkpoint_hash"]) == 64
 
 
-def test_manifest_records_training(tiny_teacher):
+def test_manifest_records_the_saved_model_and_its_data_set(tiny_teacher, tiny_world):
+    """Each figure of the manifest is recomputed here from the files it describes."""
     m = json.loads((tiny_teacher / "manifest.json").read_text())
-    assert m["artifact"] == "demo-teacher" and m["history"] and "rsum" in m["val_recall"]
-    assert m["parameters"] > 0 and m["dataset"]["fingerprint"]
+    t = load_teacher("demo", tiny_teacher)
+    ds = load_dataset(tiny_world)
+    assert m["artifact"] == "demo-teacher" and m["history"][-1]["epoch"] == m["train"]["epochs"]
+    assert m["parameters"] == sum(p.numel() for p in t.model.parameters())
+    assert m["dataset"]["fingerprint"] == ds.fingerprint()
+    assert m["weights_sha256"] == hashlib.sha256((tiny_teacher / "model.safetensors").read_bytes()).hexdigest()
+    # the val recall is that of the saved weights (the last epoch's), by the definition of recall
+    val = ds.split("val")
+    want = recall_by_definition(t.encode_images([open_image(it.path) for it in val]).numpy(),
+                                t.encode_texts([c for it in val for c in it.captions]).numpy(),
+                                [i for i, it in enumerate(val) for _ in it.captions])
+    assert {k: m["val_recall"][k] for k in want} == pytest.approx(want)
 
 
 def test_unfinished_or_wrong_folders_are_refused(tiny_teacher, tmp_path):

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_retrieval import recall_by_definition
 
 from dsmd.distill.config import DistillConfig, load_config
 from dsmd.distill.data import epoch_order, micro_batch, random_crop_box
-from dsmd.distill.evaluate import CollapsedError, evaluate_student
+from dsmd.distill.evaluate import CollapsedError
 from dsmd.distill.student import create_student, load_student, save_student, tokenize
 from dsmd.distill.student_presets import student_preset, student_preset_names
 from dsmd.distill.train import Queue, lr_at, train
@@ -270,17 +271,41 @@ def test_a_run_writes_best_checkpoint_logs_and_plot(finished_run):
     assert len(acc.Scalars("weight/fd")) == 90
 
 
-def test_evaluate_prints_teacher_and_student_from_the_same_split(finished_run, tiny_world, tiny_store):
+def _student_recall(checkpoint: Path, items: list) -> dict[str, float]:
+    """Recall of a saved student on `items`: encoded here (the plain preprocessing), scored by the definition."""
+    from dsmd.images import open_image
+    from dsmd.preprocess import image_to_array
+
+    model, tok = load_student(checkpoint)
+    pre = model.cfg.preprocess()
+    with torch.no_grad():
+        img = model.encode_image(torch.from_numpy(np.stack([image_to_array(open_image(it.path), pre) for it in items])))
+        txt = model.encode_text(*tokenize(tok, [c for it in items for c in it.captions]))
+    return recall_by_definition(img.numpy(), txt.numpy(), [i for i, it in enumerate(items) for _ in it.captions])
+
+
+def _row(name: str, r: dict[str, float]) -> str:
+    cells = [f"{r[f'{w}_R@{k}']:.1f}" for w in ("i2t", "t2i") for k in (1, 5, 10)] + [f"{r['rsum']:.1f}"]
+    return f"| {name} | {' | '.join(cells)} |"
+
+
+def test_evaluate_prints_teacher_and_student_from_the_same_split(finished_run, tiny_world, tiny_store, capsys):
+    """Both rows are the recall of the test split: the teacher's from its stored test embeddings, the
+    student's from its best checkpoint, each recomputed here (the val split gives other numbers)."""
+    from dsmd.cli import main
+    from dsmd.datasets import load_dataset
     from dsmd.distill.features import FeatureStore
 
-    teacher, student = evaluate_student(finished_run, tiny_world, tiny_store, "test", device="cpu")
+    items = load_dataset(tiny_world).split("test")
     f = FeatureStore(tiny_store).split("test")
-    assert teacher.rsum == pytest.approx(evaluate(f.image_emb, f.caption_emb, f.caption_image).rsum)
-    assert student.n_images == teacher.n_images == 24 and student.n_captions == 120
-    from dsmd.cli import main
-
+    teacher = recall_by_definition(f.image_emb, f.caption_emb, f.caption_image)
+    student = _student_recall(finished_run / "best", items)
     assert main(["evaluate", str(finished_run), "--data", str(tiny_world), "--features", str(tiny_store),
-                 "--split", "val", "--device", "cpu"]) == 0
+                 "--split", "test", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "test: 24 images, 120 captions" in out
+    assert _row("teacher", teacher) in out and _row("student", student) in out
+    assert f"the student keeps {100 * student['rsum'] / teacher['rsum']:.1f}% of the teacher's RSUM" in out
 
 
 def test_a_finished_run_is_not_trained_again_and_another_config_is_refused(finished_run, tiny_world, tiny_store):
@@ -349,13 +374,38 @@ def test_training_stops_with_advice_when_recall_sits_at_chance(tiny_world, tiny_
         train(cfg, tmp_path / "run")
 
 
-def test_direct_clip_training_baseline_runs(tiny_world, tiny_store, tmp_path):
-    manifest = train(tiny_cfg(tiny_world, tiny_store, method="clip", **{"optim.epochs": 1, "optim.accum_steps": 2}),
-                     tmp_path / "run")
-    assert manifest["steps"] == 30
-    steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
-    assert set(steps[-1]["loss"]) == {"clip"}
-    load_student(tmp_path / "run" / "best")  # the baseline's student is an ordinary student
+def test_direct_clip_baseline_trains_the_student_on_the_contrastive_loss_alone(tiny_world, tiny_store, tmp_path,
+                                                                              monkeypatch):
+    """The baseline (method=clip) learns from image-caption pairs only: the one loss it logs is CLIP's, its
+    weights and temperature move from where they started, and its recorded val recall is its own."""
+    import dsmd.distill.train as train_module
+    from dsmd.datasets import load_dataset
+
+    initial = {}
+
+    def create_and_keep_a_copy(*args, **kwargs):  # the real student, its starting weights noted
+        model, tok = create_student(*args, **kwargs)
+        initial.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return model, tok
+
+    monkeypatch.setattr(train_module, "create_student", create_and_keep_a_copy)
+    run = tmp_path / "run"
+    # fp32 evaluation (run.amp=off): the recorded val recall can then be recomputed exactly
+    manifest = train(tiny_cfg(tiny_world, tiny_store, method="clip",
+                              **{"optim.epochs": 1, "optim.accum_steps": 2, "run.amp": "off"}), run)
+    assert manifest["steps"] == 30 and json.loads((run / "config.json").read_text())["method"] == "clip"
+    steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 30 and all(set(s["loss"]) == {"clip"} for s in steps)
+
+    state = torch.load(run / "checkpoints" / "step-00000030" / "train_state.pt", weights_only=True)
+    assert state["logit_scale"] != pytest.approx(float(initial["logit_scale"]), abs=1e-4)  # the temperature learns
+    trained = load_file(str(run / "best" / "model.safetensors"))
+    assert [k for k in trained if torch.equal(trained[k], initial[k])] == []  # every tensor was trained
+
+    best = json.loads((run / "best" / "best.json").read_text())
+    want = _student_recall(run / "best", load_dataset(tiny_world).split("val"))
+    assert {k: best["val"][k] for k in want} == pytest.approx(want)
+    load_student(run / "best")  # the baseline's student is an ordinary student
 
 
 def _cli(args: list[str]) -> list[str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_retrieval import recall_by_definition
 
 from dsmd.cli import main as dsmd
 from dsmd.datasets import load_dataset
@@ -77,9 +78,18 @@ def test_recall_command_prints_table_and_writes_clip_benchmark_json(reference_st
     text = capsys.readouterr().out
     assert "| model | i→t R@1" in text and "24 images, 120 captions" in text
     doc = __import__("json").loads(out.read_text())
-    assert set(doc["metrics"]) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
-    assert 0 <= doc["metrics"]["image_retrieval_recall@1"] <= 1
-    assert doc["dsmd"]["rsum"] == pytest.approx(sum(v for k, v in doc["dsmd"].items() if "_R@" in k))
+    # the ground truth: recall of the store's test embeddings, computed here from the definition
+    f = FeatureStore(reference_store).split("test")
+    want = recall_by_definition(f.image_emb, f.caption_emb, f.caption_image)
+    assert 0 < want["i2t_R@1"] < 100  # a teacher that tells images apart, but not perfectly
+    assert {k: doc["dsmd"][k] for k in want} == pytest.approx(want)
+    # CLIP_benchmark's names: "image retrieval" is text→image, "text retrieval" image→text, in fractions
+    names = {"image": "t2i", "text": "i2t"}
+    assert doc["metrics"] == pytest.approx({f"{d}_retrieval_recall@{k}": want[f"{w}_R@{k}"] / 100
+                                            for d, w in names.items() for k in (1, 5, 10)})
+    name = FeatureStore(reference_store).manifest["teacher"]["name"]
+    row = " | ".join(f"{want[f'{w}_R@{k}']:.1f}" for w in ("i2t", "t2i") for k in (1, 5, 10))
+    assert f"| {name} | {row} | {want['rsum']:.1f} |" in text
 
 
 @pytest.mark.slow

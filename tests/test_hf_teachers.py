@@ -30,14 +30,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers  # noqa: F401  (an install without it must fail here, not skip these tests)
 from PIL import Image
 
 from dsmd.artifacts import sha256_file
 from dsmd.distill.teachers import load_teacher
 from dsmd.distill.teachers.hf import preprocess_from_hf
 from dsmd.preprocess import image_to_array
-
-transformers = pytest.importorskip("transformers")
 
 MAX_TOKENS = 16
 IMAGE = 32

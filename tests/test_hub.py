@@ -27,10 +27,14 @@ CAPTIONS = ["a red circle left of a blue square", "a green triangle above a red 
 
 @pytest.fixture
 def caches(tmp_path, monkeypatch) -> Path:
+    """Every test's own environment: empty caches, online, and endpoints where nothing answers until
+    the test points them at its FakeHub (never the real Hub, never a URL another test left set)."""
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("DSMD_CACHE", str(tmp_path / "dsmd"))
     monkeypatch.setenv("DSMD_OFFLINE", "0")  # restored after the test, whatever main() sets
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused
+    monkeypatch.setenv("DSMD_BEIT3_URL", "http://127.0.0.1:9/files")
     return tmp_path
 
 
@@ -194,5 +198,11 @@ def test_models_fetch_command(caches, tmp_path, monkeypatch, capsys):
     assert main(["features", "--offline", "--teacher", "clip", "--teacher-path", "acme/not-cached",
                  "--data", str(tmp_path / "none")]) == 2
     assert "offline mode is on" in capsys.readouterr().err
-    assert main(["models", "fetch", "acme/bert-tiny"]) == 2  # offline: fetching is refused, not attempted
+    # offline (set here, not left over from the command above): fetching is refused, not attempted
+    monkeypatch.setenv("DSMD_OFFLINE", "1")
+    with FakeHub() as fake:
+        fake.add_repo("acme/bert-tiny", bert_dir)
+        monkeypatch.setenv("HF_ENDPOINT", fake.url)
+        assert main(["models", "fetch", "acme/bert-tiny"]) == 2
+        assert fake.requests == []
     assert "fetching needs the network" in capsys.readouterr().err

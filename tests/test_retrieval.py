@@ -1,9 +1,26 @@
-"""Recall metrics on hand-worked cases (METHOD.md §5)."""
+"""Recall metrics on hand-worked cases (METHOD.md §5), and `recall_by_definition`: the ground truth
+that other test files compare the code's recall numbers with."""
 
 import numpy as np
 import pytest
 
 from dsmd.retrieval import evaluate, format_table, ranks_of_positives
+
+
+def recall_by_definition(image_emb, caption_emb, caption_image) -> dict[str, float]:
+    """R@1/5/10 both ways and RSUM in percent, one query at a time, straight from METHOD.md §5 (the
+    keys of `Recall.to_json`). A query's rank is 1 + the number of wrong answers scoring at least as
+    high as its best right one; image→text: an image's right answers are all its captions."""
+    img, cap = np.asarray(image_emb, np.float32), np.asarray(caption_emb, np.float32)
+    owner = np.asarray(caption_image)
+    ranks = {"i2t": [], "t2i": []}
+    for i, scores in enumerate(img @ cap.T):
+        mine = owner == i
+        ranks["i2t"].append(1 + np.sum(scores[~mine] >= scores[mine].max()))
+    for c, scores in enumerate(cap @ img.T):
+        ranks["t2i"].append(1 + np.sum(np.delete(scores, owner[c]) >= scores[owner[c]]))
+    out = {f"{way}_R@{k}": 100.0 * np.mean(np.array(r) <= k) for way, r in ranks.items() for k in (1, 5, 10)}
+    return {**out, "rsum": sum(out.values())}
 
 
 def test_perfect_and_reversed_retrieval():
@@ -101,3 +118,15 @@ def test_bad_inputs_are_refused():
         evaluate(img, img[:1], np.array([0]))
     with pytest.raises(ValueError, match="outside"):
         evaluate(img, img, np.array([0, 5]))
+
+
+def test_evaluate_agrees_with_the_definition_on_random_embeddings():
+    """Random embeddings near their images, 1 to 7 captions each: every R@K and the RSUM."""
+    rng = np.random.default_rng(2)
+    img = rng.normal(size=(30, 8)).astype(np.float32)
+    owner = np.repeat(np.arange(30), rng.integers(1, 8, size=30))
+    cap = img[owner] + 1.5 * rng.normal(size=(len(owner), 8)).astype(np.float32)
+    want = recall_by_definition(img, cap, owner)
+    assert 0 < want["i2t_R@1"] < 100 and 0 < want["t2i_R@1"] < 100  # neither all hits nor all misses
+    got = evaluate(img, cap, owner).to_json()
+    assert {k: got[k] for k in want} == pytest.approx(want)
