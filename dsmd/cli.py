@@ -23,6 +23,7 @@ and the torch-free commands start fast.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from dsmd.distill import cli as distill_cli
@@ -114,9 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     from dsmd.errors import UserError
 
     args = build_parser().parse_args(argv)
+    # --offline reaches worker processes through the environment, for this command only: a caller
+    # of main() in the same process (a test, a notebook) is not left offline afterwards
+    offline_before = os.environ.get("DSMD_OFFLINE")
     if getattr(args, "offline", False):
-        import os
-
         os.environ["DSMD_OFFLINE"] = "1"
     try:
         return args.run(args)
@@ -131,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dsmd {args.command}: error: this command needs {e.name}, which is not installed; "
               f"install it with: pip install 'dsmd[{extra}]'", file=sys.stderr)
         return 2
+    finally:
+        if offline_before is None:
+            os.environ.pop("DSMD_OFFLINE", None)
+        else:
+            os.environ["DSMD_OFFLINE"] = offline_before
 
 
 # Which extra brings each optional library (pyproject.toml): a command that needs one says so.

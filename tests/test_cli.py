@@ -1,5 +1,6 @@
 """The command line: help a newcomer can follow, clear errors, exit codes."""
 
+import os
 import subprocess
 import sys
 
@@ -121,3 +122,16 @@ def test_the_pipeline_commands_read_a_karpathy_file_in_each_layout(tmp_path, cap
                  "--set", "run.threads=1", "--set", "run.stop_at_chance_after=0"]) == 0
     out = capsys.readouterr()
     assert "feature store ready" in out.out and "Traceback" not in out.err
+
+
+def test_offline_holds_for_the_command_only(tmp_path, monkeypatch):
+    """`--offline` reaches the command's worker processes through DSMD_OFFLINE; a caller of main() in
+    the same process is not left offline afterwards (a later test once passed only because of that)."""
+    monkeypatch.delenv("DSMD_OFFLINE", raising=False)
+    assert main(["features", "--offline", "--teacher", "clip", "--teacher-path", "x", "--data",
+                 str(tmp_path / "none"), "--out", str(tmp_path / "f")]) == 2
+    assert "DSMD_OFFLINE" not in os.environ
+    monkeypatch.setenv("DSMD_OFFLINE", "0")
+    main(["features", "--offline", "--teacher", "clip", "--teacher-path", "x", "--data", str(tmp_path / "none"),
+          "--out", str(tmp_path / "f")])
+    assert os.environ["DSMD_OFFLINE"] == "0"
