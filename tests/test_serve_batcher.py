@@ -60,5 +60,6 @@ def test_a_dying_worker_answers_the_batch_in_its_hands_and_the_queue_at_once():
         assert not b.healthy
         with pytest.raises(EncoderStopped):
             b.submit_nowait("third")  # refused at the door from now on
+        b.thread.join(30)  # its exception is reported (and filtered) within this test
 
     asyncio.run(main())
