@@ -7,7 +7,9 @@ would otherwise go unnoticed.
 
 from __future__ import annotations
 
+import argparse
 import warnings
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +247,20 @@ def test_loader_accepts_module_wrapped_and_refuses_truncated_files_in_one_line(t
         assert "\n" not in str(err.value) and "Download it again" in str(err.value)
     with pytest.raises(UserError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pth", config=TINY)
+
+
+def test_loader_takes_the_training_args_saved_beside_the_weights_and_nothing_else(tmp_path):
+    """Checkpoints of BEiT-3's training scripts carry {"model": ..., "args": argparse.Namespace}: loaded.
+    Any other object is still refused with the advice to re-save the weights."""
+    model = BEiT3Retrieval.random(TINY)
+    with_args = tmp_path / "with_args.pth"
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=5e-4, batch_size=32)}, with_args)
+    loaded, _ = load_checkpoint(with_args, config=TINY)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    other = tmp_path / "other.pth"
+    torch.save({"model": model.state_dict(), "args": Fraction(1, 3)}, other)
+    with pytest.raises(UserError, match="holds more than tensors"):
+        load_checkpoint(other, config=TINY)
 
 
 # ---------------------------------------------------------------- tokenizer

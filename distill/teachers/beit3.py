@@ -8,6 +8,7 @@ fetched once into the cache with its beit3.spm (`dsmd.hub`).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import pickle
 import re
@@ -37,7 +38,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"{path} does not exist: give the BEiT-3 retrieval checkpoint (.pth) with --teacher-path")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # training scripts of BEiT-3's family save their argparse settings beside the weights: that one
+        # class is allowed; anything else that is not a tensor, a number or a container is still refused
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise UserError(f"{path} holds more than tensors, and torch.load(weights_only=True) refuses it. If you "
                          "trust the file, re-save only its weights: torch.save({'model': torch.load(path, "
