@@ -4,6 +4,9 @@
     sources.py    where images come from (a folder, a data set, a shard), decoded in threads
     ann.py        which FAISS index fits a size and memory, and its tuning to a recall target
     db.py         the SQLite tables (items, content hashes, captions, the row of each vector): the source of truth
+    connect.py    how SQLite is opened: durability (DSMD_INDEX_SYNCHRONOUS), read-only connections that create no file
+    identity.py   which bundle an index belongs to (fingerprint, dim, variant), checked by every writer
+    reclaim.py    compaction giving back the vector rows and upload files of removed items
     vectors.py    the vectors themselves: one float16 matrix file per table, memory-mapped for reading
     search.py     an opened index answering queries from many threads, and changing live (what the server holds)
     live.py       the in-memory side of a live index: segments for additions, tombstones for removals

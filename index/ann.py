@@ -380,8 +380,10 @@ def read(path: Path, kind: str, search: dict, mmap: bool = False,
     manifest names beside `path`)."""
     import faiss
 
-    if kind == "ivfdisk":
-        index = OnDiskIVF(faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR), vectors_of)
+    if kind == "ivfdisk":  # lists opened read-only (FAISS's default is "r+"): nothing is ever written to them
+        # after their build, and a read-only mount or another user's files must serve
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+        index = OnDiskIVF(faiss.read_index(str(path), flags), vectors_of)
     else:
         index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap and kind != "hnsw" else 0)
     apply_search_params(index, kind, search)

@@ -33,16 +33,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dsmd.artifacts import MANIFEST, read_manifest, sha256_json, versions, write_json
+from dsmd.artifacts import MANIFEST, read_manifest, versions, write_json
 from dsmd.bundle import Bundle
 from dsmd.errors import UserError
 from dsmd.index import ann
+from dsmd.index import reclaim as reclaim_module
 from dsmd.index.db import IndexDB, NewItem
+from dsmd.index.identity import IndexMismatch, bundle_fingerprint, check_bundle
 from dsmd.index.lock import finalize_lock, folder_lock
 from dsmd.index.sources import Source, dataset_sources, folder_sources, prepared, shard_of
 
-__all__ = ["Report", "Source", "add_images", "add_texts", "build", "bundle_fingerprint", "dataset_sources", "finalize",
-           "folder_sources", "info", "merge", "remove", "shard_of"]
+__all__ = ["IndexMismatch", "Report", "Source", "add_images", "add_texts", "build", "bundle_fingerprint",
+           "check_bundle", "dataset_sources", "finalize", "folder_sources", "info", "merge", "remove", "shard_of"]
 
 INDEX_FORMAT = 1
 CRASH_AT = "DSMD_INDEX_CRASH_AT"  # tests: kill finalize at a named point (see _crash_point)
@@ -58,13 +60,6 @@ class Report:
     def to_json(self) -> dict:
         return {"added": self.added, "already_indexed": self.already, "skipped": len(self.skipped),
                 "skipped_files": self.skipped[:100], "seconds": round(self.seconds, 1)}
-
-
-def bundle_fingerprint(b: Bundle) -> str:
-    """What identifies an encoder: the hashes of its files (two exports of one student differ only if
-    the graphs do)."""
-    return sha256_json({k: v for k, v in b.manifest["files"].items() if not k.startswith(("image.", "text."))
-                        or k in ("image.onnx", "text.onnx")})
 
 
 def _quiet(progress: bool) -> dict:
@@ -137,25 +132,32 @@ def add_texts(path: str | Path, bundle: Bundle, texts: list[str], batch: int = 2
     return len(texts)
 
 
-def remove(path: str | Path, ids: list[int] = (), uris: list[str] = ()) -> int:
+def remove(path: str | Path, ids: list[int] = (), uris: list[str] = (), bundle: Bundle | None = None) -> int:
     """Delete items by id or path (their captions go with them); returns how many. Opened indexes
-    leave them out of their results at once (their rows are gone) and drop them when reopened."""
+    leave them out of their results at once (their rows are gone) and drop them when reopened.
+    `bundle`: the one the caller will finalize with, refused before anything is removed if not the index's."""
     db = _open_existing(path)
+    if bundle is not None:
+        check_bundle(path, bundle, db)
     with folder_lock(path):
         n = db.remove(ids, [str(Path(u).resolve()) if Path(u).exists() else u for u in uris])
     db.close()
     return n
 
 
-def merge(out: str | Path, inputs: list[str | Path]) -> int:
-    """Copy the items and texts of shard indexes into `out` (same bundle only); then `finalize` it."""
+def merge(out: str | Path, inputs: list[str | Path], bundle: Bundle | None = None) -> int:
+    """Copy the items and texts of shard indexes into `out` (same bundle only, `bundle` if given); then
+    `finalize` it. The folder lock is held one batch at a time, as a build holds it."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    for src in inputs if bundle is not None else ():
+        check_bundle(src, bundle)
+    if bundle is not None and (out / "items.sqlite").exists():
+        check_bundle(out, bundle)
     first = _open_existing(inputs[0])
     meta = first.meta()
     first.close()
-    with folder_lock(out):
-        return _merge(out, inputs, meta)
+    out.mkdir(parents=True, exist_ok=True)
+    return _merge(out, inputs, meta)
 
 
 def _merge(out: Path, inputs: list[str | Path], meta: dict[str, str]) -> int:
@@ -179,10 +181,12 @@ def _merge(out: Path, inputs: list[str | Path], meta: dict[str, str]) -> int:
                 items.append(NewItem(r[1], r[2], r[3], r[4], json.loads(r[5] or "[]"), v, cap_vecs))
                 known.add(r[2])
         for i in range(0, len(items), 1000):
-            db.replace(items[i:i + 1000])
+            with folder_lock(out):
+                db.replace(items[i:i + 1000])
         free = s.con.execute("SELECT id, text FROM texts WHERE item_id IS NULL ORDER BY id").fetchall()
         if free:
-            db.add_texts([f[1] for f in free], s.vectors_of(np.array([f[0] for f in free]), "texts"))
+            with folder_lock(out):
+                db.add_texts([f[1] for f in free], s.vectors_of(np.array([f[0] for f in free]), "texts"))
         added += len(items)
         s.close()
     db.close()
@@ -201,33 +205,37 @@ def _open_existing(path: str | Path) -> IndexDB:
 
 def finalize(path: str | Path, bundle: Bundle, kind: str | None = None, target: float = ann.TARGET_RECALL,
              memory_bytes: int | None = None, progress: bool = True, report: Report | None = None,
-             backend: dict | None = None) -> dict:
+             backend: dict | None = None, reclaim: bool | None = None) -> dict:
     """(Re)build the FAISS files from the database, tune them, and write the manifest last.
 
     New FAISS files get new names; the manifest (replaced atomically) names the ones to use.
     A kill at any moment leaves either the previous manifest with its files or the new one with
-    its. One finalize runs at a time (INDEX/.finalize.lock); it holds the folder lock only to
-    write the manifest and to delete what no manifest names: older FAISS files and the temporary
-    files of killed runs (`.*.faiss.*.tmp`, `.manifest.json.*.tmp`, half-stored uploads), so
-    rows may be written meanwhile (they are in the next finalize, and reconciled by searchers).
-    `kind` overrides the choice by size and is remembered for later finalizes. `backend`:
-    {"name": "milvus", "uri": URI, "collection": NAME} sends the vectors to Milvus instead of
-    FAISS files (index/milvus.py), {"name": "faiss"} back; remembered like `kind`.
+    its. One finalize runs at a time (INDEX/.finalize.lock); it holds the folder lock only to write
+    the manifest, delete what no manifest names (older FAISS files, upload files of removed items,
+    temporary files of killed runs) and switch the vector files (rewritten without removed rows:
+    `reclaim` True, or None past index/reclaim.py's thresholds), so rows may be written meanwhile.
+    `bundle` must be the index's own (else IndexMismatch). `kind` overrides the choice by size and is
+    remembered; so is `backend` ({"name": "milvus", "uri": URI, "collection": NAME}, or {"name": "faiss"}).
     """
     path = Path(path)
     t0 = time.time()
     with finalize_lock(path):
         db = _open_existing(path)
         try:
+            check_bundle(path, bundle, db)
             with folder_lock(path):
                 _clean(path, read_manifest(path))  # what killed runs left: disk space before new files
+            if reclaim or (reclaim is None and reclaim_module.should_rewrite(db)):
+                for table in ("items", "texts") if db.dim else ():
+                    reclaim_module.rewrite_vectors(db, table, lambda: folder_lock(path))
             manifest = _rebuild(path, db, bundle, kind, target, memory_bytes, progress, report, t0, backend)
+            with folder_lock(path):
+                write_json(path / MANIFEST, manifest)
+                _crash_point("manifest-written")
+                _clean(path, manifest)
+                reclaim_module.delete_orphan_uploads(db, path)
         finally:
             db.close()
-        with folder_lock(path):
-            write_json(path / MANIFEST, manifest)
-            _crash_point("manifest-written")
-            _clean(path, manifest)
     return manifest
 
 
@@ -406,5 +414,6 @@ def info(path: str | Path) -> dict:
     m = dict(m)
     m["pending_changes"] = db.generation - m["generation"]
     m["dead_vector_rows"] = db.dead_rows()
+    m["reclaimable"] = reclaim_module.reclaimable(db, Path(path))
     db.close()
     return m

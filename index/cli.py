@@ -84,10 +84,11 @@ def _add_texts(a: argparse.Namespace) -> int:
 def _remove(a: argparse.Namespace) -> int:
     from dsmd.index.build import remove
 
-    n = remove(a.index, ids=a.id or [], uris=a.uri or [])
+    bundle = _bundle(a)
+    n = remove(a.index, ids=a.id or [], uris=a.uri or [], bundle=bundle)  # another bundle: refused first
     print(f"removed {n} item(s)")
     if n:
-        m = _finalize(a, _bundle(a))
+        m = _finalize(a, bundle)
         print(f"{a.index}: {m['images']['count']} images")
         _warn_shortfall(m)
     return 0
@@ -96,8 +97,9 @@ def _remove(a: argparse.Namespace) -> int:
 def _merge(a: argparse.Namespace) -> int:
     from dsmd.index.build import merge
 
-    n = merge(a.index, a.inputs)
-    m = _finalize(a, _bundle(a))
+    bundle = _bundle(a)
+    n = merge(a.index, a.inputs, bundle)  # shards of another bundle: refused before anything is merged
+    m = _finalize(a, bundle)
     print(f"merged {n} items into {a.index}: {m['images']['count']} images, {m['texts']['count']} texts")
     _warn_shortfall(m)
     return 0
@@ -122,9 +124,11 @@ def _info(a: argparse.Namespace) -> int:
         else:
             print(f"  {part:6s} empty")
     print(f"  skipped files: {m['skipped']}")
-    dead = sum(m["dead_vector_rows"].values())
-    if dead:
-        print(f"  vector files: {dead:,} rows of removed items (dead bytes)")
+    r = m["reclaimable"]
+    if r["bytes"]:
+        print(f"  reclaimable by a compaction: {r['bytes'] / 2**20:.2f} MiB ({sum(r['vector_rows'].values()):,} "
+              f"vector rows of removed items, {r['upload_files']} upload files): freed by a server's "
+              f"compaction, or by a finalize (build, remove) once dead rows pass 10%")
     _warn_shortfall(m)
     return 0
 

@@ -13,15 +13,21 @@ Tables:
     skipped  uri, reason, at: files that could not be read (listed in the build report)
     meta     key, value: dim, bundle fingerprint, variant (fp32/int8/fp16 of the encoder that
              made the vectors; an index without one was made with fp32), index_kind when
-             overridden, generation (bumped on every change)
+             overridden, generation (bumped on every change), vectors_<table> (the vector
+             file appends go to), upload_dirs (folders uploads were stored in)
+    removed  uri: paths of deleted items (a trigger), so compaction can delete the upload files
+             no row names any more (only in an upload folder: a collection's own files stay)
+
+`vrow` is `file generation << 40 | row`: a compaction copies the live rows into a new generation's
+file and switches every vrow in one transaction (index/reclaim.py); a reader that meets an old
+file deleted reads the row again.
 
 An index made before the vectors moved out (float32 blobs in a `vector` column) is converted the
 first time it is opened with write access (`dsmd index info INDEX` does it), then vacuumed;
 read-only it is refused with that instruction.
 
 Read-only opening (`readonly=True`: a read-only mount, another user's volume) runs no PRAGMA
-that writes and no CREATE; when SQLite cannot even create its -wal/-shm files beside the
-database, it opens it `immutable` (exact as long as no writer left a -wal file behind).
+that writes and no CREATE; the rules of which connection, and durability: index/connect.py.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from pathlib import Path
 import numpy as np
 
 from dsmd.errors import UserError
-from dsmd.index.vectors import VectorFile
+from dsmd.index.connect import BUSY_TIMEOUT, Transaction, connect_readonly, state, synchronous
+from dsmd.index.vectors import GEN_SHIFT, VectorFile, retrying, vector_generations, vector_path
 
 TABLES = ("items", "texts")
 
@@ -50,6 +57,9 @@ CREATE TABLE IF NOT EXISTS texts(
 CREATE INDEX IF NOT EXISTS texts_item ON texts(item_id);
 CREATE TABLE IF NOT EXISTS skipped(uri TEXT PRIMARY KEY, reason TEXT NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS removed(uri TEXT PRIMARY KEY);
+CREATE TRIGGER IF NOT EXISTS items_removed AFTER DELETE ON items
+    BEGIN INSERT OR IGNORE INTO removed(uri) VALUES(old.uri); END;
 """
 
 
@@ -68,14 +78,16 @@ class IndexDB:
     """A connection to items.sqlite with the few operations the index needs."""
 
     def __init__(self, path: Path, dim: int | None = None, bundle: str | None = None, variant: str | None = None,
-                 readonly: bool = False):
+                 readonly: bool = False, create_files: bool = True):
+        """`readonly`: no write, no lock; with `create_files` False it creates no -wal/-shm file either."""
         self.path = Path(path)
-        self.readonly = readonly
-        self._files: dict[str, VectorFile] = {}
+        self.readonly, self.immutable = readonly, False
+        self._files: dict[tuple[str, int], VectorFile] = {}
         if readonly:
             if dim is not None or variant is not None:
                 raise ValueError("a read-only IndexDB records no dim, bundle nor variant")
-            self.con = _connect_readonly(self.path)
+            self._seen = state(self.path)
+            self.con, self.immutable = connect_readonly(self.path, create_files)
             self.dim = int(self.meta().get("dim", 0)) or None
             if self._legacy():
                 self.con.close()
@@ -84,9 +96,10 @@ class IndexDB:
                                 f"{self.path.parent}), or rebuild it")
             return
         # check_same_thread=False: a connection may be closed (or used, one thread at a time) elsewhere
-        self.con = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
+        self.con = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT, isolation_level=None,
+                                   check_same_thread=False)
         self.con.execute("PRAGMA journal_mode=WAL")
-        self.con.execute("PRAGMA synchronous=NORMAL")
+        self.con.execute(f"PRAGMA synchronous={synchronous()}")
         self.con.execute("PRAGMA foreign_keys=ON")
         self.con.executescript(SCHEMA)
         if self._legacy():
@@ -117,11 +130,11 @@ class IndexDB:
     # -- plumbing
 
     def transaction(self):
-        return _Transaction(self.con)
+        return Transaction(self.con)
 
     def snapshot(self):
         """A read transaction: every read inside sees the same state, whatever writers do meanwhile."""
-        return _Transaction(self.con, "BEGIN")
+        return Transaction(self.con, "BEGIN")
 
     def set_meta(self, key: str, value: str) -> None:
         with self.transaction():
@@ -153,24 +166,50 @@ class IndexDB:
         for f in self._files.values():
             f.close()
 
+    def stale(self) -> bool:
+        """Whether this connection may miss writes: opened `immutable` while no writer was there, and a
+        writer's -wal file has appeared since (the caller then opens a new connection)."""
+        return self.immutable and state(self.path) != self._seen
+
     # -- the vector files
 
-    def _vf(self, table: str) -> VectorFile:
+    def vector_file(self, table: str, gen: int | None = None) -> VectorFile:
+        """The vector file of generation `gen` (default: the one appends go to now)."""
         assert table in TABLES
-        f = self._files.get(table)
+        gen = self.vector_generation(table) if gen is None else int(gen)
+        f = self._files.get((table, gen))
         if f is None:
             if not self.dim:
                 raise UserError(f"{self.path.parent} has no vectors yet (no dim recorded)")
-            f = self._files[table] = VectorFile(self.path.parent / "vectors" / f"{table}.f16", self.dim,
-                                                not self.readonly)
+            f = self._files[table, gen] = VectorFile(vector_path(self.path.parent, table, gen), self.dim,
+                                                     not self.readonly)
         return f
 
+    def vector_generation(self, table: str) -> int:
+        row = self.con.execute("SELECT value FROM meta WHERE key=?", (f"vectors_{table}",)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _append(self, table: str, vectors: np.ndarray) -> np.ndarray:
+        """Append inside the caller's write transaction; returns the vrows (generation and row)."""
+        gen = self.vector_generation(table)
+        return self.vector_file(table, gen).append(vectors) + (gen << GEN_SHIFT)
+
     def _read(self, table: str, rows) -> np.ndarray:
-        return self._vf(table).read(np.fromiter((r for r in rows), np.int64))
+        """Vectors of these vrows (FileNotFoundError: a compaction deleted their file; `retrying` reads again)."""
+        vrows = np.fromiter((r for r in rows), np.int64)
+        gens = vrows >> GEN_SHIFT
+        out = np.empty((len(vrows), self.dim or 0), np.float32)
+        for g in np.unique(gens):
+            at = gens == g
+            out[at] = self.vector_file(table, int(g)).read(vrows[at] & ((1 << GEN_SHIFT) - 1))
+        return out
 
     def dead_rows(self) -> dict[str, int]:
         """Rows of the vector files no database row points to (removed items, killed appends)."""
-        return {t: self._vf(t).rows() - self.count(t) for t in TABLES} if self.dim else {t: 0 for t in TABLES}
+        if not self.dim:
+            return {t: 0 for t in TABLES}
+        return {t: sum(self.vector_file(t, g).rows() for g in vector_generations(self.path.parent, t))
+                - self.count(t) for t in TABLES}
 
     def _legacy(self) -> bool:
         return "vector" in {r[1] for r in self.con.execute("PRAGMA table_info(items)")}
@@ -189,7 +228,7 @@ class IndexDB:
                     vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), -1)
                     if self.dim is None:
                         self.dim = vecs.shape[1]
-                    where = self._vf(table).append(vecs)
+                    where = self._append(table, vecs)
                     self.con.executemany(f"UPDATE {table} SET vrow=? WHERE id=?",
                                          [(int(w), r[0]) for w, r in zip(where, rows)])
                     last = rows[-1][0]
@@ -211,9 +250,9 @@ class IndexDB:
                 if it.sha256 not in seen and self.id_of_sha(it.sha256) is None:
                     new.append(it)
                 seen.add(it.sha256)
-            rows = iter(self._vf("items").append(np.stack([it.vector for it in new])) if new else [])
+            rows = iter(self._append("items", np.stack([it.vector for it in new])) if new else [])
             caps = [it.caption_vectors for it in new if it.caption_vectors is not None and len(it.caption_vectors)]
-            cap_rows = iter(self._vf("texts").append(np.concatenate(caps)) if caps else [])
+            cap_rows = iter(self._append("texts", np.concatenate(caps)) if caps else [])
             placed = {id(it): (next(rows), it) for it in new}
             ids = []
             for it in items:
@@ -225,17 +264,18 @@ class IndexDB:
             self._bump()
         return ids
 
-    def insert_once(self, item: NewItem) -> tuple[int, bool, list[int]]:
-        """Insert one item unless its content is indexed already, in one transaction:
-        (its id, whether it was created, ids of items it replaced at the same uri)."""
+    def insert_once(self, item: NewItem) -> tuple[int, bool, list[int], list[int]]:
+        """Insert one item unless its content is indexed already, in one transaction: (its id, whether
+        it was created, ids of the items it replaced at the same uri, ids of their captions, gone with them)."""
         with self.transaction():
             old = [r[0] for r in self.con.execute("SELECT id FROM items WHERE uri=? AND sha256<>?",
                                                   (item.uri, item.sha256))]
+            texts = [r[0] for o in old for r in self.con.execute("SELECT id FROM texts WHERE item_id=?", (o,))]
             new_id, existing = self._insert(item)
             if new_id is not None:
                 self._bump()
-                return new_id, True, old
-        return int(existing), False, []
+                return new_id, True, old, texts
+        return int(existing), False, [], []
 
     def _insert(self, it: NewItem, vrow: int | None = None, cap_rows: list[int] | None = None
                 ) -> tuple[int | None, int | None]:
@@ -246,19 +286,19 @@ class IndexDB:
             return None, row[0]
         self.con.execute("DELETE FROM items WHERE uri=?", (it.uri,))
         if vrow is None:
-            vrow = int(self._vf("items").append(it.vector)[0])
+            vrow = int(self._append("items", it.vector)[0])
         cur = self.con.execute(
             "INSERT INTO items(uri, sha256, width, height, captions, added, vrow) VALUES(?,?,?,?,?,?,?)",
             (it.uri, it.sha256, it.width, it.height, json.dumps(it.captions), time.time(), int(vrow)))
         if it.caption_vectors is not None and len(it.caption_vectors):
-            where = cap_rows if cap_rows is not None else self._vf("texts").append(it.caption_vectors)
+            where = cap_rows if cap_rows is not None else self._append("texts", it.caption_vectors)
             self.con.executemany("INSERT INTO texts(item_id, text, vrow) VALUES(?,?,?)",
                                  [(cur.lastrowid, c, int(w)) for c, w in zip(it.captions, where)])
         return cur.lastrowid, None
 
     def add_texts(self, texts: list[str], vectors: np.ndarray) -> None:
         with self.transaction():
-            where = self._vf("texts").append(vectors)
+            where = self._append("texts", vectors)
             self.con.executemany("INSERT INTO texts(item_id, text, vrow) VALUES(NULL,?,?)",
                                  [(t, int(w)) for t, w in zip(texts, where)])
             self._bump()
@@ -302,8 +342,11 @@ class IndexDB:
         return row[0] if row else None
 
     def vector_of(self, item_id: int) -> np.ndarray | None:
-        row = self.con.execute("SELECT vrow FROM items WHERE id=?", (int(item_id),)).fetchone()
-        return self._read("items", [row[0]])[0] if row else None
+        def query():
+            row = self.con.execute("SELECT vrow FROM items WHERE id=?", (int(item_id),)).fetchone()
+            return self._read("items", [row[0]])[0] if row else None
+
+        return retrying(query)
 
     def known_hashes(self) -> set[str]:
         return {r[0] for r in self.con.execute("SELECT sha256 FROM items")}
@@ -325,13 +368,19 @@ class IndexDB:
             if not rows:
                 return
             ids = np.array([r[0] for r in rows], np.int64)
-            vecs = self._read(table, (r[1] for r in rows))
+            try:
+                vecs = self._read(table, (r[1] for r in rows))
+            except FileNotFoundError:  # a compaction moved them meanwhile: this chunk's rows again
+                vecs = self.vectors_of(ids, table)
             yield ids, vecs
             last = int(ids[-1])
 
     def vectors_of(self, ids: np.ndarray, table: str = "items", missing_ok: bool = False) -> np.ndarray:
         """The stored vectors of these ids, in the given order; with `missing_ok`, rows of NaN for ids
         without a row (removed meanwhile by another writer), else KeyError."""
+        return retrying(lambda: self._vectors_of(ids, table, missing_ok))
+
+    def _vectors_of(self, ids: np.ndarray, table: str, missing_ok: bool) -> np.ndarray:
         assert table in TABLES
         found: dict[int, int] = {}
         uniq = sorted({int(i) for i in ids})
@@ -365,33 +414,3 @@ class IndexDB:
 
     def skipped(self) -> list[dict]:
         return [{"uri": u, "reason": r} for u, r in self.con.execute("SELECT uri, reason FROM skipped ORDER BY uri")]
-
-
-class _Transaction:
-    def __init__(self, con: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE"):
-        self.con, self.begin = con, begin
-
-    def __enter__(self):
-        self.con.execute(self.begin)
-        return self.con
-
-    def __exit__(self, exc_type, exc, tb):
-        self.con.execute("ROLLBACK" if exc_type else "COMMIT")
-        return False
-
-
-def _connect_readonly(path: Path) -> sqlite3.Connection:
-    """A read-only connection: `mode=ro` (reads the -wal of live writers), else `immutable` when SQLite
-    cannot create its -shm file beside the database (a read-only folder)."""
-    if not path.exists():
-        raise UserError(f"{path} does not exist: build the index first (dsmd index build)")
-    for flags in ("mode=ro", "mode=ro&immutable=1"):
-        con = sqlite3.connect(f"{path.resolve().as_uri()}?{flags}", uri=True, timeout=30, isolation_level=None,
-                              check_same_thread=False)
-        try:
-            con.execute("SELECT count(*) FROM sqlite_master").fetchone()
-            return con
-        except sqlite3.OperationalError:
-            con.close()
-    raise UserError(f"cannot read {path} (not even read-only): check its permissions")
-

@@ -10,12 +10,16 @@
 Always take finalize_lock before folder_lock, never the other way round (no deadlock). Both are
 reentrant within a thread (a depth count per thread and file), and flock works between the
 threads of one process too: each acquisition opens its own file description.
+
+The holder writes who it is into the lock file (pid and command) and empties it on release, so
+a writer that gives up (IndexBusy) can say who held the folder.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -69,18 +73,40 @@ def _flock(file: Path, timeout: float | None, doing: str) -> Iterator[None]:
         raise UserError(f"cannot take the lock {file} ({e.strerror}): changing an index needs its folder "
                         f"writable") from None
     try:
-        _acquire(fd, timeout, f"another process is {doing} {file.parent}")
+        _acquire(fd, timeout, file, doing)
         held[key] = [fd, 1]
+        _note_holder(fd)
         try:
             yield
         finally:
             del held[key]
+            _note_holder(fd, clear=True)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
 
 
-def _acquire(fd: int, timeout: float | None, who: str) -> None:
+def _note_holder(fd: int, clear: bool = False) -> None:
+    """Write who holds the lock into its file (emptied on release); best effort: the flock is the lock."""
+    try:
+        os.ftruncate(fd, 0)
+        if not clear:
+            cmd = " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])[:300]
+            os.pwrite(fd, f"pid {os.getpid()} thread {threading.get_ident()}: {cmd}\n".encode(), 0)
+    except OSError:
+        pass
+
+
+def holder(file: Path) -> str | None:
+    """Who holds the lock, as its holder wrote it, or None when unknown."""
+    try:
+        text = Path(file).read_text(errors="replace").strip()
+    except OSError:
+        return None
+    return text or None
+
+
+def _acquire(fd: int, timeout: float | None, file: Path, doing: str) -> None:
     if timeout is None:
         fcntl.flock(fd, fcntl.LOCK_EX)
         return
@@ -92,7 +118,9 @@ def _acquire(fd: int, timeout: float | None, who: str) -> None:
             return
         except BlockingIOError:
             if time.monotonic() >= deadline:
-                raise IndexBusy(f"{who} (it held the lock for over {timeout:g} s); try again shortly") from None
+                who = f"held by {holder(file)}" if holder(file) else "holder unknown"
+                raise IndexBusy(f"another process is {doing} {file.parent} ({who}), and it held the lock for over "
+                                f"{timeout:g} s; try again shortly") from None
             time.sleep(delay)
             delay = min(0.05, delay * 2)
 

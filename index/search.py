@@ -10,9 +10,10 @@ no lock of the caller's. Each thread reads SQLite through its own connection; FA
 run in parallel under the read side of a readers-writer lock, whose write side is held only
 while a vector is added or a tombstone set replaced (milliseconds). Writes (`add_image`,
 `remove`) run one at a time per object and hold the folder lock (index/lock.py) across
-processes. `compact` rebuilds the files (finalize) and returns a new object; writes made on
-the old object afterwards are passed on to the new one, so a server swapping references loses
-none.
+processes, waiting for it `timeout` seconds at most (IndexBusy past it, naming the holder).
+`compact` rebuilds the files (finalize: the folder lock only for moments, so writes keep
+completing meanwhile) and returns a new object; writes made on the old one afterwards are passed
+on to it: a server swapping references loses none.
 """
 
 from __future__ import annotations
@@ -32,18 +33,15 @@ from dsmd.artifacts import MANIFEST, read_manifest
 from dsmd.bundle import Bundle
 from dsmd.errors import UserError
 from dsmd.index import ann, uploads
-from dsmd.index.build import bundle_fingerprint, finalize
+from dsmd.index.build import finalize
 from dsmd.index.db import IndexDB
+from dsmd.index.identity import IndexMismatch, check_index_bundle
 from dsmd.index.live import LivePart
 from dsmd.index.lock import RWLock, folder_lock
 from dsmd.index.recall import text_to_image_recall
 
 TABLES = {"images": "items", "texts": "texts"}
 __all__ = ["Hit", "IndexMismatch", "ReadOnlyIndex", "SearchIndex", "text_to_image_recall"]
-
-
-class IndexMismatch(UserError):
-    """The bundle does not embed into the index's space."""
 
 
 class ReadOnlyIndex(UserError):
@@ -157,36 +155,29 @@ class SearchIndex:
         db = self._db()
         for name, table in TABLES.items():
             part = self._parts[name]
-            with db.snapshot():
-                rows = db.ids(table)
-                have = part.all_ids()
-                missing = np.setdiff1d(rows, have, assume_unique=True)
-                vectors = [db.vectors_of(missing[i:i + 10_000], table) for i in range(0, len(missing), 10_000)]
-            # gone: held but without a row now (read again: a row written since the snapshot, and already
-            # added to a shared Milvus collection by its writer, is not gone)
-            gone = np.setdiff1d(have, np.union1d(rows, db.ids(table)), assume_unique=True)
+            for attempt in range(5):
+                try:
+                    with db.snapshot():
+                        rows = db.ids(table)
+                        missing = np.setdiff1d(rows, part.all_ids(), assume_unique=True)
+                        vectors = [db._vectors_of(missing[i:i + 10_000], table, False)
+                                   for i in range(0, len(missing), 10_000)]
+                    break
+                except FileNotFoundError:  # a compaction moved the vectors after the snapshot began
+                    if attempt == 4:
+                        raise
             with self._rw.write():
                 for i, v in zip(range(0, len(missing), 10_000), vectors):
                     part.add(missing[i:i + 10_000], v)
-                part.tombstone(gone)
+                # gone: held (the rows just added too) but without a row now, read after the adds: a removal by
+                # another writer meanwhile is not re-added; a row written since the snapshot is not gone
+                part.tombstone(np.setdiff1d(part.all_ids(), db.ids(table), assume_unique=True))
 
     # ---------------------------------------------------------------- reading
 
     def check_bundle(self, bundle: Bundle) -> None:
-        """Refuse a bundle whose vectors would not be comparable with the index's."""
-        want = self.manifest["bundle"]
-        if bundle.dim != want["dim"]:
-            raise IndexMismatch(f"the bundle {bundle.name} embeds into {bundle.dim} dims, the index at {self.path} "
-                                f"holds {want['dim']}-dim vectors (built with {want['name']})")
-        if bundle_fingerprint(bundle) != want["fingerprint"]:
-            raise IndexMismatch(f"the bundle at {bundle.path} is not the one the index at {self.path} was built with "
-                                f"({want['name']} at {want['path']}, fingerprint {want['fingerprint'][:12]}): "
-                                f"rebuild the index with this bundle")
-        held = want.get("variant") or "fp32"  # indexes from before variants were recorded: fp32
-        if bundle.variant != held:
-            raise IndexMismatch(f"the index at {self.path} holds vectors of the {held} variant of {want['name']}, "
-                                f"this bundle runs {bundle.variant}: use --variant {held}, or rebuild the index "
-                                f"(dsmd index build --variant {bundle.variant}) into a new folder")
+        """Refuse a bundle whose vectors would not be comparable with the index's (IndexMismatch)."""
+        check_index_bundle(self.path, {}, self.manifest, bundle)
 
     def count(self, target: str = "images") -> int:
         """Vectors a search can return now (live adds and removes included)."""
@@ -223,8 +214,12 @@ class SearchIndex:
 
     def _db(self) -> IndexDB:
         local = self._local
+        if getattr(local, "db", None) is not None and local.epoch == self._epoch and local.db.stale():
+            local.db.close()  # opened immutable while no writer was there; one is now: read its WAL too
+            local.db = None
         if getattr(local, "db", None) is None or local.epoch != self._epoch:
-            local.db, local.epoch = IndexDB(self.path / "items.sqlite", readonly=True), self._epoch
+            local.db = IndexDB(self.path / "items.sqlite", readonly=True, create_files=not self.readonly)
+            local.epoch = self._epoch
             with self._conns_lock:
                 self._conns.append(local.db)
         return local.db
@@ -240,11 +235,13 @@ class SearchIndex:
 
     # ---------------------------------------------------------------- writing
 
-    def add_image(self, data: bytes, bundle: Bundle, upload_dir: str | Path | None = None) -> dict:
+    def add_image(self, data: bytes, bundle: Bundle, upload_dir: str | Path | None = None,
+                  timeout: float | None = None) -> dict:
         """Store the upload (content-named, in `upload_dir`, default INDEX/uploads), embed it, insert its
         row and add its vector to the in-memory index: the next search finds it. The same content
         again (from any thread or process) returns the item it already is. Cost: one embedding,
         one SQLite transaction, one FAISS add; the encoder runs before the folder lock is taken.
+        `timeout`: seconds to wait for the folder lock (default `lock_timeout`), so a server can fail fast.
 
         Raises:
             UploadRefused: not an image that can be indexed. ReadOnlyIndex: opened read-only.
@@ -260,22 +257,25 @@ class SearchIndex:
         vector = uploads.embed(bundle, img)
         folder = Path(upload_dir) if upload_dir else self.path / "uploads"
         with self._write_mutex:
-            with folder_lock(self.path, self.lock_timeout):
-                item_id, created, replaced = uploads.insert(self._writer_db(), data, sha, img, vector, folder)
-            if created:
+            with folder_lock(self.path, self._timeout(timeout)):
+                item_id, created, replaced, captions = uploads.insert(self._writer_db(), data, sha, img, vector,
+                                                                      folder)
+            if created:  # the items it replaced (same path, other content) leave both parts, with their captions
                 for s in self._chain():
-                    s._apply(lambda p: p.add([item_id], vector[None]), lambda p: p.tombstone(replaced))
+                    s._apply(lambda p: (p.tombstone(replaced), p.add([item_id], vector[None])),
+                             lambda p: p.tombstone(captions))
         item = self._adopt(item_id)
         if item is None:
             raise uploads.UploadRefused("the image was removed again while it was being added; send it again")
         return item
 
-    def remove(self, item_id: int) -> bool:
-        """Delete the item's row (its captions go with it) and never return it again; False if none."""
+    def remove(self, item_id: int, timeout: float | None = None) -> bool:
+        """Delete the item's row (its captions go with it) and never return it again; False if none.
+        `timeout`: seconds to wait for the folder lock (default `lock_timeout`), then IndexBusy."""
         self._writable()
         images = lambda p: p.tombstone([item_id])  # noqa: E731 - also when the row was gone already
         with self._write_mutex:
-            with folder_lock(self.path, self.lock_timeout), self._rw.write():
+            with folder_lock(self.path, self._timeout(timeout)), self._rw.write():
                 # row and tombstone change together for this object's searches: none sees the row
                 # gone while its id is still served (a hole in its top k)
                 texts = self._writer_db().remove_item(item_id)
@@ -296,12 +296,13 @@ class SearchIndex:
         return False
 
     def compact(self, bundle: Bundle) -> SearchIndex:
-        """Rebuild and re-tune the FAISS files from the rows (finalize, under the index's locks) and return
-        the index opened anew. Meant for a background thread: this object keeps serving meanwhile,
-        and writes made through it after the new one opened are passed on to the new one."""
+        """Rebuild and re-tune the FAISS files from the rows (finalize) and return the index opened anew;
+        the vector rows and upload files of removed items are reclaimed. Meant for a thread of its own:
+        this object keeps serving and taking writes meanwhile (finalize holds the folder lock only to
+        switch files), and writes made through it after the new one opened are passed on to it."""
         self._writable()
         self.check_bundle(bundle)
-        finalize(self.path, bundle, progress=False)
+        finalize(self.path, bundle, progress=False, reclaim=True)
         fresh = SearchIndex(self.path, self.mmap, self.threads, readonly=False, milvus_uri=self._milvus_uri)
         with self._write_mutex:
             fresh._reconcile()  # what was written (here or elsewhere) while it opened
@@ -354,6 +355,9 @@ class SearchIndex:
         if self.readonly:
             raise ReadOnlyIndex(f"the index at {self.path} is open read-only (its folder or items.sqlite cannot "
                                 f"be written, or readonly=True): adding and removing items are off")
+
+    def _timeout(self, timeout: float | None) -> float:
+        return self.lock_timeout if timeout is None else float(timeout)
 
     def _writer_db(self) -> IndexDB:
         if self._writer is None:

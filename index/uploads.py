@@ -7,7 +7,8 @@ them reconciles its FAISS with the rows (adds the new item, drops the removed on
 
 An upload is stored under its content hash (the same bytes twice make one file and one item),
 atomically (temp file + rename, under the folder lock), so a kill never leaves half an image
-that a later build would index.
+that a later build would index. The file of a removed upload is deleted by the next compaction
+(finalize), once no row names it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -29,6 +31,12 @@ from dsmd.index.db import IndexDB, NewItem
 from dsmd.index.lock import folder_lock
 
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
+_NAME = re.compile(r"[0-9a-f]{32}(" + "|".join(re.escape(e) for e in [*EXTENSIONS.values(), ".img"]) + ")")
+
+
+def is_upload_name(name: str) -> bool:
+    """Whether a file name is one store_file gives (content hash and extension): only those are deleted."""
+    return _NAME.fullmatch(name) is not None
 
 
 class UploadRefused(UserError):
@@ -54,9 +62,13 @@ def embed(bundle: Bundle, img: Image.Image) -> np.ndarray:
 
 
 def insert(db: IndexDB, data: bytes, sha: str, img: Image.Image, vector: np.ndarray,
-           folder: Path) -> tuple[int, bool, list[int]]:
+           folder: Path) -> tuple[int, bool, list[int], list[int]]:
     """Store the file and insert its row unless the content is indexed already; the caller holds
-    the folder lock. Returns (item id, whether it was created, ids of items it replaced)."""
+    the folder lock. Returns (item id, whether it was created, ids of the items it replaced, ids of
+    their captions)."""
+    from dsmd.index.reclaim import note_upload_dir
+
+    note_upload_dir(db, folder, db.path.parent)
     path = store_file(data, sha, folder)
     width, height = img.info.get("original_size", img.size)
     return db.insert_once(NewItem(str(path.resolve()), sha, width, height, [], vector))
@@ -70,11 +82,18 @@ def store_file(data: bytes, sha: str, folder: Path) -> Path:
     except Exception:  # decode() has vetted the bytes; the name only needs an extension
         fmt = ""
     path = folder / f"{sha[:32]}{EXTENSIONS.get(fmt, '.img')}"
-    if not path.exists():
+    if not _holds(path, data):  # absent, or other bytes under the name (a file changed in place)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_bytes(data)
         os.replace(tmp, path)
     return path
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    try:
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    except FileNotFoundError:
+        return False
 
 
 def store_upload(index: str | Path, bundle: Bundle, data: bytes, folder: str | Path | None = None) -> str:

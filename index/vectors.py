@@ -13,7 +13,8 @@ Appending happens inside the caller's SQLite write transaction (`BEGIN IMMEDIATE
 serialises writers across processes: the rows are written and synced first, the rows that point
 to them committed after, so a committed row never points to a vector that is not on disk. A
 writer killed in between leaves rows at the end that no row points to; the next append writes
-after them. Removed items leave their rows in place (dead bytes, reported by `dsmd index info`).
+after them. Removed items leave their rows in place (dead bytes, reported by `dsmd index info`)
+until a compaction copies the live rows into the next generation's file (index/db.py, vrow).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 DTYPE = np.float16
+GEN_SHIFT = 40  # a row's vrow in SQLite: file generation << GEN_SHIFT | row (2^40 rows per file)
 
 
 def sync_dir(path: Path) -> None:
@@ -93,6 +95,8 @@ class VectorFile:
     def _remap(self) -> np.ndarray:
         """Map the file's whole rows again (it has grown since the last map)."""
         with self._lock:
+            if not self.path.exists():  # deleted by a compaction: the caller reads the rows' vrows again
+                raise FileNotFoundError(2, "vector file gone (compacted)", str(self.path))
             n = self.rows()
             m = (np.memmap(self.path, DTYPE, "r", shape=(n, self.dim)) if n
                  else np.zeros((0, self.dim), DTYPE))
@@ -104,3 +108,29 @@ class VectorFile:
 
     def close(self) -> None:
         self._map = None
+
+
+def vector_path(index: Path, table: str, gen: int) -> Path:
+    """INDEX/vectors/TABLE.f16 for generation 0 (before any compaction), TABLE.gN.f16 after."""
+    return Path(index) / "vectors" / (f"{table}.f16" if gen == 0 else f"{table}.g{gen}.f16")
+
+
+def vector_generations(index: Path, table: str) -> list[int]:
+    """The generations whose vector files are on disk, ascending."""
+    folder = Path(index) / "vectors"
+    gens = [0] if (folder / f"{table}.f16").exists() else []
+    for p in folder.glob(f"{table}.g*.f16"):
+        tag = p.name[len(table) + 2:-4]
+        if tag.isdigit():
+            gens.append(int(tag))
+    return sorted(gens)
+
+
+def retrying(query, attempts: int = 5):
+    """Run a query that reads vrows then vectors again when a compaction deleted the file they named."""
+    for attempt in range(attempts):
+        try:
+            return query()
+        except FileNotFoundError:
+            if attempt == attempts - 1:
+                raise
