@@ -7,6 +7,8 @@ everywhere: a `BadImage` with a reason, which long jobs count in a `SkipReport` 
 from __future__ import annotations
 
 import io
+import re
+import struct
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -20,6 +22,16 @@ MAX_PIXELS = 64_000_000
 # otherwise hand an EPS file to Ghostscript); uploads to the server take a stricter list.
 FILE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+# What an upload may cost to decode beyond its pixels (see `check_decode_cost`). A JPEG of more than
+# one scan (progressive, or sequential non-interleaved) makes libjpeg hold all its DCT coefficients
+# at full size, 2 bytes each, whatever the reduced decode: 9400x9400 at 4:2:0 is 253 MiB. 160 MiB lets
+# a 24 Mpixel camera photo (72 MiB at 4:2:0, 137 MiB at 4:4:4) and a 50 Mpixel one at 4:2:0 through.
+MAX_COEFFICIENT_BYTES = 160 * 2**20
+MAX_JPEG_SCANS = 64  # libjpeg's progressive script has 10; each scan is a pass over the coefficients
+MAX_JPEG_SEGMENTS = 4096  # markers (tables, comments, APPn); Pillow reads each in Python
+MAX_PNG_CHUNKS = 10_000  # Pillow reads each chunk in Python (~3 us): 870,000 empty ones fit in 10 MiB
+MAX_GIF_BLOCKS = 10_000  # extension (sub-)blocks before the first frame, read one by one in Python
+MAX_RLE_PIXELS = 1_000_000  # Pillow decodes RLE-compressed BMPs in Python, about 60 ns a pixel
 
 
 class BadImage(ValueError):
@@ -27,7 +39,7 @@ class BadImage(ValueError):
 
 
 def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS, formats: tuple[str, ...] = FILE_FORMATS,
-               min_side: int | None = None) -> Image.Image:
+               min_side: int | None = None, check_cost: bool | None = None) -> Image.Image:
     """Decode an image file or bytes into an RGB PIL image, EXIF orientation applied.
 
     GIFs and other animations give their first frame. With `min_side`, the image is decoded
@@ -37,10 +49,17 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS, formats
     reads 224 px then never pays for the memory of a 40-Mpixel photo. The size in the file is
     kept in `img.info["original_size"]`.
 
+    With `check_cost` (by default: when `formats` is UPLOAD_FORMATS, i.e. for uploads), files
+    whose decoding costs out of proportion to their pixels are refused from their headers before
+    anything is decoded (`check_decode_cost`): a worker thread that decodes cannot be stopped
+    when its request gives up, so the work must be bounded before it starts.
+
     Raises:
-        BadImage: unreadable, truncated, not an image (or not one of `formats`), or more than
-        `max_pixels` pixels to decode.
+        BadImage: unreadable, truncated, not an image (or not one of `formats`), more than
+        `max_pixels` pixels to decode, or (with `check_cost`) too costly to decode.
     """
+    if check_cost is None:
+        check_cost = formats == UPLOAD_FORMATS
     name = "upload" if isinstance(source, bytes) else str(source)
     try:
         fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
@@ -48,6 +67,11 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS, formats
         raise BadImage(f"{name}: cannot read ({e.strerror})") from None
     with fp:
         try:
+            if check_cost:
+                raw = source if isinstance(source, bytes) else fp.read()
+                check_decode_cost(raw, name)
+                fp.seek(0)
+                del raw
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img = Image.open(fp, formats=list(formats))
@@ -66,7 +90,7 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS, formats
         except Image.UnidentifiedImageError:
             raise BadImage(f"{name}: not an image file"
                            + (f" (accepted: {', '.join(formats)})" if formats else "")) from None
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
             raise BadImage(f"{name}: corrupt or truncated image ({e})") from None
         if min_side:
             factor = min(img.size) // min_side
@@ -76,6 +100,110 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS, formats
         img = to_rgb(img)
         img.info["original_size"] = original  # as stored in the file, before any reduction
         return img
+
+
+def check_decode_cost(data: bytes, name: str = "upload") -> None:
+    """Refuse, from the headers alone, an image whose decoding would cost far more than its pixels:
+    a multi-scan JPEG whose coefficients pass MAX_COEFFICIENT_BYTES, or with more than MAX_JPEG_SCANS
+    scans or MAX_JPEG_SEGMENTS markers; a PNG of more than MAX_PNG_CHUNKS chunks; a GIF with more than
+    MAX_GIF_BLOCKS blocks before its first frame; an RLE-compressed BMP of more than MAX_RLE_PIXELS.
+    Each walk stops at its limit, so the check itself costs little whatever the file.
+
+    Raises:
+        BadImage: with what was found and what to send instead.
+    """
+    head = bytes(data[:64])
+    if head.startswith(b"\xff\xd8"):
+        _check_jpeg(data, name)
+    elif head.startswith(b"\x89PNG\r\n\x1a\n"):
+        _check_png(data, name)
+    elif head.startswith((b"GIF87a", b"GIF89a")):
+        _check_gif(data, name)
+    elif head.startswith(b"BM") and len(head) >= 34 and struct.unpack_from("<I", head, 14)[0] >= 40:
+        width, height, _, _, compression = struct.unpack_from("<iiHHI", head, 18)
+        pixels = abs(width) * abs(height)
+        if compression in (1, 2) and pixels > MAX_RLE_PIXELS:
+            raise BadImage(f"{name}: an RLE-compressed BMP of {abs(width)}x{abs(height)} pixels is over the "
+                           f"limit of {MAX_RLE_PIXELS:,} for that compression; send it as PNG or JPEG")
+
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+# the first marker after a scan's data: neither a stuffed 0xff00 nor a restart marker
+_ENTROPY_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+
+
+def _check_jpeg(data: bytes, name: str) -> None:
+    pos, n, segments, scans, frame = 2, len(data), 0, 0, None
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return  # corrupt: Pillow says so
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:  # end of image
+            break
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+            continue
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            raise BadImage(f"{name}: a JPEG of more than {MAX_JPEG_SEGMENTS:,} segments; save it again with an "
+                           f"ordinary encoder")
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker in _SOF and frame is None and pos + 10 <= n:
+            frame = (marker, data[pos + 4:pos + 2 + length])
+        pos += 2 + length
+        if marker == 0xDA:
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise BadImage(f"{name}: a JPEG of more than {MAX_JPEG_SCANS} scans (each one a pass over the whole "
+                               f"image); save it again as a baseline JPEG")
+            end = _ENTROPY_END.search(data, pos)
+            pos = end.start() if end else n
+    if frame is None:
+        return
+    marker, sof = frame
+    if (scans > 1 or marker in (0xC2, 0xC6, 0xCA, 0xCE)) and len(sof) >= 6:
+        height, width, count = int.from_bytes(sof[1:3], "big"), int.from_bytes(sof[3:5], "big"), sof[5]
+        sampling = [(sof[7 + 3 * i] >> 4, sof[7 + 3 * i] & 15) for i in range(count) if 8 + 3 * i < len(sof)]
+        hmax = max((h for h, _ in sampling), default=1) or 1
+        vmax = max((v for _, v in sampling), default=1) or 1
+        blocks = sum(-(-width * h // (8 * hmax)) * -(-height * v // (8 * vmax)) for h, v in sampling)
+        need = blocks * 64 * 2
+        if need > MAX_COEFFICIENT_BYTES:
+            kind = "progressive" if marker in (0xC2, 0xC6, 0xCA, 0xCE) else "multi-scan"
+            raise BadImage(f"{name}: a {kind} JPEG of {width}x{height} pixels needs {need / 2**20:.0f} MiB to "
+                           f"decode (libjpeg holds all its coefficients), over the limit of "
+                           f"{MAX_COEFFICIENT_BYTES / 2**20:.0f} MiB; send a baseline JPEG or a smaller image")
+
+
+def _check_png(data: bytes, name: str) -> None:
+    pos, n, chunks = 8, len(data), 0
+    while pos + 8 <= n:
+        chunks += 1
+        if chunks > MAX_PNG_CHUNKS:
+            raise BadImage(f"{name}: a PNG of more than {MAX_PNG_CHUNKS:,} chunks; save it again with an "
+                           f"ordinary encoder")
+        if data[pos + 4:pos + 8] == b"IEND":
+            return
+        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+
+
+def _check_gif(data: bytes, name: str) -> None:
+    n, flags = len(data), data[10] if len(data) > 10 else 0
+    pos, blocks = 13 + (3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0), 0
+    while pos < n and data[pos] == 0x21:  # an extension: introducer, label, then sub-blocks up to an empty one
+        pos += 2
+        while pos < n:
+            blocks += 1
+            if blocks > MAX_GIF_BLOCKS:
+                raise BadImage(f"{name}: a GIF of more than {MAX_GIF_BLOCKS:,} blocks before its first image; save "
+                               f"it again with an ordinary encoder")
+            size = data[pos]
+            pos += 1 + size
+            if size == 0:
+                break
 
 
 def _box_for(size: tuple[int, int], min_side: int) -> tuple[int, int]:

@@ -53,19 +53,35 @@ class PreprocessConfig:
         return cls(**d)
 
 
+# A shortest_crop resize whose whole resized image would pass this many pixels resizes only the crop:
+# a 600000x20 image resized to 224 on its shorter side would be 6,720,000x224, 6 GB.
+BOUNDED_RESIZE_PIXELS = 4_000_000
+
+
 def resize_image(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
-    """Resize (and crop) an RGB image to cfg.size x cfg.size as the spec says."""
+    """Resize (and crop) an RGB image to cfg.size x cfg.size as the spec says.
+
+    Ordinary images are resized whole, then cropped (as Hugging Face's and torchvision's resizers do,
+    so CLIP inputs match exactly). A long thin image, whose whole resize would be huge, is resized
+    only where the crop lies (Pillow's `box`, at the same scale): memory stays a few times cfg.size
+    squared, and the result is the same within rounding. (A squash needs no such care: Pillow's
+    resize of 20x60000 to 224x224 holds no large intermediate image, measured.)
+    """
     img = img.convert("RGB")
     resample = _RESAMPLE[cfg.interpolation]
-    if cfg.resize == "squash":
-        return img.resize((cfg.size, cfg.size), resample)
+    size = cfg.size
     w, h = img.size
-    scale = cfg.size / min(w, h)
+    if cfg.resize == "squash":
+        return img.resize((size, size), resample)
+    scale = size / min(w, h)
     # int() (floor) as Hugging Face's and torchvision's resizers do, so CLIP inputs match exactly
-    nw, nh = max(cfg.size, int(w * scale)), max(cfg.size, int(h * scale))
+    nw, nh = max(size, int(w * scale)), max(size, int(h * scale))
+    left, top = (nw - size) // 2, (nh - size) // 2
+    if nw * nh > BOUNDED_RESIZE_PIXELS:
+        sx, sy = w / nw, h / nh  # the source region that lands in the crop, at the same scale
+        return img.resize((size, size), resample, box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
     img = img.resize((nw, nh), resample)
-    left, top = (nw - cfg.size) // 2, (nh - cfg.size) // 2
-    return img.crop((left, top, left + cfg.size, top + cfg.size))
+    return img.crop((left, top, left + size, top + size))
 
 
 def image_to_array(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Resident memory: read it, and keep glibc from holding on to what requests freed.
+"""Resident memory: read it, state what requests may add to it, and keep glibc from holding on to
+what requests freed.
 
 Large transient buffers (upload bodies, decoded images) are allocated and freed all the time.
 glibc raises its mmap threshold after such frees, so later buffers come from the heap and the
@@ -11,6 +12,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dsmd.serve.settings import Settings
 
 M_ARENA_MAX = -8
 M_MMAP_THRESHOLD = -3
@@ -43,3 +48,36 @@ def resident_bytes() -> int | None:
 def peak_resident_bytes() -> int | None:
     """The highest resident set so far (VmHWM)."""
     return _status("VmHWM")
+
+
+def budget_bytes(s: Settings, input_size: int = 512) -> int:
+    """What requests may add to the resident memory at most, above the loaded model and index:
+    the figure `/info` adds to the resident size after start-up to state its ceiling.
+
+    Every buffer a request can hold is counted at its largest, for as many requests as the gates let in:
+    - upload bodies being read: the body budget where the settings have one (`body_budget_bytes`), else
+      one body per image search and write; and for each of those being parsed, a copy of its base64
+      text with JSON's escapes dropped, and the image's bytes (a multipart file is joined once from
+      views of the body);
+    - a decode (each decode slot, also held by thumbnails, and the index writer's own decode of an added
+      image): a multi-scan JPEG's coefficients with its reduced image, or a decoded image and its
+      conversion copy at 4 bytes a pixel (Pillow keeps RGB in 32 bits), whichever is larger, plus the
+      bounded resize and the model input;
+    - encoder inputs in flight (`input_size`: the bundle's, or a generous 512), the text and thumbnail
+      caches full, and 32 MiB for sockets, threads and the rest.
+    """
+    from dsmd.images import MAX_COEFFICIENT_BYTES
+    from dsmd.preprocess import BOUNDED_RESIZE_PIXELS
+    from dsmd.serve.uploads import body_limit
+
+    body = body_limit(s.max_upload_bytes)
+    parsing = s.max_image_requests + s.max_write_requests
+    bodies = getattr(s, "body_budget_bytes", None) or parsing * body
+    uploads = bodies + parsing * (body + s.max_upload_bytes)
+    image = 4 * s.max_pixels
+    model_input = 3 * input_size**2 * 4  # float32
+    decode = max(MAX_COEFFICIENT_BYTES + image, 2 * image) + 2 * 4 * BOUNDED_RESIZE_PIXELS + 4 * model_input
+    decodes = (s.decode_slots + (1 if s.writes else 0)) * decode
+    batches = 2 * s.max_batch * model_input  # a batch being encoded and the next one being stacked
+    caches = s.text_cache * (10_000 + 4 * 4096) + s.thumb_cache * s.thumb_size**2 // 2  # texts <= 10,000 chars
+    return uploads + decodes + batches + caches + 32 * 2**20
