@@ -1,7 +1,8 @@
 """The search server: `create_app(settings)` for uvicorn (`dsmd serve`, `make serve`).
 
 The bundle and the index load at start-up (lifespan), so the first query is as fast as the
-rest. Every request passes a gate (a fast 503 past capacity) and has a deadline; encoders run
+rest. Every request passes a gate (a short queue past capacity, a fast 503 past the queue) and has a
+deadline; upload bodies are read before the gate, under a byte budget and a minimum rate; encoders run
 in micro-batching threads, searches in the thread pool with no lock, index writes on a writer
 thread: nothing heavy runs on the event loop. Every error a caller can cause is a 4xx with a
 `detail` message, described in the OpenAPI spec; files are only ever read from the index's own
@@ -21,6 +22,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from dsmd.serve.admission import ClientGone
 from dsmd.serve.middleware import Measure
@@ -52,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(Measure)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(ClientGone, _gone)
+    app.add_exception_handler(ClientDisconnect, _gone)
     for router in ROUTERS:
         app.include_router(router)
     return app
@@ -63,12 +66,15 @@ async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
     return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
 
 
-async def _gone(request: Request, e: ClientGone) -> Response:
-    return Response(status_code=499)  # nobody reads it; counted in the metrics
+async def _gone(request: Request, e: Exception) -> Response:
+    """The client left before its answer: 499 in the metrics and an info line, no traceback."""
+    log.info("%s %s: the client disconnected before the answer (499)", request.method, request.url.path)
+    return Response(status_code=499)  # nobody reads it
 
 
 async def _watch_index(s: State) -> None:
-    """Every few seconds: has another process rebuilt the index? Then serve the new one."""
+    """Every few seconds: has another process rebuilt the index? Then serve the new one (a rebuild
+    it cannot serve is reported once by State.reload_if_changed, never retried in a loop)."""
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(s.settings.reload_check_s)

@@ -89,6 +89,8 @@ class Health(BaseModel):
 class Ready(BaseModel):
     ready: bool
     encoders: dict[str, bool] = Field(description="whether each encoder's worker thread is alive")
+    reload_error: str | None = Field(None, description="present when the index was rebuilt into one this server "
+                                     "cannot serve: it goes on serving the one it has")
 
 
 class Info(BaseModel):
@@ -109,9 +111,10 @@ DESCRIPTIONS = {
     400: "the body cannot be parsed",
     401: "missing or wrong token",
     403: "writes are off on this server",
-    404: "no such item, or its file is gone",
-    408: "the upload arrived too slowly",
+    404: "no such item, or its file is gone (or is a link out of its folder)",
+    408: "the upload arrived too slowly (under the minimum rate after its grace period)",
     409: "the item changed while the request ran",
+    410: "the item's file has changed since it was indexed",
     413: "the upload or text is over the limit",
     415: "the body is not multipart/form-data or JSON",
     422: "a parameter or the image is not valid",

@@ -37,13 +37,20 @@ class Settings(BaseSettings):
     # -- uploads: what one image may cost
     max_upload_bytes: int = Field(10 * 2**20, ge=1024)
     max_pixels: int = Field(12_000_000, ge=64 * 64)  # after a JPEG's reduced decode; other formats as sent
-    # -- admission: past these, a fast 503 with Retry-After instead of a queue that grows
-    max_text_requests: int = Field(64, ge=1)  # /search requests inside the server at once
-    max_image_requests: int = Field(4, ge=1)  # image uploads being read, decoded or searched at once
+    # -- admission: past a gate, a short queue; past the queue (or its wait), a fast 503 with Retry-After
+    max_text_requests: int = Field(64, ge=1)  # /search and /similar requests inside the server at once
+    max_image_requests: int = Field(4, ge=1)  # image uploads being decoded, encoded or searched at once
     max_write_requests: int = Field(2, ge=1)  # POST/DELETE /items at once
+    max_thumbnail_requests: int = Field(2, ge=1)  # thumbnails being made at once (each holds a worker thread)
     decode_slots: int = Field(2, ge=1)  # images decoded at the same moment
+    admission_queue: int = Field(64, ge=0)  # requests per gate waiting for a slot (0: refuse at once)
+    queue_wait_share: float = Field(0.5, gt=0, le=1)  # of request_timeout_s a request may wait in a queue
     max_queue: int = Field(256, ge=1)  # inputs waiting for an encoder
-    request_timeout_s: float = Field(5.0, gt=0)  # a request not answered by then gets a 503
+    request_timeout_s: float = Field(5.0, gt=0)  # a request not answered by then (after its body) gets a 503
+    # -- upload bodies: read before a request takes a slot, under a budget of bytes and a minimum rate
+    body_budget_bytes: int | None = Field(None, ge=65536)  # bodies held at once; None: 4 of the largest
+    body_grace_s: float = Field(5.0, gt=0)  # how long a body may take before the minimum rate applies
+    min_upload_rate: float = Field(10_000, gt=0)  # bytes a second a body must keep up after its grace, else 408
     # -- encoders
     batch_wait_ms: float = Field(2.0, ge=0)  # how long an encoder call waits for company from concurrent requests
     max_batch: int = Field(32, ge=1)
@@ -69,7 +76,17 @@ class Settings(BaseSettings):
             if not path.is_file():
                 raise ValueError(f"token_file {path} does not exist")
             object.__setattr__(self, "token", path.read_text(encoding="utf-8").strip() or None)
+        largest = self.max_upload_bytes * 4 // 3 + 65536  # the body of the largest upload (serve/uploads.py)
+        if self.body_budget_bytes is None:
+            object.__setattr__(self, "body_budget_bytes", 4 * largest)
+        elif self.body_budget_bytes < largest:
+            raise ValueError(f"body_budget_bytes ({self.body_budget_bytes:,}) must hold at least one upload of "
+                             f"max_upload_bytes ({largest:,} bytes of body): raise it or lower max_upload_bytes")
         return self
+
+    def queue_wait_s(self, left_s: float) -> float:
+        """How long a request with `left_s` seconds to its deadline may wait in a gate's queue."""
+        return min(self.queue_wait_share * self.request_timeout_s, left_s)
 
     @classmethod
     def from_env(cls, **overrides) -> Settings:
@@ -85,17 +102,12 @@ class Settings(BaseSettings):
             raise UserError(f"invalid server settings: {problems}") from None
 
     def memory_budget_bytes(self) -> int:
-        """What requests may add to the resident memory at most, above the loaded model and index.
+        """What requests may add to the resident memory at most, above the loaded model and index
+        (serve/memory.py's `budget_bytes`, the one account of it). Upload bodies are held under
+        `body_budget_bytes` together, whatever the gates: they are read before a request takes a slot."""
+        from dsmd.serve.memory import budget_bytes
 
-        Each admitted upload holds its body and at most three transient copies while parsing
-        (JSON text, base64, the decoded bytes); each decode slot an RGB image of `max_pixels`
-        plus one conversion copy, and a resized float array; text requests hold little.
-        """
-        body = self.max_upload_bytes * 4 // 3 + 65536
-        uploads = self.max_image_requests * 4 * body
-        decodes = self.decode_slots * (2 * 4 * self.max_pixels)  # RGBA and RGB copies of the largest image
-        batches = 2 * self.max_batch * 3 * 512 * 512 * 4  # encoder inputs in flight (generous for 384-px models)
-        return uploads + decodes + batches + 64 * 2**20  # and 64 MiB for caches, sockets and the rest
+        return budget_bytes(self)
 
 
 def _describe(err: dict) -> str:

@@ -3,29 +3,44 @@
 Searches read `self.index` once and use that object to the end, so swapping in a new index
 (after a compaction, or when another process rebuilt the folder) is one assignment and needs
 no lock. Writes, compactions and reloads run one at a time on their own thread, never on the
-thread pool the searches use.
+thread pool the searches use. A reload that fails (the folder rebuilt with another bundle) is
+logged once and the index in hand goes on being served; it is tried again only when the
+manifest changes again.
+
+Thumbnails are made once per item however many ask at the same moment (one render, the others
+wait for it), by at most `max_thumbnail_requests` worker threads, and kept across index swaps
+(the cache is keyed by the item's id and the sha256 of its file).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
+import logging
+import os
 import threading
 import time
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from prometheus_client import Counter, Gauge
+from starlette.concurrency import run_in_threadpool
 
 from dsmd.bundle import Bundle, RuntimeOptions
 from dsmd.errors import UserError
 from dsmd.images import UPLOAD_FORMATS, open_image
 from dsmd.index.search import SearchIndex
-from dsmd.serve.admission import Gate
+from dsmd.serve.admission import BodyBudget, Deadline, Gate, within
 from dsmd.serve.batcher import MicroBatcher
 from dsmd.serve.cache import LRU
 from dsmd.serve.memory import limit_malloc, resident_bytes
 from dsmd.serve.metrics import Metrics
 from dsmd.serve.settings import Settings
+
+log = logging.getLogger("dsmd.serve")
 
 
 def check_backend(s: Settings) -> None:
@@ -57,12 +72,19 @@ class State:
         self.writes = s.writes and not self.index.readonly
         self.text_cache = LRU(s.text_cache)
         self.thumbs = LRU(s.thumb_cache)
+        self.verified = LRU(4096)  # files whose sha256 matched their row: (path, inode, mtime, size)
+        self._thumb_flights: dict[Hashable, asyncio.Future] = {}
+        self.reload_error: str | None = None
+        self._failed_manifest: tuple | None = None  # the manifest (its stat) a reload failed on
+        x = self.extra = _extra_metrics(m)
         reject = lambda gate: m.rejected.labels(gate).inc()  # noqa: E731
         moved = lambda gate, n: m.in_flight.labels(gate).set(n)  # noqa: E731
-        self.gates = {"text": Gate("text", s.max_text_requests, reject, moved),
-                      "image": Gate("image", s.max_image_requests, reject, moved),
-                      "write": Gate("write", s.max_write_requests, reject, moved),
-                      "thumbnail": Gate("thumbnail", s.max_text_requests, reject, moved)}
+        waits = lambda gate, n: x["queued"].labels(gate).set(n)  # noqa: E731
+        limits = {"text": s.max_text_requests, "image": s.max_image_requests, "write": s.max_write_requests,
+                  "thumbnail": s.max_thumbnail_requests}
+        self.gates = {name: Gate(name, n, reject, moved, s.admission_queue, waits) for name, n in limits.items()}
+        self.bodies = BodyBudget(s.body_budget_bytes or 0, reject, lambda n, used: (x["reading"].set(n),
+                                                                                     x["body_bytes"].set(used)))
         self.decode_slots = threading.BoundedSemaphore(s.decode_slots)  # held by the decoding thread itself
         self.texts = MicroBatcher(self._text_work, s.batch_wait_ms, s.max_batch, "text encoder",
                                   lambda n: m.batches.labels("text").observe(n), lambda: self.gates["text"].inside,
@@ -113,10 +135,37 @@ class State:
                              min_side=2 * self.bundle.preprocess.size)
             return self.bundle.transform(img)
 
-    def thumbnail(self, uri: str) -> bytes:
-        """A JPEG thumbnail of an indexed file (raises BadImage when it cannot be read)."""
+    async def thumbnail(self, key: Hashable, locate: Callable[[], Path], deadline: Deadline) -> bytes:
+        """A JPEG thumbnail of an indexed file (`locate()`, in a worker thread, finds it or raises): from
+        the cache, or from the one render of it under way, or rendered now (raises BadImage when the
+        file cannot be read, a 503 past the deadline)."""
+        data = self.thumbs.lookup(key)
+        if data is not None:
+            return data
+        flight = self._thumb_flights.get(key)
+        if flight is None:
+            flight = self._thumb_flights[key] = asyncio.ensure_future(self._render(key, locate, deadline))
+            flight.add_done_callback(lambda f: (self._thumb_flights.pop(key, None), f.cancelled() or f.exception()))
+        waiting = self.extra["thumb_waiting"]
+        waiting.inc()
+        try:
+            return await within(deadline, asyncio.shield(flight), "make the thumbnail")
+        finally:
+            waiting.dec()
+
+    async def _render(self, key: Hashable, locate: Callable[[], Path], deadline: Deadline) -> bytes:
+        """One render: it holds its thumbnail slot until its thread is done, not until a deadline, so a
+        stalled file never lets more threads pile up behind the slots."""
+        async with self.gates["thumbnail"].admit(self.settings.queue_wait_s(deadline.left())):
+            data = await run_in_threadpool(self._thumbnail_file, locate)
+        self.thumbs.put(key, data)
+        return data
+
+    def _thumbnail_file(self, locate: Callable[[], Path]) -> bytes:
+        path = locate()
+        self.extra["renders"].inc()
         with self.decode_slots:
-            img = open_image(uri, min_side=self.settings.thumb_size)
+            img = open_image(path, max_pixels=self.settings.max_pixels, min_side=self.settings.thumb_size)
             img.thumbnail((self.settings.thumb_size, self.settings.thumb_size))
             buf = io.BytesIO()
             img.save(buf, "JPEG", quality=85)
@@ -137,16 +186,35 @@ class State:
     def swap(self, fresh: SearchIndex) -> None:
         fresh.check_bundle(self.bundle)
         self.index = fresh  # searches in flight finish on the old object; it is freed when they drop it
-        with self.thumbs.lock:
-            self.thumbs.clear()
-        self.refresh_gauges()
+        self.refresh_gauges()  # thumbnails stay cached: keyed by (id, sha256), an item that changed misses
 
     def reload_if_changed(self) -> bool:
-        """Open the index again if another process wrote a new manifest (e.g. `dsmd index build`)."""
+        """Open the index again if another process wrote a new manifest (e.g. `dsmd index build`). A
+        manifest that cannot be served is reported once (log, /info, /readyz) and not tried again."""
+        self.extra["reload_checks"].inc()
+        stat = _manifest_stat(Path(self.settings.index))
         if not self.index.changed_on_disk():
+            if self._failed_manifest is not None and stat != self._failed_manifest:  # back to the one served
+                self._failed_manifest = self.reload_error = None
             return False
-        self.swap(SearchIndex(self.settings.index, readonly=True if not self.writes else None,
-                              milvus_uri=self.settings.milvus_uri))
+        if stat is not None and stat == self._failed_manifest:
+            return False
+        fresh = None
+        try:
+            fresh = SearchIndex(self.settings.index, readonly=True if not self.writes else None,
+                                milvus_uri=self.settings.milvus_uri)
+            fresh.check_bundle(self.bundle)
+        except Exception as e:  # whatever it was, the index in hand goes on being served
+            if fresh is not None:
+                with contextlib.suppress(Exception):
+                    fresh.close()  # its SQLite connections and its Milvus client: nothing leaks per attempt
+            self._failed_manifest = stat
+            self.reload_error = (f"cannot reload the index at {self.settings.index}: {e}; serving generation "
+                                 f"{self.index.generation} until its manifest changes again")
+            log.error(self.reload_error)
+            return False
+        self._failed_manifest = self.reload_error = None
+        self.swap(fresh)
         return True
 
     def compact_if_due(self) -> bool:
@@ -164,6 +232,28 @@ class State:
         self.images.close()
         self.writer.shutdown(wait=True, cancel_futures=True)
         self.index.close()
+
+
+def _manifest_stat(index: Path) -> tuple | None:
+    try:
+        st = os.stat(index / "manifest.json")
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _extra_metrics(m: Metrics) -> dict:
+    """Metrics of admission, thumbnails and reloads, in the app's registry (next to serve/metrics.py's)."""
+    r = m.registry
+    return {"queued": Gauge("dsmd_admission_queued", "Requests waiting for a slot, per gate.", ["gate"], registry=r),
+            "reading": Gauge("dsmd_upload_bodies_reading", "Upload bodies being received.", registry=r),
+            "body_bytes": Gauge("dsmd_upload_body_bytes", "Bytes of upload bodies held (the body budget used).",
+                                registry=r),
+            "renders": Counter("dsmd_thumbnail_renders", "Thumbnails made (decodes of an item's file).", registry=r),
+            "thumb_waiting": Gauge("dsmd_thumbnail_waiting", "Requests waiting for a thumbnail being made.",
+                                   registry=r),
+            "reload_checks": Counter("dsmd_index_reload_checks", "Looks for an index rebuilt by another process.",
+                                     registry=r)}
 
 
 def search_here(index: SearchIndex, vector: np.ndarray, k: int, target: str) -> list:

@@ -1,14 +1,17 @@
 """The server as a hostile client and an operator meet it: big pixels, odd formats, floods, overload,
 clients that leave, deadlines, read-only folders, bad settings. Real uvicorn on loopback each time.
 
-Overload tests assert order and counts, never timings: a gate slot is held by an upload whose body
-stops half-way (or a slow encoder, `DSMD_ENCODE_DELAY_MS`), the test waits for the server's own
-in-flight gauge in /metrics, and only then sends what must be refused."""
+Overload tests assert order and counts, never timings: a gate slot is held by a slow encoder
+(`DSMD_ENCODE_DELAY_MS`), a named pipe the server reads or the index's folder lock held by the test,
+body bytes by an upload whose body stops half-way; the test waits for the server's own gauges in
+/metrics, and only then sends what must be refused. Tests of the refusal past a gate set
+DSMD_ADMISSION_QUEUE=0 (no queue); the queue itself is tested in test_serve_admission.py."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import io
 import json
 import math
@@ -63,11 +66,12 @@ def _stalled(c: httpx.AsyncClient, url: str, body: bytes,
     return asyncio.create_task(sent), release
 
 
-async def _head_only(port: int, method: str, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], dict]:
+async def _head_only(port: int, method: str, path: str, headers: dict[str, str],
+                     declared: int = 100000) -> tuple[int, dict[str, str], dict]:
     """Send a request's head declaring a body that never comes, and read the answer: only a server that
     answers before reading the body can answer at all (one that waited would time out here)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    lines = [f"{method} {path} HTTP/1.1", "host: x", "content-type: application/json", "content-length: 100000",
+    lines = [f"{method} {path} HTTP/1.1", "host: x", "content-type: application/json", f"content-length: {declared}",
              *(f"{k}: {v}" for k, v in headers.items())]
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
     try:
@@ -108,18 +112,20 @@ def test_formats_outside_the_list_are_never_decoded(plain, fmt):
     assert r.status_code == 422 and "accepted: JPEG, PNG, WEBP, GIF, BMP" in r.json()["detail"], r.text
 
 
-FLOOD_LIMITS = {"max_image_requests": 2, "decode_slots": 1, "max_upload_bytes": 4 * 2**20, "max_pixels": 2000 * 2000}
+FLOOD_BODY = 4 * 2**20 * 4 // 3 + 65536  # the largest body that carries an image of max_upload_bytes (base64)
+FLOOD_LIMITS = {"body_budget_bytes": 2 * FLOOD_BODY, "max_image_requests": 2, "decode_slots": 1,
+                "max_upload_bytes": 4 * 2**20, "max_pixels": 2000 * 2000}
 
 
 def test_a_flood_of_big_uploads_raises_the_peak_by_no_more_than_the_limits_allow(tiny_search, tmp_path):
     """32 clients at once, each sending a PNG as big as the limits allow (3.5 MB, 4 Mpixel, which PNG
-    decodes in full). The peak may rise by at most: per admitted upload, its body and up to three copies
-    while it is parsed; per decode slot, the decoded image and one copy at 4 bytes a pixel (Pillow keeps
-    RGB in 32 bits); and 32 MiB of slack: 106 MiB here. The same flood raised it by 300 to 420 MiB with the
-    gates opened wide (1000 uploads, 1000 decodes, no pixel cap), by 200 MiB with only the upload gate open."""
+    decodes in full). The peak may rise by at most: the body budget (two of the largest bodies) and up to
+    three copies of each body while it is parsed; per decode slot, the decoded image and one copy at 4
+    bytes a pixel (Pillow keeps RGB in 32 bits); and 32 MiB of slack: 106 MiB here. The same flood raised
+    it by 300 to 420 MiB with the gates opened wide (1000 uploads, 1000 decodes, no pixel cap), by 200 MiB
+    with only the upload gate open."""
     lim = FLOOD_LIMITS
-    body = lim["max_upload_bytes"] * 4 // 3 + 65536  # the largest body that carries such an image (base64)
-    bound = lim["max_image_requests"] * 4 * body + lim["decode_slots"] * 2 * 4 * lim["max_pixels"] + 32 * 2**20
+    bound = 4 * lim["body_budget_bytes"] + lim["decode_slots"] * 2 * 4 * lim["max_pixels"] + 32 * 2**20
     pixels = np.full((2000, 2000, 3), (200, 30, 30), np.uint8)
     pixels[:600] = np.random.default_rng(0).integers(0, 256, (600, 2000, 3), dtype=np.uint8)  # a big file too
     buf = io.BytesIO()
@@ -140,18 +146,20 @@ def test_a_flood_of_big_uploads_raises_the_peak_by_no_more_than_the_limits_allow
         statuses = [r.status_code for r in asyncio.run(flood())]
         peak = s.memory()["VmHWM"]
         assert set(statuses) <= {200, 503} and statuses.count(200) >= 1 and statuses.count(503) >= 1, statuses
-        assert s.metric("dsmd_rejected_total", reason="image") == statuses.count(503)
+        refused = s.metric("dsmd_rejected_total", reason="body") + s.metric("dsmd_rejected_total", reason="image")
+        assert refused == statuses.count(503)
         assert peak - start < bound, f"the peak rose by {(peak - start) / 2**20:.0f} MiB, over {bound / 2**20:.0f}"
         assert peak < ceiling, f"peak {peak / 2**20:.0f} MiB over the stated ceiling {ceiling / 2**20:.0f} MiB"
         assert httpx.get(f"{s.url}/readyz").status_code == 200
 
 
 def test_past_capacity_a_search_is_refused_at_once_and_the_admitted_ones_are_served(tiny_search, tmp_path):
-    """Two searches fill the text gate (a slow encoder keeps them inside); ten more, sent once the gauge
-    says they are inside, all get a 503 with Retry-After (decided while the two were inside, so before
-    either was answered: a gate is left before the answer is sent); then both are served."""
+    """Two searches fill the text gate (a slow encoder keeps them inside) and there is no queue; ten more,
+    sent once the gauge says they are inside, all get a 503 with Retry-After (decided while the two were
+    inside, so before either was answered: a gate is left before the answer is sent); then both are served."""
     bundle, index = copy_search(tiny_search, tmp_path)
-    with Server(bundle, index, {"DSMD_MAX_TEXT_REQUESTS": "2", "DSMD_ENCODE_DELAY_MS": "1500"}) as s:
+    env = {"DSMD_MAX_TEXT_REQUESTS": "2", "DSMD_ENCODE_DELAY_MS": "1500", "DSMD_ADMISSION_QUEUE": "0"}
+    with Server(bundle, index, env) as s:
         async def main():
             async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
                 inside = [asyncio.create_task(c.get("/search", params={"text": f"admitted {i}"})) for i in range(2)]
@@ -161,40 +169,47 @@ def test_past_capacity_a_search_is_refused_at_once_and_the_admitted_ones_are_ser
 
         refused, admitted = asyncio.run(main())
         assert [r.status_code for r in refused] == [503] * 10
-        assert all(r.headers["retry-after"] == "1" and "capacity (2 text requests at once)" in r.json()["detail"]
-                   for r in refused)
+        assert all(r.headers["retry-after"] == "1" and "capacity (2 text requests at once, 0 waiting)"
+                   in r.json()["detail"] for r in refused)
         assert [r.status_code for r in admitted] == [200, 200]
         assert s.metric("dsmd_rejected_total", reason="text") == 10
         assert s.metric("dsmd_in_flight", gate="text") == 0
         assert httpx.get(f"{s.url}/search", params={"text": "admitted 0"}).status_code == 200  # cached: no encoder
 
 
-def test_past_capacity_an_upload_is_refused_before_its_body_is_read(tiny_search, tmp_path):
-    """Two uploads whose bodies stop half-way hold both image slots. A third that sends only its head is
-    answered 503 all the same (so before its body was read), and so is a whole one; once the two bodies
-    arrive, both are served and the gate admits again."""
+def test_past_the_body_budget_an_upload_is_refused_before_its_body_is_read(tiny_search, tmp_path):
+    """Two uploads whose bodies stop half-way hold 40 kB of a 150 kB budget for bodies, and no image slot:
+    a whole small upload is served meanwhile, and one whose head declares 120 kB is answered 503 at once
+    (before its body, which never comes, was read). Once the two bodies arrive both are served."""
     bundle, index = copy_search(tiny_search, tmp_path)
-    with Server(bundle, index, {"DSMD_MAX_IMAGE_REQUESTS": "2", "DSMD_REQUEST_TIMEOUT_S": "60"}) as s:
-        body, json_type = _json_upload(_jpeg(64)), {"content-type": "application/json"}
+    env = {"DSMD_MAX_UPLOAD_BYTES": "60000", "DSMD_BODY_BUDGET_BYTES": "150000", "DSMD_BODY_GRACE_S": "60",
+           "DSMD_MAX_IMAGE_REQUESTS": "1", "DSMD_REQUEST_TIMEOUT_S": "60"}
+    with Server(bundle, index, env) as s:
+        noise = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 100, 3), dtype=np.uint8)).save(noise, "PNG")
+        big, small = _json_upload(noise.getvalue()), _json_upload(_jpeg(64))
+        json_type = {"content-type": "application/json"}
+        assert 38_000 < len(big) < 45_000
 
         async def main():
             async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
-                held = [_stalled(c, "/search/image", body, json_type) for _ in range(2)]
-                await _until(lambda: s.metric("dsmd_in_flight", gate="image") == 2, "two uploads inside")
-                head_only = await _head_only(s.port, "POST", "/search/image", {})
-                whole = await c.post("/search/image", content=body, headers=json_type)
+                held = [_stalled(c, "/search/image", big, json_type) for _ in range(2)]
+                await _until(lambda: s.metric("dsmd_upload_body_bytes") >= 2 * (len(big) // 2), "two half bodies in")
+                whole = await c.post("/search/image", content=small, headers=json_type)
+                head_only = await _head_only(s.port, "POST", "/search/image", {}, declared=120_000)
                 assert not any(task.done() for task, _ in held)
                 for _, release in held:
                     release.set()
                 served = await asyncio.gather(*(task for task, _ in held))
-                return head_only, whole, served, await c.post("/search/image", content=body, headers=json_type)
+                return head_only, whole, served
 
-        (status, headers, detail), whole, served, again = asyncio.run(main())
+        (status, headers, detail), whole, served = asyncio.run(main())
+        assert whole.status_code == 200, whole.text
         assert status == 503 and headers["retry-after"] == "1", detail
-        assert "capacity (2 image requests at once)" in detail["detail"]
-        assert whole.status_code == 503 and whole.json() == detail
-        assert [r.status_code for r in served] == [200, 200] and again.status_code == 200, again.text
-        assert s.metric("dsmd_rejected_total", reason="image") == 2
+        assert "150,000-byte budget for bodies" in detail["detail"]
+        assert [r.status_code for r in served] == [200, 200], [r.text for r in served]
+        assert s.metric("dsmd_rejected_total", reason="body") == 1
+        assert s.metric("dsmd_upload_body_bytes") == 0 and s.metric("dsmd_upload_bodies_reading") == 0
 
 
 def test_past_the_encoder_queue_the_answer_is_a_503(tiny_search, tmp_path):
@@ -283,29 +298,35 @@ def test_a_dead_encoder_makes_the_server_unready_but_it_stays_up(tiny_search, tm
 
 
 def test_past_the_write_gate_writes_get_a_503_and_below_it_they_are_done(tiny_search, tmp_path):
-    """One write at a time: while an upload to POST /items is inside (its body stops half-way), another
-    upload and a delete get a 503 and change nothing; a caller without the token still gets its 401
-    first. Then the upload is added and the delete goes through."""
+    """One write at a time and no queue: while an upload to POST /items is inside (waiting for the index's
+    folder lock, which the test holds as another writer would), another upload and a delete get a 503 and
+    change nothing; a caller without the token still gets its 401 first. Then the lock is let go, the
+    upload is added and the delete goes through."""
     bundle, index = copy_search(tiny_search, tmp_path)
     auth = {"authorization": "Bearer t"}
-    env = {"DSMD_TOKEN": "t", "DSMD_MAX_WRITE_REQUESTS": "1", "DSMD_REQUEST_TIMEOUT_S": "60"}
+    env = {"DSMD_TOKEN": "t", "DSMD_MAX_WRITE_REQUESTS": "1", "DSMD_REQUEST_TIMEOUT_S": "60",
+           "DSMD_ADMISSION_QUEUE": "0"}
     with Server(bundle, index, env) as s:
         async def main():
             async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
                 headers = {**auth, "content-type": "application/json"}
-                task, release = _stalled(c, "/items", _json_upload(_jpeg(48)), headers)
-                await _until(lambda: s.metric("dsmd_in_flight", gate="write") == 1, "an upload inside")
-                upload = await _head_only(s.port, "POST", "/items", auth)
-                delete, anonymous = await c.delete("/items/1", headers=auth), await c.delete("/items/1")
-                assert not task.done()
-                release.set()
+                with open(index / ".lock", "a+") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    try:
+                        task = asyncio.create_task(c.post("/items", content=_json_upload(_jpeg(48)), headers=headers))
+                        await _until(lambda: s.metric("dsmd_in_flight", gate="write") == 1, "an upload inside")
+                        upload = await c.post("/items", content=_json_upload(_jpeg(40)), headers=headers)
+                        delete, anonymous = await c.delete("/items/1", headers=auth), await c.delete("/items/1")
+                        assert not task.done()
+                    finally:
+                        fcntl.flock(lock, fcntl.LOCK_UN)
                 added = await task
                 return upload, delete, anonymous, added, await c.delete(f"/items/{added.json()['id']}", headers=auth)
 
-        (status, headers, detail), delete, anonymous, added, removed = asyncio.run(main())
-        assert status == 503 and headers["retry-after"] == "1"
-        assert "capacity (1 write requests at once)" in detail["detail"]
-        assert delete.status_code == 503 and delete.json() == detail and anonymous.status_code == 401
+        upload, delete, anonymous, added, removed = asyncio.run(main())
+        assert upload.status_code == 503 and upload.headers["retry-after"] == "1", upload.text
+        assert "capacity (1 write requests at once, 0 waiting)" in upload.json()["detail"]
+        assert delete.status_code == 503 and delete.json() == upload.json() and anonymous.status_code == 401
         assert added.status_code == 201, added.text
         assert removed.status_code == 200 and removed.json() == {"removed": added.json()["id"]}
         assert httpx.get(f"{s.url}/items/1").status_code == 200  # the refused delete did nothing
@@ -313,12 +334,13 @@ def test_past_the_write_gate_writes_get_a_503_and_below_it_they_are_done(tiny_se
 
 
 def test_past_the_thumbnail_gate_thumbnails_get_a_503(tiny_search, tmp_path):
-    """Thumbnails have a gate of their own, as wide as the text gate (DSMD_MAX_TEXT_REQUESTS). An item
+    """Thumbnails have a gate of their own (DSMD_MAX_THUMBNAIL_REQUESTS), here of one and no queue. An item
     whose file is a named pipe holds it while the server waits to read the file; meanwhile another
     thumbnail is refused, a text search is not; once the file arrives both thumbnails are made."""
     bundle, index = copy_search(tiny_search, tmp_path)
     auth = {"authorization": "Bearer t"}
-    with Server(bundle, index, {"DSMD_TOKEN": "t", "DSMD_MAX_TEXT_REQUESTS": "1"}) as s:
+    env = {"DSMD_TOKEN": "t", "DSMD_MAX_THUMBNAIL_REQUESTS": "1", "DSMD_ADMISSION_QUEUE": "0"}
+    with Server(bundle, index, env) as s:
         image = _jpeg(48)
         item = httpx.post(f"{s.url}/items", files={"file": ("a.jpg", image)}, headers=auth).json()
         stored = index / "uploads" / f"{item['sha256'][:32]}.jpg"
@@ -348,7 +370,7 @@ def test_past_the_thumbnail_gate_thumbnails_get_a_503(tiny_search, tmp_path):
 
         refused, search, made, after = asyncio.run(main())
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
-        assert "capacity (1 thumbnail requests at once)" in refused.json()["detail"]
+        assert "capacity (1 thumbnail requests at once, 0 waiting)" in refused.json()["detail"]
         assert search.status_code == 200
         assert made.status_code == after.status_code == 200 and made.headers["content-type"] == "image/jpeg"
         assert Image.open(io.BytesIO(after.content)).format == "JPEG"

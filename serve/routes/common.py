@@ -1,7 +1,9 @@
 """What more than one route does: search, read and decode an upload, write the index, shape the answers.
 
 Nothing here runs heavy work on the event loop: searches go to the thread pool, encodings to the
-encoders' micro-batching threads, index writes to the one writer thread.
+encoders' micro-batching threads, index writes to the one writer thread. Upload bodies are read
+before the request takes its gate's slot, charged to the body budget as they arrive and cut off
+with a 408 when they fall under the minimum rate (admission.BodyHold.metered).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,14 +19,17 @@ from typing import Any, TypeVar
 import numpy as np
 from fastapi import HTTPException, Request
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from dsmd.errors import UserError
 from dsmd.images import BadImage
-from dsmd.serve.admission import Deadline, busy, wait_or_give_up, within
+from dsmd.index.lock import IndexBusy
+from dsmd.index.search import SearchIndex
+from dsmd.serve.admission import BodyHold, ClientGone, Deadline, busy, wait_or_give_up, within
 from dsmd.serve.batcher import EncoderFailed, EncoderStopped, MicroBatcher, Overloaded
 from dsmd.serve.deps import Target
 from dsmd.serve.state import State, search_here
-from dsmd.serve.uploads import read_upload
+from dsmd.serve.uploads import body_limit, read_upload
 
 log = logging.getLogger("dsmd.serve")
 T = TypeVar("T")
@@ -97,12 +103,22 @@ def public(item: dict) -> dict:
 # ---------------------------------------------------------------- uploads
 
 
-async def read_body(request: Request, s: State, deadline: Deadline) -> bytes:
-    """The uploaded image's bytes, or a 408 when they do not arrive before the deadline."""
+async def read_body(request: Request, s: State, hold: BodyHold) -> bytes:
+    """The uploaded image's bytes, read before any gate: a fast 503 when the declared length does not
+    fit the body budget, a 408 when the body falls under the minimum rate, ClientGone (499) when the
+    client leaves half-way. Its bytes stay charged to `hold` until the request ends."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) <= body_limit(s.settings.max_upload_bytes) \
+            and not s.bodies.fits(int(declared)):
+        raise s.bodies.refuse()
+    cfg = s.settings
+    metered = Request(request.scope, hold.metered(request.receive, cfg.body_grace_s, cfg.min_upload_rate))
     try:
-        return await asyncio.wait_for(read_upload(request, s.settings.max_upload_bytes), timeout=deadline.left())
-    except asyncio.TimeoutError:
-        raise HTTPException(408, f"the upload did not arrive within {deadline.seconds:g} s") from None
+        return await read_upload(metered, cfg.max_upload_bytes)
+    except ClientDisconnect:
+        raise ClientGone() from None
+    finally:
+        hold.reading_body(False)
 
 
 async def decode(s: State, data: bytes, deadline: Deadline) -> np.ndarray:
@@ -116,9 +132,24 @@ async def decode(s: State, data: bytes, deadline: Deadline) -> np.ndarray:
 # ---------------------------------------------------------------- index writes
 
 
-async def on_writer(s: State, fn: Callable[[], T]) -> T:
-    """Run an index write on the writer thread (one at a time, never on the searches' pool)."""
-    return await asyncio.get_running_loop().run_in_executor(s.writer, fn)
+async def on_writer(s: State, fn: Callable[[SearchIndex, float], T], deadline: Deadline) -> T:
+    """Run an index write on the writer thread (one at a time, never on the searches' pool), within the
+    deadline: a write still queued then is dropped, one waiting for the folder lock (another process
+    writing: `dsmd index merge`, a build) gives up before the deadline; both are a 503 with Retry-After.
+    `fn(index, lock_timeout)` runs on the index being served."""
+    at = time.monotonic() + deadline.left()
+
+    def write() -> T:
+        left = at - time.monotonic()
+        if left <= 0:
+            raise IndexBusy("the index writer was busy until this request's deadline; try again shortly")
+        return fn(s.index, 0.8 * left)  # the folder lock's wait: a 503 before the deadline, not a 500
+
+    try:
+        return await within(deadline, asyncio.get_running_loop().run_in_executor(s.writer, write),
+                            "write to the index")
+    except IndexBusy as e:
+        raise busy(str(e)) from None
 
 
 def after_write(s: State) -> None:

@@ -1,22 +1,28 @@
 """The item routes: an item's metadata, image and thumbnail; adding and removing items with the token.
 
 Files are only ever read from the index's own rows: no path and no URL from a request reaches
-the disk. Writes run on the index's writer thread, one at a time.
+the disk, a file is served only while its bytes are those indexed (its row's sha256), and never
+through a link that leaves the item's folder. Writes run on the index's writer thread, one at a
+time; their bodies are read before they take a write slot.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import stat
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
+from dsmd.errors import UserError
 from dsmd.images import BadImage
 from dsmd.index.search import ReadOnlyIndex
 from dsmd.index.uploads import UploadRefused
 from dsmd.serve import models
-from dsmd.serve.admission import Deadline
+from dsmd.serve.admission import Deadline, busy
 from dsmd.serve.deps import ItemId, StateDep, WriterDep, read_only_error
 from dsmd.serve.routes.common import after_write, decode, on_writer, public, read_body
 from dsmd.serve.state import State
@@ -39,31 +45,59 @@ async def get_item(s: StateDep, item_id: ItemId) -> dict:
     return public(await item_or_404(s, item_id))
 
 
+def inside_folder(item: dict, item_id: int) -> Path:
+    """The item's file, resolved; a 404 when it is gone or is a link to a file outside its folder."""
+    path = Path(item["uri"])  # from the index's own row, never from the request
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise HTTPException(404, f"item {item_id}'s file is gone") from None
+    if not real.is_relative_to(path.parent.resolve()):
+        raise HTTPException(404, f"item {item_id}'s file is a link to a file outside its folder, which is never "
+                                 f"served; index the file itself")
+    return real
+
+
+def verified_file(s: State, item: dict, item_id: int) -> tuple[Path, os.stat_result]:
+    """The item's file and its stat, if its bytes are still those indexed (checked once per version of
+    the file: path, inode, mtime, size); a 404 when gone or outside its folder, a 410 when changed."""
+    real = inside_folder(item, item_id)
+    st = real.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise HTTPException(404, f"item {item_id}'s file is gone (not a regular file)")
+    version = (str(real), st.st_ino, st.st_mtime_ns, st.st_size)
+    if s.verified.lookup(version) is None:
+        digest = hashlib.sha256()
+        with open(real, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != item["sha256"]:
+            raise HTTPException(410, f"item {item_id}'s file has changed since it was indexed (its sha256 differs), "
+                                     f"so it is not served; index it again to serve the new file")
+        s.verified.put(version, True)
+    return real, st
+
+
 @router.get("/items/{item_id}/image", summary="The item's image file", response_class=FileResponse,
             responses={200: {"content": {"image/*": {}}, "description": "the file as indexed"},
-                       **models.errors(404, 422)})
+                       **models.errors(404, 410, 422)})
 async def get_image(s: StateDep, item_id: ItemId) -> FileResponse:
     item = await item_or_404(s, item_id)
-    path = Path(item["uri"])  # from the index's own row, never from the request
-    if not path.is_file():
-        raise HTTPException(404, f"item {item_id}'s file is gone")
-    return FileResponse(path)
+    path, st = await run_in_threadpool(verified_file, s, item, item_id)
+    return FileResponse(path, stat_result=st)
 
 
 @router.get("/items/{item_id}/thumbnail", summary="A JPEG thumbnail of the item (cached)",
             responses={200: {"content": {"image/jpeg": {}}, "description": "a JPEG thumbnail"},
                        **models.errors(404, 422, 503)}, response_class=Response)
 async def get_thumbnail(s: StateDep, item_id: ItemId) -> Response:
+    deadline = Deadline(s.settings.request_timeout_s)
     item = await item_or_404(s, item_id)
-
-    def make() -> bytes:
-        try:
-            return s.thumbnail(item["uri"])
-        except BadImage:
-            raise HTTPException(404, f"item {item_id}'s file cannot be read") from None
-
-    with s.gates["thumbnail"]:
-        data = await run_in_threadpool(s.thumbs.get_or, (item_id, item["sha256"]), make)
+    try:
+        data = await s.thumbnail((item_id, item["sha256"]), lambda: inside_folder(item, item_id), deadline)
+    except BadImage as e:
+        why = "it is over the pixel limit" if "over the limit" in str(e) else "it cannot be read as an image"
+        raise HTTPException(404, f"item {item_id}'s file cannot be made into a thumbnail: {why}") from None
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
 
 
@@ -72,16 +106,20 @@ async def get_thumbnail(s: StateDep, item_id: ItemId) -> Response:
              responses=models.errors(400, 401, 403, 408, 413, 415, 422, 503))
 async def add_item(request: Request, s: WriterDep) -> dict:
     check_content_type(request)
-    with s.gates["write"]:
+    with s.bodies.hold() as hold:
+        data = await read_body(request, s, hold)
         deadline = Deadline(s.settings.request_timeout_s)
-        data = await read_body(request, s, deadline)
-        await decode(s, data, deadline)  # refuse what is not an image before storing anything
-        try:
-            item = await on_writer(s, lambda: s.index.add_image(data, s.bundle, s.upload_dir()))
-        except ReadOnlyIndex:  # the index reopened read-only since start-up (a rebuild by another user)
-            raise read_only_error(s) from None
-        except UploadRefused as e:
-            raise HTTPException(422, str(e)) from None
+        async with s.gates["write"].admit(s.settings.queue_wait_s(deadline.left())):
+            await decode(s, data, deadline)  # refuse what is not an image before storing anything
+            try:
+                item = await on_writer(s, lambda index, wait: index.add_image(data, s.bundle, s.upload_dir(),
+                                                                              timeout=wait), deadline)
+            except ReadOnlyIndex:  # the index reopened read-only since start-up (a rebuild by another user)
+                raise read_only_error(s) from None
+            except UploadRefused as e:
+                raise HTTPException(422, str(e)) from None
+            except UserError as e:  # the database busy beyond its timeout
+                raise busy(str(e)) from None
     after_write(s)
     return public(item)
 
@@ -89,11 +127,14 @@ async def add_item(request: Request, s: WriterDep) -> dict:
 @router.delete("/items/{item_id}", summary="Remove an item from the index (needs the token)",
                response_model=models.Removed, responses=models.errors(401, 403, 404, 422, 503))
 async def delete_item(s: WriterDep, item_id: ItemId) -> dict:
-    with s.gates["write"]:
+    deadline = Deadline(s.settings.request_timeout_s)
+    async with s.gates["write"].admit(s.settings.queue_wait_s(deadline.left())):
         try:
-            removed = await on_writer(s, lambda: s.index.remove(item_id))
+            removed = await on_writer(s, lambda index, wait: index.remove(item_id, timeout=wait), deadline)
         except ReadOnlyIndex:
             raise read_only_error(s) from None
+        except UserError as e:  # the database busy beyond its timeout
+            raise busy(str(e)) from None
     if not removed:
         raise HTTPException(404, f"no item {item_id}")
     after_write(s)

@@ -29,7 +29,10 @@ async def readyz(request: Request) -> JSONResponse:
     s = getattr(request.app.state, "s", None)  # not StateDep: asked before start-up is done, it answers 503
     encoders = {"text": s.texts.healthy, "image": s.images.healthy} if s else {}
     ok = bool(s and s.ready)
-    return JSONResponse({"ready": ok, "encoders": encoders}, status_code=200 if ok else 503)
+    body = {"ready": ok, "encoders": encoders}
+    if s and s.reload_error:  # still ready: it serves the index it has
+        body["reload_error"] = s.reload_error
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 @router.get("/info", summary="Bundle, index, limits, memory and versions", response_model=models.Info)
@@ -45,11 +48,15 @@ async def info(s: StateDep) -> dict:
                                 "recall_at_10": m.get(part, {}).get("index", {}).get("recall_at_10"),
                                 "shortfall": m.get(part, {}).get("shortfall")}
                          for part in ("images", "texts")},
-                      "generation": index.generation, "writes": s.writes, "backend": index.backend},
+                      "generation": index.generation, "writes": s.writes, "backend": index.backend,
+                      "reload_error": s.reload_error},
             "limits": {"max_k": cfg.max_k, "max_upload_bytes": cfg.max_upload_bytes, "max_pixels": cfg.max_pixels,
                        "max_tokens": s.bundle.preprocess.max_tokens, "request_timeout_s": cfg.request_timeout_s,
                        "max_text_requests": cfg.max_text_requests, "max_image_requests": cfg.max_image_requests,
-                       "max_write_requests": cfg.max_write_requests, "max_queue": cfg.max_queue},
+                       "max_write_requests": cfg.max_write_requests, "max_queue": cfg.max_queue,
+                       "max_thumbnail_requests": cfg.max_thumbnail_requests, "admission_queue": cfg.admission_queue,
+                       "queue_wait_share": cfg.queue_wait_share, "body_budget_bytes": cfg.body_budget_bytes,
+                       "body_grace_s": cfg.body_grace_s, "min_upload_rate": cfg.min_upload_rate},
             "memory": {"resident_bytes": resident_bytes(), "peak_resident_bytes": peak_resident_bytes(),
                        "baseline_bytes": s.baseline_bytes, "budget_bytes": s.budget_bytes,
                        "ceiling_bytes": s.ceiling_bytes()},

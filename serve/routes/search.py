@@ -1,7 +1,8 @@
 """The search routes: text → images, image → images or captions, and more like an indexed image.
 
-Each passes its gate (a fast 503 past capacity) and answers within its deadline; a text query
-the server has seen recently skips the encoder (its vector is cached).
+Each passes its gate (past capacity, a short wait in its queue; past the queue, a fast 503) and
+answers within its deadline; an image upload is read before it takes its slot; a text query the
+server has seen recently skips the encoder (its vector is cached).
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ async def search_text(request: Request, s: StateDep, text: Annotated[str, Query(
         raise HTTPException(422, "text is empty: say what to look for, e.g. /search?text=a+red+circle")
     if len(text) > 10_000:
         raise HTTPException(413, "text is longer than 10,000 characters")
-    with s.gates["text"]:
-        deadline = Deadline(s.settings.request_timeout_s)
+    deadline = Deadline(s.settings.request_timeout_s)
+    async with s.gates["text"].admit(s.settings.queue_wait_s(deadline.left())):
         cached = s.text_cache.lookup(text)
         if cached is None:
             vector, truncated, hits = await encode_and_search(request, s, s.texts, (text, k, "images"), deadline)
@@ -57,11 +58,12 @@ async def search_image(request: Request, s: StateDep, k: Annotated[int | None, Q
     t0 = time.perf_counter()
     k = check_k(s, k)
     check_content_type(request)
-    with s.gates["image"]:
+    with s.bodies.hold() as hold:
+        data = await read_body(request, s, hold)  # before the slot: a slow body holds bytes, not a slot
         deadline = Deadline(s.settings.request_timeout_s)
-        data = await read_body(request, s, deadline)
-        pixels = await decode(s, data, deadline)
-        _, hits = await encode_and_search(request, s, s.images, (pixels, k, target), deadline)
+        async with s.gates["image"].admit(s.settings.queue_wait_s(deadline.left())):
+            pixels = await decode(s, data, deadline)
+            _, hits = await encode_and_search(request, s, s.images, (pixels, k, target), deadline)
     return JSONResponse({"query": {"image_bytes": len(data)}, "target": target, "k": k,
                          "results": results(s, hits, target, min_score),
                          "took_ms": round(1000 * (time.perf_counter() - t0), 2)})
@@ -72,8 +74,8 @@ async def search_image(request: Request, s: StateDep, k: Annotated[int | None, Q
 async def similar(s: StateDep, item_id: ItemId, k: Annotated[int | None, Query()] = None) -> dict:
     t0 = time.perf_counter()
     k = check_k(s, k)
-    with s.gates["text"]:
-        deadline = Deadline(s.settings.request_timeout_s)
+    deadline = Deadline(s.settings.request_timeout_s)
+    async with s.gates["text"].admit(s.settings.queue_wait_s(deadline.left())):
         vector = await run_in_threadpool(s.index.vector_of, item_id)
         if vector is None:
             raise HTTPException(404, f"no item {item_id}")
