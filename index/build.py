@@ -250,6 +250,9 @@ def _rebuild(path: Path, db: IndexDB, bundle: Bundle, kind: str | None, target: 
     memory_bytes = memory_bytes or int(meta.get("memory_bytes", 0)) or None
     backend = backend or json.loads(meta.get("backend") or '{"name": "faiss"}')
     previous = read_manifest(path) or {}
+    if backend["name"] == "milvus":  # its id (a write) first, outside the snapshot: it names and owns the collections
+        from dsmd.index import milvus
+        milvus.index_id(db)
     parts = {}
     stamp = time.time_ns()
     with db.snapshot():  # one consistent state of the rows for every pass below
@@ -257,9 +260,7 @@ def _rebuild(path: Path, db: IndexDB, bundle: Bundle, kind: str | None, target: 
         variant = IndexDB.variant(db.meta()) or bundle.variant
         counts = {"items": db.count("items"), "texts": db.count("texts")}
         if backend["name"] == "milvus":
-            from dsmd.index import milvus
-
-            parts = milvus.finalize_parts(db, backend, counts, target, progress)
+            parts = milvus.finalize_parts(db, backend, counts, target, progress, known=previous)
         for table, name in (("items", "images"), ("texts", "texts")) if backend["name"] == "faiss" else ():
             n = counts[table]
             if n == 0:

@@ -205,7 +205,8 @@ def _backend(a: argparse.Namespace) -> dict | None:
         return None
     if a.backend == "faiss":
         return {"name": "faiss"}
-    return {"name": "milvus", "uri": a.milvus_uri or milvus.default_uri(a.index), "collection": a.collection or "dsmd"}
+    # no --collection: each index its own collections (dsmd_<index id>), or the ones it already has
+    return {"name": "milvus", "uri": a.milvus_uri or milvus.default_uri(a.index), "collection": a.collection}
 
 
 def _warn_shortfall(manifest: dict) -> None:
@@ -254,8 +255,9 @@ def _finalize_options(p: argparse.ArgumentParser, memory: bool = False) -> None:
                         "(default: what the index was built with, else faiss)")
     p.add_argument("--milvus-uri", help="--backend milvus: a Milvus server (http://host:19530, token in "
                                         "DSMD_MILVUS_TOKEN) or a local file for Milvus Lite (default: INDEX/milvus.db)")
-    p.add_argument("--collection", help="--backend milvus: collection name prefix (default: dsmd; "
-                                        "PREFIX_images and PREFIX_texts)")
+    p.add_argument("--collection", help="--backend milvus: collection name prefix, PREFIX_images and PREFIX_texts "
+                                        "(default: the index's own, dsmd_<index id>; a collection of another index "
+                                        "is refused)")
 
 
 # --- the parsers ----------------------------------------------------------------------------------------------

@@ -5,7 +5,10 @@
 
 SQLite stays the source of truth for the rows (what an id is: path, size, captions); Milvus
 holds one collection per target (`<name>_images`, `<name>_texts`: int64 id, float vector,
-inner product) and answers the searches. A finalize makes each collection hold exactly the
+inner product) and answers the searches. Each index has collections of its own: `<name>` is
+`dsmd_<index id>` unless `--collection` names it, and a collection records the index it belongs
+to (its description), so another index folder on the same Milvus is refused it rather than
+mixing its ids in. A finalize makes each collection hold exactly the
 rows (inserts the missing ids, deletes the gone ones: O(changes), not a rebuild) and measures
 recall@10 against exact search on the same vectors, as the FAISS kinds are measured. Live adds
 and removals of a server go to Milvus directly, so a Milvus index never needs compacting.
@@ -89,6 +92,22 @@ def disconnect(client, uri: str) -> None:
             server_manager_instance.release_server(key)
 
 
+OWNER_PREFIX = "dsmd index "
+
+
+def index_id(db) -> str:
+    """The index's own id (SQLite meta `index_id`), made on first use: names and owns its collections."""
+    meta = db.meta()
+    if not meta.get("index_id"):
+        db.set_meta("index_id", uuid.uuid4().hex[:16])
+        meta = db.meta()
+    return meta["index_id"]
+
+
+def default_collection(db) -> str:
+    return f"dsmd_{index_id(db)}"
+
+
 def collection_name(base: str, target: str) -> str:
     name = f"{base}_{target}"
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,254}", name):
@@ -96,13 +115,16 @@ def collection_name(base: str, target: str) -> str:
     return name
 
 
-def ensure_collection(client, name: str, dim: int, uri: str) -> dict:
-    """Create the collection if missing (strong consistency: a search sees the writes before it);
-    returns its index description (type and parameters) as the manifest records it."""
+def ensure_collection(client, name: str, dim: int, uri: str, owner: str = "", adopt: bool = False) -> dict:
+    """Create the collection if missing (strong consistency: a search sees the writes before it), owned by
+    index `owner`; an existing one must be that index's (or, with `adopt`, one the index's manifest already
+    names, made before collections recorded their owner). Returns its index description (type and
+    parameters) as the manifest records it."""
     from pymilvus import DataType
 
     if not client.has_collection(name):
-        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema = client.create_schema(auto_id=False, enable_dynamic_field=False,
+                                      description=f"{OWNER_PREFIX}{owner}" if owner else "")
         schema.add_field("id", DataType.INT64, is_primary=True)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
         params = client.prepare_index_params()
@@ -112,6 +134,13 @@ def ensure_collection(client, name: str, dim: int, uri: str) -> dict:
         client.create_collection(name, schema=schema, index_params=params, consistency_level="Strong")
     else:
         have = client.describe_collection(name)
+        held_by = (have.get("description") or "").removeprefix(OWNER_PREFIX)
+        if owner and held_by != owner and not adopt:
+            whose = f"index {held_by}" if (have.get("description") or "").startswith(OWNER_PREFIX) else \
+                "something else (no index recorded)"
+            raise UserError(f"the Milvus collection {name} belongs to {whose}, not to this index ({owner}): two "
+                            f"indexes in one collection overwrite each other's ids. Leave out --collection (each "
+                            f"index gets its own), give another name, or drop {name} if nothing uses it")
         field = next((f for f in have["fields"] if f["name"] == "vector"), None)
         got = int(field["params"].get("dim", -1)) if field else -1
         if got != dim:
@@ -206,20 +235,24 @@ def _fresh_ids(db, table: str) -> np.ndarray:
         fresh.close()
 
 
-def finalize_parts(db, backend: dict, counts: dict, target: float, progress: bool) -> dict:
+def finalize_parts(db, backend: dict, counts: dict, target: float, progress: bool, known: dict | None = None) -> dict:
     """A finalize on Milvus: make the collections hold exactly the rows (one snapshot of `db`), measure
-    their recall as FAISS files are measured, and return the manifest's parts."""
+    their recall as FAISS files are measured, and return the manifest's parts. `known`: the manifest
+    before, whose collections are this index's even if made before collections recorded an owner."""
     from tqdm import tqdm
 
     from dsmd.index import ann
     from dsmd.index.build import _quiet, _sample_queries, shortfall_message
 
+    owner = index_id(db)
+    base = backend.get("collection") or default_collection(db)
     client = connect(backend["uri"])
     parts = {}
     try:
         for table, name in (("items", "images"), ("texts", "texts")):
-            collection = collection_name(backend["collection"], name)
-            params = ensure_collection(client, collection, db.dim, backend["uri"])
+            collection = collection_name(base, name)
+            adopt = collection == ((known or {}).get(name) or {}).get("collection")
+            params = ensure_collection(client, collection, db.dim, backend["uri"], owner, adopt)
             n = counts[table]
             bar = tqdm(total=n, desc=f"milvus {name}", unit="vec", leave=False, **_quiet(progress))
             t1 = time.time()
@@ -251,21 +284,27 @@ class MilvusPart:
     """One target's vectors in a Milvus collection, with the interface of live.LivePart: adds and
     removals go to Milvus at once, so nothing piles up for a compaction."""
 
+    COUNT_TTL_S = 1.0  # how stale the count may be: other writers (and replicas' writers) add and remove
+
     def __init__(self, client, name: str, dim: int, spec: dict):
         self.client, self.name, self.dim, self.spec = client, name, dim, spec
         self.params = dict(spec.get("search", {}))
         self.added: set[int] = set()  # never grows: needs_compaction() stays False
         self.dead: frozenset[int] = frozenset()
-        self._count = self._server_count()
+        self._count, self._counted_at = self._server_count(), time.monotonic()
 
     def _server_count(self) -> int:
         return int(self.client.query(self.name, filter="", output_fields=["count(*)"])[0]["count(*)"])
 
     @property
     def base_count(self) -> int:
-        return self._count
+        return self.count()
 
     def count(self) -> int:
+        """The collection's size, read again from Milvus at most every COUNT_TTL_S: a read-only server
+        follows what another process's server adds and removes."""
+        if time.monotonic() - self._counted_at > self.COUNT_TTL_S:
+            self._count, self._counted_at = self._server_count(), time.monotonic()
         return self._count
 
     def all_ids(self) -> np.ndarray:
@@ -298,4 +337,6 @@ class MilvusPart:
                 self._count -= len(held)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return search(self.client, self.name, queries, max(1, min(k, self.count())), self.params)
+        """Not capped at the count: a row another writer added a moment ago is found all the same
+        (Milvus answers fewer hits when it holds fewer; the caller pads)."""
+        return search(self.client, self.name, queries, max(1, min(k, PAGE)), self.params)
