@@ -38,6 +38,10 @@ class BadImage(ValueError):
     """An image that cannot be used; the message says why."""
 
 
+class CostlyImage(BadImage):
+    """An image refused from its headers because decoding it would cost far more than its size."""
+
+
 def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS, formats: tuple[str, ...] = FILE_FORMATS,
                min_side: int | None = None, check_cost: bool | None = None) -> Image.Image:
     """Decode an image file or bytes into an RGB PIL image, EXIF orientation applied.
@@ -68,10 +72,11 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS, formats
     with fp:
         try:
             if check_cost:
-                raw = source if isinstance(source, bytes) else fp.read()
-                check_decode_cost(raw, name)
-                fp.seek(0)
-                del raw
+                data = source if isinstance(source, bytes) else fp.read()
+                check_decode_cost(data, name)
+                if not isinstance(source, bytes):  # read once: the file may be a pipe, or change meanwhile
+                    fp = io.BytesIO(data)
+                del data
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img = Image.open(fp, formats=list(formats))
@@ -110,7 +115,7 @@ def check_decode_cost(data: bytes, name: str = "upload") -> None:
     Each walk stops at its limit, so the check itself costs little whatever the file.
 
     Raises:
-        BadImage: with what was found and what to send instead.
+        CostlyImage: (a BadImage) with what was found and what to send instead.
     """
     head = bytes(data[:64])
     if head.startswith(b"\xff\xd8"):
@@ -123,7 +128,7 @@ def check_decode_cost(data: bytes, name: str = "upload") -> None:
         width, height, _, _, compression = struct.unpack_from("<iiHHI", head, 18)
         pixels = abs(width) * abs(height)
         if compression in (1, 2) and pixels > MAX_RLE_PIXELS:
-            raise BadImage(f"{name}: an RLE-compressed BMP of {abs(width)}x{abs(height)} pixels is over the "
+            raise CostlyImage(f"{name}: an RLE-compressed BMP of {abs(width)}x{abs(height)} pixels is over the "
                            f"limit of {MAX_RLE_PIXELS:,} for that compression; send it as PNG or JPEG")
 
 
@@ -148,7 +153,7 @@ def _check_jpeg(data: bytes, name: str) -> None:
             continue
         segments += 1
         if segments > MAX_JPEG_SEGMENTS:
-            raise BadImage(f"{name}: a JPEG of more than {MAX_JPEG_SEGMENTS:,} segments; save it again with an "
+            raise CostlyImage(f"{name}: a JPEG of more than {MAX_JPEG_SEGMENTS:,} segments; save it again with an "
                            f"ordinary encoder")
         length = int.from_bytes(data[pos + 2:pos + 4], "big")
         if marker in _SOF and frame is None and pos + 10 <= n:
@@ -157,7 +162,7 @@ def _check_jpeg(data: bytes, name: str) -> None:
         if marker == 0xDA:
             scans += 1
             if scans > MAX_JPEG_SCANS:
-                raise BadImage(f"{name}: a JPEG of more than {MAX_JPEG_SCANS} scans (each one a pass over the whole "
+                raise CostlyImage(f"{name}: a JPEG of more than {MAX_JPEG_SCANS} scans (each one a pass over the whole "
                                f"image); save it again as a baseline JPEG")
             end = _ENTROPY_END.search(data, pos)
             pos = end.start() if end else n
@@ -173,7 +178,7 @@ def _check_jpeg(data: bytes, name: str) -> None:
         need = blocks * 64 * 2
         if need > MAX_COEFFICIENT_BYTES:
             kind = "progressive" if marker in (0xC2, 0xC6, 0xCA, 0xCE) else "multi-scan"
-            raise BadImage(f"{name}: a {kind} JPEG of {width}x{height} pixels needs {need / 2**20:.0f} MiB to "
+            raise CostlyImage(f"{name}: a {kind} JPEG of {width}x{height} pixels needs {need / 2**20:.0f} MiB to "
                            f"decode (libjpeg holds all its coefficients), over the limit of "
                            f"{MAX_COEFFICIENT_BYTES / 2**20:.0f} MiB; send a baseline JPEG or a smaller image")
 
@@ -183,7 +188,7 @@ def _check_png(data: bytes, name: str) -> None:
     while pos + 8 <= n:
         chunks += 1
         if chunks > MAX_PNG_CHUNKS:
-            raise BadImage(f"{name}: a PNG of more than {MAX_PNG_CHUNKS:,} chunks; save it again with an "
+            raise CostlyImage(f"{name}: a PNG of more than {MAX_PNG_CHUNKS:,} chunks; save it again with an "
                            f"ordinary encoder")
         if data[pos + 4:pos + 8] == b"IEND":
             return
@@ -198,7 +203,7 @@ def _check_gif(data: bytes, name: str) -> None:
         while pos < n:
             blocks += 1
             if blocks > MAX_GIF_BLOCKS:
-                raise BadImage(f"{name}: a GIF of more than {MAX_GIF_BLOCKS:,} blocks before its first image; save "
+                raise CostlyImage(f"{name}: a GIF of more than {MAX_GIF_BLOCKS:,} blocks before its first image; save "
                                f"it again with an ordinary encoder")
             size = data[pos]
             pos += 1 + size

@@ -35,7 +35,7 @@ async def require_token(request: Request, s: StateDep) -> State:
     if not s.settings.token:
         raise HTTPException(403, "adding and removing items is off: start the server with a token "
                                  "(DSMD_TOKEN or --token-file)")
-    sent = request.headers.get("authorization", "").encode()
+    sent = request.headers.get("authorization", "").encode("latin-1")  # the bytes sent (ASGI decodes latin-1)
     if not hmac.compare_digest(sent, f"Bearer {s.settings.token}".encode()):
         raise HTTPException(401, "missing or wrong token: send Authorization: Bearer <token>")
     if not s.writes:

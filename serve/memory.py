@@ -72,7 +72,7 @@ def budget_bytes(s: Settings, input_size: int = 512) -> int:
 
     body = body_limit(s.max_upload_bytes)
     parsing = s.max_image_requests + s.max_write_requests
-    bodies = getattr(s, "body_budget_bytes", None) or parsing * body
+    bodies = s.body_budget_bytes or parsing * body
     uploads = bodies + parsing * (body + s.max_upload_bytes)
     image = 4 * s.max_pixels
     model_input = 3 * input_size**2 * 4  # float32

@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(2.0, ge=0)  # how long an encoder call waits for company from concurrent requests
     max_batch: int = Field(32, ge=1)
     encode_delay_ms: float = Field(0.0, ge=0)  # fault injection for tests: a slow encoder
+    compact_delay_ms: float = Field(0.0, ge=0)  # fault injection for tests: a slow background compaction
     # ONNX Runtime's threads spin while waiting for work: on for texts (a text is many small operators,
     # and threads that sleep between them wake for each one), off for images (spinning threads take a
     # core from the decoding of the next upload); the figures: BENCHMARKS.md, "Serving under load"

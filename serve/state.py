@@ -2,8 +2,9 @@
 
 Searches read `self.index` once and use that object to the end, so swapping in a new index
 (after a compaction, or when another process rebuilt the folder) is one assignment and needs
-no lock. Writes, compactions and reloads run one at a time on their own thread, never on the
-thread pool the searches use. A reload that fails (the folder rebuilt with another bundle) is
+no lock. Writes and reloads run one at a time on the writer thread, compactions on a thread of
+their own (a rebuild must not hold up writes; no reload meanwhile), never on the thread pool the
+searches use. A reload that fails (the folder rebuilt with another bundle) is
 logged once and the index in hand goes on being served; it is tried again only when the
 manifest changes again.
 
@@ -94,7 +95,9 @@ class State:
                                    lambda: self.gates["image"].inside, s.max_queue,
                                    lambda n: m.dropped.labels("image").inc(n), s.encode_delay_ms)
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="index-writer")
-        self.compacting = False
+        # a compaction rebuilds the whole index: on its own thread, so writes go on meanwhile
+        self.compactor = ThreadPoolExecutor(1, thread_name_prefix="index-compactor")
+        self.compacting = False  # reloads wait: the compaction's own new manifest is not another process's
         # warm-up: the first real query must not pay for lazy initialisation
         self.bundle.encode_texts(["warm up"])
         size = self.bundle.preprocess.size
@@ -165,7 +168,8 @@ class State:
         path = locate()
         self.extra["renders"].inc()
         with self.decode_slots:
-            img = open_image(path, max_pixels=self.settings.max_pixels, min_side=self.settings.thumb_size)
+            img = open_image(path, max_pixels=self.settings.max_pixels, min_side=self.settings.thumb_size,
+                             check_cost=True)  # a file in the index is no safer than an upload
             img.thumbnail((self.settings.thumb_size, self.settings.thumb_size))
             buf = io.BytesIO()
             img.save(buf, "JPEG", quality=85)
@@ -181,7 +185,7 @@ class State:
             self.metrics.items.labels(part).set(index.count(part))
         self.metrics.generation.set(index.generation)
 
-    # -- on the writer thread
+    # -- on the writer thread (reloads) and the compactor thread (compactions)
 
     def swap(self, fresh: SearchIndex) -> None:
         fresh.check_bundle(self.bundle)
@@ -192,6 +196,8 @@ class State:
         """Open the index again if another process wrote a new manifest (e.g. `dsmd index build`). A
         manifest that cannot be served is reported once (log, /info, /readyz) and not tried again."""
         self.extra["reload_checks"].inc()
+        if self.compacting:
+            return False
         stat = _manifest_stat(Path(self.settings.index))
         if not self.index.changed_on_disk():
             if self._failed_manifest is not None and stat != self._failed_manifest:  # back to the one served
@@ -218,10 +224,18 @@ class State:
         return True
 
     def compact_if_due(self) -> bool:
-        """Rebuild the index once live changes pass its threshold (searches go on meanwhile)."""
+        """Rebuild the index once live changes pass its threshold, on the compactor thread: searches
+        and writes go on meanwhile (writes made through the old object are passed on to the new one)."""
         if not self.writes or not self.index.needs_compaction():
             return False
-        self.swap(self.index.compact(self.bundle))
+        self.compacting = True
+        self.extra["compacting"].set(1)
+        try:
+            time.sleep(self.settings.compact_delay_ms / 1000)
+            self.swap(self.index.compact(self.bundle))
+        finally:
+            self.compacting = False
+            self.extra["compacting"].set(0)
         return True
 
     def upload_dir(self) -> Path | None:
@@ -230,6 +244,7 @@ class State:
     def close(self) -> None:
         self.texts.close()
         self.images.close()
+        self.compactor.shutdown(wait=True, cancel_futures=True)
         self.writer.shutdown(wait=True, cancel_futures=True)
         self.index.close()
 
@@ -253,7 +268,9 @@ def _extra_metrics(m: Metrics) -> dict:
             "thumb_waiting": Gauge("dsmd_thumbnail_waiting", "Requests waiting for a thumbnail being made.",
                                    registry=r),
             "reload_checks": Counter("dsmd_index_reload_checks", "Looks for an index rebuilt by another process.",
-                                     registry=r)}
+                                     registry=r),
+            "compacting": Gauge("dsmd_index_compacting", "1 while the index is being rebuilt in the background.",
+                                registry=r)}
 
 
 def search_here(index: SearchIndex, vector: np.ndarray, k: int, target: str) -> list:

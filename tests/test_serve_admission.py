@@ -329,3 +329,19 @@ def test_an_item_file_is_served_only_unchanged_and_from_its_own_folder(tiny_sear
         assert changed.status_code == 410 and "changed since it was indexed" in changed.json()["detail"], changed.text
         assert linked.status_code == 404 and "outside" in linked.json()["detail"], linked.text
         assert "/" not in changed.json()["detail"] + linked.json()["detail"]
+
+
+def test_a_token_with_non_ascii_characters_matches_when_sent_as_utf8(tiny_search, tmp_path):
+    """Header values arrive as latin-1 text; re-encoding them as UTF-8 turned a non-ASCII token into other
+    bytes, so it never matched. The raw bytes are compared now: the right token passes, a near one not."""
+    bundle, index = copy_search(tiny_search, tmp_path)
+    token = "clé-Ωmega-密码"
+    (tmp_path / "token").write_text(token + "\n", encoding="utf-8")
+    with Server(bundle, index, {"DSMD_TOKEN_FILE": str(tmp_path / "token")}) as s:
+        def delete(sent: str) -> int:
+            return httpx.delete(f"{s.url}/items/999999", headers={"authorization": b"Bearer " + sent.encode()},
+                                timeout=30).status_code
+
+        assert delete(token) == 404  # past the token check: no such item
+        assert delete(token.replace("Ω", "O")) == 401
+        assert delete(token[:-1]) == 401

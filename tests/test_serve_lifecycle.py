@@ -139,6 +139,33 @@ def test_writes_past_the_threshold_compact_in_the_background_while_searches_go_o
         assert all(httpx.get(f"{s.url}/items/{ids[n]}").status_code == 404 for n in doomed)
 
 
+def test_writes_are_answered_while_a_compaction_runs_and_reach_the_rebuilt_index(tiny_search, truth, tmp_path):
+    """A compaction is a full rebuild; it once ran on the writer thread, so every write waited for it. With
+    the rebuild held for 20 s (DSMD_COMPACT_DELAY_MS), an upload and a delete are answered while
+    dsmd_index_compacting is still 1, and both are in the index the compaction swaps in."""
+    bundle, index = copy_search(tiny_search, tmp_path)
+    doomed: list[str] = []
+    while sum(len(truth.captions[n]) for n in doomed) <= SearchIndex.compaction_min:
+        doomed.append(truth.names[len(doomed)])
+    env = {"DSMD_TOKEN": TOKEN, "DSMD_REQUEST_TIMEOUT_S": "60", "DSMD_COMPACT_DELAY_MS": "20000"}
+    with Server(bundle, index, env) as s:
+        generation = s.metric("dsmd_index_generation")
+        every = httpx.get(f"{s.url}/search", params={"text": "a", "k": 24}).json()["results"]
+        ids = {h["name"]: h["id"] for h in every}
+        for name in doomed:
+            assert httpx.delete(f"{s.url}/items/{ids[name]}", headers=AUTH, timeout=30).status_code == 200
+        wait_for(lambda: s.metric("dsmd_index_compacting") == 1, "a compaction")
+        new = truth.new_images(1)[0]
+        added = httpx.post(f"{s.url}/items", files={"file": ("a.png", new.read_bytes())}, headers=AUTH, timeout=60)
+        gone = truth.names[len(doomed)]
+        removed = httpx.delete(f"{s.url}/items/{ids[gone]}", headers=AUTH, timeout=60)
+        assert s.metric("dsmd_index_compacting") == 1, "the writes waited for the compaction"
+        assert added.status_code == 201 and removed.status_code == 200, (added.text, removed.text)
+        wait_for(lambda: s.metric("dsmd_index_generation") > generation, "the compaction", timeout=90)
+        assert search_image(s, new.read_bytes(), 1)[0]["id"] == added.json()["id"]
+        assert httpx.get(f"{s.url}/items/{ids[gone]}").status_code == 404
+        assert s.metric("dsmd_index_items", part="images") == 24 - len(doomed)  # one more removed, one added
+
 def _floor(exact: dict) -> tuple[float, int]:
     """A score halfway between two neighbouring exact scores that are far apart compared with float16's
     error, and how many items score above it."""

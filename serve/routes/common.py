@@ -155,8 +155,8 @@ async def on_writer(s: State, fn: Callable[[SearchIndex, float], T], deadline: D
 def after_write(s: State) -> None:
     """Compact in the background once deletions or growth pass the index's threshold."""
     s.refresh_gauges()
-    with contextlib.suppress(RuntimeError):  # the writer is shut down: the server is stopping
-        s.writer.submit(logged, s.compact_if_due)
+    with contextlib.suppress(RuntimeError):  # the compactor is shut down: the server is stopping
+        s.compactor.submit(logged, s.compact_if_due)
 
 
 def logged(fn: Callable[[], object]) -> None:

@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from dsmd.errors import UserError
-from dsmd.images import BadImage
+from dsmd.images import BadImage, CostlyImage
 from dsmd.index.search import ReadOnlyIndex
 from dsmd.index.uploads import UploadRefused
 from dsmd.serve import models
@@ -96,7 +96,8 @@ async def get_thumbnail(s: StateDep, item_id: ItemId) -> Response:
     try:
         data = await s.thumbnail((item_id, item["sha256"]), lambda: inside_folder(item, item_id), deadline)
     except BadImage as e:
-        why = "it is over the pixel limit" if "over the limit" in str(e) else "it cannot be read as an image"
+        why = ("it would cost far more to decode than its size (its headers say so)" if isinstance(e, CostlyImage)
+               else "it is over the pixel limit" if "over the limit" in str(e) else "it cannot be read as an image")
         raise HTTPException(404, f"item {item_id}'s file cannot be made into a thumbnail: {why}") from None
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
 
