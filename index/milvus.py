@@ -245,7 +245,8 @@ def finalize_parts(db, backend: dict, counts: dict, target: float, progress: boo
     from dsmd.index.build import _quiet, _sample_queries, shortfall_message
 
     owner = index_id(db)
-    base = backend.get("collection") or default_collection(db)
+    had = ((known or {}).get("images") or {}).get("collection", "")
+    base = backend.get("collection") or had.removesuffix("_images") or default_collection(db)
     client = connect(backend["uri"])
     parts = {}
     try:

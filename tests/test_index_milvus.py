@@ -174,6 +174,17 @@ def test_a_finalize_deletes_from_milvus_what_was_removed_from_the_rows(milvus_in
     assert milvus_ids(vectors, "sync_texts", captions[victim] + captions[kept]) == set(captions[kept])
 
 
+def test_a_finalize_given_no_collection_name_keeps_the_collections_the_index_has(milvus_index, tmp_path):
+    """`--backend milvus --milvus-uri URI` again without `--collection`: the index goes on with the
+    collections its manifest names (nothing re-inserted), not a new default pair beside them."""
+    bundle, built = milvus_index
+    b = Bundle(bundle)
+    index, vectors, _ = _copy_on_its_own_milvus(built, tmp_path, b, "kept")
+    m = finalize(index, b, progress=False, backend={"name": "milvus", "uri": str(vectors)})
+    assert (m["images"]["collection"], m["texts"]["collection"]) == ("kept_images", "kept_texts")
+    assert (m["images"]["inserted"], m["texts"]["inserted"]) == (0, 0)
+
+
 def _rotated(png: bytes) -> bytes:
     import io
 
