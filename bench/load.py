@@ -11,9 +11,12 @@ First the bare encoder + search is timed in this process (nothing else running),
   text           GET /search?text=...&k=10, a unique text per request (no cache hits): p50 at
                  concurrency 1, req/s at 8, a soak at 32 (zero errors), and 256 (past capacity:
                  only fast 503s, no timeouts)
-  image          POST /search/image (multipart PNG) at concurrency 1 and 8
-  upload flood   maximum-size uploads at concurrency 64: only 2xx/503, resident peak (VmHWM)
-                 under the ceiling the server states in /info
+  image          POST /search/image (multipart PNG) at concurrency 1, 8 and 16: answered images/s
+                 and the share of 503s (answered images/s must not fall as concurrency rises)
+  floods         at concurrency 64, each after resetting the resident peak (/proc/PID/clear_refs):
+                 maximum-size JPEG uploads, 9400x9400 progressive JPEGs, 13 MiB JSON bodies of
+                 [{},{},...], and uncached thumbnails; each flood's peak (VmHWM) against the ceiling
+                 the server states in /info
   overhead       HTTP text p50 at concurrency 1 / bare encode+search p50, same run
 
 Writes bench/results/load/{results.json,table.md}.
@@ -152,6 +155,33 @@ def max_size_upload(limit: int, work: Path) -> Path:
     return path
 
 
+def progressive_upload(work: Path) -> Path:
+    """A 9400x9400 progressive JPEG of about half a MiB: small on the wire, huge for libjpeg's buffers."""
+    from PIL import Image
+
+    side = 9400
+    ramp = np.linspace(0, 255, side, dtype=np.uint8)
+    img = Image.fromarray(np.stack([np.tile(ramp, (side, 1))] * 3, axis=-1))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=5, progressive=True)
+    path = work / "progressive.body"
+    path.write_bytes(wrk.multipart(buf.getvalue(), "progressive.jpg", "image/jpeg"))
+    return path
+
+
+def json_bomb(limit: int, work: Path) -> Path:
+    """A JSON body of [{},{},...] just under the server's body limit: millions of Python objects if parsed."""
+    n = (limit * 4 // 3) // 3
+    path = work / "bomb.json"
+    path.write_bytes(b"[" + b"{}," * n + b"{}]")
+    return path
+
+
+def reset_peak(pid: int) -> None:
+    """VmHWM back to the current resident size, so the next peak belongs to the next load."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 def peak_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM"):
@@ -184,18 +214,33 @@ def bench_preset(preset: str, a, work: Path) -> dict:
     small = work / "small.body"
     small.write_bytes(wrk.multipart(image))
     big = max_size_upload(info["limits"]["max_upload_bytes"], work)
+    limit = info["limits"]["max_upload_bytes"]
+    from dsmd.index.build import dataset_sources
+
+    real = len(dataset_sources(Path(a.data), split="test"))  # ids 1..real have files; the rest are synthetic
     runs = [("text", wrk.text_script(), 1, a.seconds), ("text", wrk.text_script(), 8, a.seconds),
-            ("image", wrk.upload_script(small), 1, a.seconds), ("image", wrk.upload_script(small), 8, a.seconds),
-            ("text soak", wrk.text_script(), 32, a.soak), ("text overload", wrk.text_script(), 256, a.seconds),
-            ("upload flood", wrk.upload_script(big), 64, a.seconds)]
+            *[("image", wrk.upload_script(small), c, a.seconds) for c in (1, 8, 16)],
+            ("text soak", wrk.text_script(), 32, a.soak), ("text overload", wrk.text_script(), 256, a.seconds)]
+    floods = [("upload flood", wrk.upload_script(big)),
+              ("progressive JPEG flood", wrk.upload_script(progressive_upload(work))),
+              ("JSON flood", wrk.upload_script(json_bomb(limit, work), ctype="application/json")),
+              ("thumbnail flood", wrk.thumbnail_script(real))]
     try:
         for what, script, c, seconds in runs:
             r = wrk.run(url, script, c, seconds, threads=1 if c <= 8 else 2)
             r["what"] = what
             result.setdefault("runs", []).append(r)
             show(preset, what, r)
+        peak_before_floods = peak_mib(proc.pid)
+        for what, script in floods:
+            reset_peak(proc.pid)
+            r = wrk.run(url, script, 64, a.seconds, threads=2)
+            r.update(what=what, peak_mib=peak_mib(proc.pid))
+            result["runs"].append(r)
+            show(preset, what, r)
+            print(f"{preset:5s} {what}: resident peak {r['peak_mib']:.0f} MiB", flush=True)
         result["rss_after_mib"] = rss_mib(proc.pid)
-        result["rss_peak_mib"] = peak_mib(proc.pid)
+        result["rss_peak_mib"] = max(peak_before_floods, *(r.get("peak_mib", 0) for r in result["runs"]))
         result["still_healthy"] = httpx.get(f"{url}/readyz", timeout=5).status_code == 200
     finally:
         proc.terminate()
@@ -257,6 +302,19 @@ def main() -> None:
                   f"| {(r['memory']['ceiling_bytes'] or 0) / 2**20:.0f} | "
                   f"{r['bare']['text_p50_ms']:.2f} ({r['bare']['text_encoder_only_p50_ms']:.2f}) | "
                   f"{r['overhead_text']:.2f} | {r['bare']['image_p50_ms']:.2f} | {r['overhead_image']:.2f} |")
+    md += ["", "Images answered per second as concurrency rises (they must not fall), and each flood's "
+               "resident peak (measured after resetting the peak) against the stated ceiling:", "",
+           "| bundle | image c=1 ok/s | c=8 ok/s (503 share) | c=16 ok/s (503 share) | "
+           + " | ".join(f"{f} peak MiB" for f in ("upload", "progressive JPEG", "JSON", "thumbnail"))
+           + " | ceiling MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        img = {x["connections"]: x for x in r["runs"] if x["what"] == "image"}
+        share = lambda x: x["statuses"].get(503, 0) / max(x["requests"], 1)  # noqa: E731
+        peaks = [next((x["peak_mib"] for x in r["runs"] if x["what"] == f"{f} flood"), float("nan"))
+                 for f in ("upload", "progressive JPEG", "JSON", "thumbnail")]
+        md.append(f"| {r['preset']} {r['variant']} | {img[1]['ok_s']:.1f} | {img[8]['ok_s']:.1f} ({share(img[8]):.0%}) "
+                  f"| {img[16]['ok_s']:.1f} ({share(img[16]):.0%}) | " + " | ".join(f"{p:.0f}" for p in peaks)
+                  + f" | {(r['memory']['ceiling_bytes'] or 0) / 2**20:.0f} |")
     md.append("")
     for r in results:
         ix = r["index"]

@@ -60,9 +60,18 @@ UPLOAD = COMMON + r"""
 local f = assert(io.open("{body}", "rb"))
 local body = f:read("*all")
 f:close()
-local headers = {["Content-Type"] = "multipart/form-data; boundary=wrkboundary"}
+local headers = {["Content-Type"] = "{ctype}"}
 function request()
   return wrk.format("POST", "{path}", headers, body)
+end
+"""
+
+THUMBNAILS = COMMON + r"""
+function request()
+  counter = counter + 1
+  -- items spread over the index so that most thumbnails are not cached yet
+  local item = ((counter * 7919 + id * 104729) % {count}) + 1
+  return wrk.format("GET", string.format("/items/%d/thumbnail", item))
 end
 """
 
@@ -101,5 +110,12 @@ def text_script() -> str:
     return TEXT
 
 
-def upload_script(body_file: Path, path: str = "/search/image?k=10") -> str:
-    return UPLOAD.replace("{body}", str(body_file)).replace("{path}", path)
+def upload_script(body_file: Path, path: str = "/search/image?k=10",
+                  ctype: str = "multipart/form-data; boundary=wrkboundary") -> str:
+    """POST the same body again and again (`ctype`: multipart as `multipart()` makes it, or JSON)."""
+    return UPLOAD.replace("{body}", str(body_file)).replace("{path}", path).replace("{ctype}", ctype)
+
+
+def thumbnail_script(count: int) -> str:
+    """GET /items/ID/thumbnail over ids 1..count, few of them twice (uncached renders)."""
+    return THUMBNAILS.replace("{count}", str(count))
