@@ -1,6 +1,7 @@
 """dsmd.serve: the HTTP search server and its web page, without torch.
 
     cli.py             `dsmd serve`: settings from flags and DSMD_*, then uvicorn
+    connection.py      uvicorn's HTTP protocol with a deadline for request headers (408, then closed)
     settings.py        the server's settings, checked at start-up, and the memory they allow
     app.py             `create_app(settings)`: lifespan, middleware, error handlers, the routers
     state.py           what the app holds while it runs: bundle, index, batchers, caches, gates

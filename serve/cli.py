@@ -9,6 +9,7 @@ def _serve(a: argparse.Namespace) -> int:
     import uvicorn
 
     from dsmd.serve.app import create_app
+    from dsmd.serve.connection import http_protocol
     from dsmd.serve.settings import Settings
     from dsmd.serve.state import check_backend
 
@@ -19,7 +20,8 @@ def _serve(a: argparse.Namespace) -> int:
     app = create_app(settings)
     print(f"serving {settings.index} with {settings.bundle} on http://{a.host}:{a.port}/  (API docs: /docs)",
           flush=True)
-    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, access_log=False)
+    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, access_log=False,
+                http=http_protocol(settings.header_timeout_s))
     return 0
 
 

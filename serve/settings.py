@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     queue_wait_share: float = Field(0.5, gt=0, le=1)  # of request_timeout_s a request may wait in a queue
     max_queue: int = Field(256, ge=1)  # inputs waiting for an encoder
     request_timeout_s: float = Field(5.0, gt=0)  # a request not answered by then (after its body) gets a 503
+    header_timeout_s: float = Field(10.0, gt=0)  # a request's headers must be complete by then (408 and close)
     # -- upload bodies: read before a request takes a slot, under a budget of bytes and a minimum rate
     body_budget_bytes: int | None = Field(None, ge=65536)  # bodies held at once; None: 4 of the largest
     body_grace_s: float = Field(5.0, gt=0)  # how long a body may take before the minimum rate applies

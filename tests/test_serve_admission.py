@@ -15,6 +15,8 @@ import fcntl
 import io
 import json
 import os
+import resource
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -114,6 +116,40 @@ def test_slow_bodies_do_not_starve_image_search_and_get_a_408(tiny_search, tmp_p
         assert statuses == [408] * 6
         assert s.metric("dsmd_requests_total", endpoint="/search/image", status="408") == 6
         assert s.metric("dsmd_upload_bodies_reading") == 0 and s.metric("dsmd_upload_body_bytes") == 0
+
+
+def test_more_slow_header_connections_than_open_files_leave_other_clients_served(tiny_search, tmp_path):
+    """The server is limited to 256 open files, then 300 connections send a request line and one header and
+    stop there. uvicorn gives headers no deadline, so they held every descriptor for good and each new
+    client was accepted and dropped at once (uvloop's answer to EMFILE). With a header deadline of 2 s
+    (DSMD_HEADER_TIMEOUT_S) the stalled ones get a 408 and are closed, and a client that retries while
+    it is dropped gets its search answered."""
+    bundle, index = copy_search(tiny_search, tmp_path)
+    with Server(bundle, index, {"DSMD_HEADER_TIMEOUT_S": "2"}) as s:
+        limit = 256
+        resource.prlimit(s.pid, resource.RLIMIT_NOFILE, (limit, limit))
+        stalled = []
+        try:
+            for _ in range(limit + 44):
+                c = socket.create_connection(("127.0.0.1", s.port))
+                c.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                stalled.append(c)
+            _poll(lambda: len(os.listdir(f"/proc/{s.pid}/fd")) >= limit - 1, "the server out of descriptors")
+            answered, dropped = None, 0
+            deadline = time.monotonic() + WAIT_S
+            while answered is None and time.monotonic() < deadline:
+                try:
+                    answered = httpx.get(f"{s.url}/search", params={"text": "a red circle"}, timeout=30)
+                except httpx.TransportError:
+                    dropped += 1
+                    time.sleep(0.1)
+            assert answered is not None and answered.status_code == 200, f"dropped {dropped} times"
+            stalled[0].settimeout(30)
+            assert stalled[0].recv(100).startswith(b"HTTP/1.1 408 ")
+        finally:
+            for c in stalled:
+                c.close()
+        assert httpx.get(f"{s.url}/readyz", timeout=30).status_code == 200
 
 
 # ---------------------------------------------------------------- item 4: a short queue, not a refusal
