@@ -126,17 +126,31 @@ class State:
         index = self.index
         return [(v, search_here(index, v, k, target)) for v, (_, k, target) in zip(vectors, jobs)]
 
-    def decode(self, data: bytes) -> np.ndarray:
+    def decode(self, data: bytes, until: float | None = None) -> np.ndarray:
         """Model input of an upload: only the accepted formats, decoded at about twice the model's size,
-        at most `decode_slots` at a time (a thread that gave up waiting still holds its slot until done).
+        at most `decode_slots` at a time. A decode runs on in its thread when its request gives up, so
+        the thread waits for a slot only until the request's deadline (`until`, on time.monotonic()) and
+        then drops the upload undecoded: the work of abandoned requests never piles up behind the slots.
 
         Raises:
             BadImage: not an accepted image, or over the pixel limit.
+            TimeoutError: no decode slot came free before the deadline.
         """
-        with self.decode_slots:
+        waiting = self.extra["decode_waiting"]
+        waiting.inc()
+        try:
+            got = self.decode_slots.acquire(timeout=None if until is None else max(until - time.monotonic(), 0.0))
+        finally:
+            waiting.dec()
+        if not got:
+            raise TimeoutError("no decode slot before the request's deadline")
+        try:
+            self.extra["decodes"].inc()
             img = open_image(data, max_pixels=self.settings.max_pixels, formats=UPLOAD_FORMATS,
                              min_side=2 * self.bundle.preprocess.size)
             return self.bundle.transform(img)
+        finally:
+            self.decode_slots.release()
 
     async def thumbnail(self, key: Hashable, locate: Callable[[], Path], deadline: Deadline) -> bytes:
         """A JPEG thumbnail of an indexed file (`locate()`, in a worker thread, finds it or raises): from
@@ -269,6 +283,8 @@ def _extra_metrics(m: Metrics) -> dict:
                                    registry=r),
             "reload_checks": Counter("dsmd_index_reload_checks", "Looks for an index rebuilt by another process.",
                                      registry=r),
+            "decode_waiting": Gauge("dsmd_decode_waiting", "Uploads waiting for a decode slot.", registry=r),
+            "decodes": Counter("dsmd_upload_decodes", "Uploads decoded (a decode slot taken).", registry=r),
             "compacting": Gauge("dsmd_index_compacting", "1 while the index is being rebuilt in the background.",
                                 registry=r)}
 

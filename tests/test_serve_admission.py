@@ -271,6 +271,47 @@ def test_concurrent_requests_for_one_thumbnail_render_it_once_and_a_swap_keeps_i
         assert s.metric("dsmd_thumbnail_renders_total") == 1
 
 
+def test_uploads_that_wait_past_their_deadline_for_a_decode_slot_are_dropped_undecoded(tiny_search, tmp_path):
+    """One decode slot, held by a thumbnail render whose file is a named pipe the server is reading. Four
+    image searches with a 2 s deadline wait for the slot and get 503s, and the threads that waited give
+    up at that deadline too: when the slot comes free, none of the four is decoded (their threads used to
+    wait on and decode each upload long after its answer). The thumbnail gets its 503 at its deadline."""
+    bundle, index = copy_search(tiny_search, tmp_path)
+    env = {"DSMD_TOKEN": "t", "DSMD_DECODE_SLOTS": "1", "DSMD_REQUEST_TIMEOUT_S": "2", "DSMD_ADMISSION_QUEUE": "0"}
+    with Server(bundle, index, env) as s:
+        image = _jpeg(64, (30, 160, 90))
+        item, fifo = _fifo_item(s, index, image)
+        decoded = s.metric("dsmd_upload_decodes_total")
+        writers: list[int] = []
+
+        def server_reads_it() -> bool:  # a non-blocking open for writing succeeds once the server has it open
+            try:
+                writers.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                return False
+            return True
+
+        async def main():
+            async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
+                thumb = asyncio.create_task(c.get(f"/items/{item}/thumbnail"))
+                await _until(server_reads_it, "the thumbnail render holding the decode slot")
+                searches = await asyncio.gather(*[c.post("/search/image", files={"file": ("q.jpg", _jpeg(40 + i))})
+                                                  for i in range(4)])
+                await _until(lambda: s.metric("dsmd_decode_waiting") == 0, "the waiting decodes gone")
+                os.write(writers[0], image)
+                os.close(writers[0])
+                await _until(lambda: s.metric("dsmd_thumbnail_renders_total") == 1
+                             and s.metric("dsmd_in_flight", gate="thumbnail") == 0, "the render done")
+                freed = s.metric("dsmd_upload_decodes_total")
+                return await thumb, searches, freed, await c.post("/search/image", files={"file": ("q.jpg", _jpeg(48))})
+
+        thumb, searches, freed, after = asyncio.run(main())
+        assert [r.status_code for r in searches] == [503] * 4, [r.text for r in searches]
+        assert thumb.status_code == 503
+        assert freed == decoded  # the slot came free and none of the four was decoded
+        assert after.status_code == 200 and s.metric("dsmd_upload_decodes_total") == decoded + 1
+
+
 # ---------------------------------------------------------------- item 11: a held folder lock
 
 

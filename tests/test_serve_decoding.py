@@ -274,8 +274,9 @@ def test_a_flood_of_slow_inputs_leaves_threads_and_memory_flat(server, slow):
 
 
 def test_a_thumbnail_of_an_indexed_file_slow_to_decode_is_refused_from_its_headers(tiny_search, slow, tmp_path):
-    """A folder build takes what Pillow can open, so an index may hold a file slow to decode; its thumbnail
-    is refused from the headers (404, saying why) as an upload would be, while the next one renders."""
+    """A folder build takes what Pillow can open, so an index may hold a file slow to decode, or one over the
+    server's pixel limit: its thumbnail is refused (404, saying why) as an upload would be (a thumbnail was
+    decoded up to 64 Mpx before), while a plain one renders."""
     from dsmd.bundle import Bundle
     from dsmd.index.build import build
     from dsmd.index.sources import folder_sources
@@ -284,12 +285,15 @@ def test_a_thumbnail_of_an_indexed_file_slow_to_decode_is_refused_from_its_heade
     photos.mkdir()
     (photos / "plain.png").write_bytes(_png(Image.new("RGB", (64, 48), (200, 40, 40))))
     (photos / "chunks.png").write_bytes(slow["png_chunks"][0])
+    (photos / "large.png").write_bytes(_png(_waves(1400, 1000, 37.0)))  # 1.4 Mpx, over the server's 1 Mpx
     build(tmp_path / "index", Bundle(tiny_search / "bundle"), folder_sources(photos), progress=False)
-    with Server(tiny_search / "bundle", tmp_path / "index") as s:
-        ids = {it["name"]: it["id"] for it in (httpx.get(f"{s.url}/items/{i}").json() for i in (1, 2))}
+    with Server(tiny_search / "bundle", tmp_path / "index", {"DSMD_MAX_PIXELS": "1000000"}) as s:
+        ids = {it["name"]: it["id"] for it in (httpx.get(f"{s.url}/items/{i}").json() for i in (1, 2, 3))}
         refused = httpx.get(f"{s.url}/items/{ids['chunks.png']}/thumbnail", timeout=60)
+        large = httpx.get(f"{s.url}/items/{ids['large.png']}/thumbnail", timeout=60)
         made = httpx.get(f"{s.url}/items/{ids['plain.png']}/thumbnail", timeout=60)
     assert refused.status_code == 404 and "cost far more to decode" in refused.json()["detail"], refused.status_code
+    assert large.status_code == 404 and "over the pixel limit" in large.json()["detail"], large.status_code
     assert made.status_code == 200 and made.headers["content-type"] == "image/jpeg"
 
 

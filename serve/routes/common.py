@@ -124,9 +124,12 @@ async def read_body(request: Request, s: State, hold: BodyHold) -> bytes:
 async def decode(s: State, data: bytes, deadline: Deadline) -> np.ndarray:
     """The model input of an upload, decoded in the thread pool; a 422 when it is not a usable image."""
     try:
-        return await within(deadline, run_in_threadpool(s.decode, data), "decode the image")
+        until = time.monotonic() + deadline.left()  # the deadline on the clock the decoding thread can read
+        return await within(deadline, run_in_threadpool(s.decode, data, until), "decode the image")
     except BadImage as e:
         raise HTTPException(422, f"not a usable image: {str(e).replace('upload: ', '')}") from None
+    except TimeoutError:  # from the thread: no decode slot before the deadline (Python 3.10 keeps it apart)
+        raise deadline.expired() from None
 
 
 # ---------------------------------------------------------------- index writes
