@@ -27,6 +27,8 @@ PORTS = ("etcd", "root-coord", "proxy", "proxy-internal", "query-coord", "query-
          "data-coord", "data-node")
 ETCD_PEER_PORT = 2380  # not configurable through milvus-server's flags
 
+pytestmark = pytest.mark.slow  # about two minutes: a Milvus server starts, and HNSW builds are tuned
+
 
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
