@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import io
 import logging
 import os
@@ -32,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from dsmd.bundle import Bundle, RuntimeOptions
 from dsmd.errors import UserError
-from dsmd.images import UPLOAD_FORMATS, open_image
+from dsmd.images import FILE_FORMATS, UPLOAD_FORMATS, BadImage, open_image
 from dsmd.index.search import SearchIndex
 from dsmd.serve.admission import BodyBudget, Deadline, Gate, within
 from dsmd.serve.batcher import MicroBatcher
@@ -53,6 +54,10 @@ def check_backend(s: Settings) -> None:
     if m is not None and s.backend and s.backend != held:
         raise UserError(f"--backend {s.backend}: the index at {s.index} searches its vectors with {held}; "
                         f"build it with dsmd index build --backend {s.backend}")
+
+
+class FileChanged(Exception):
+    """An indexed file whose bytes are no longer the ones indexed (its sha256 differs)."""
 
 
 class State:
@@ -170,20 +175,29 @@ class State:
         finally:
             waiting.dec()
 
-    async def _render(self, key: Hashable, locate: Callable[[], Path], deadline: Deadline) -> bytes:
+    async def _render(self, key: tuple[int, str], locate: Callable[[], Path], deadline: Deadline) -> bytes:
         """One render: it holds its thumbnail slot until its thread is done, not until a deadline, so a
         stalled file never lets more threads pile up behind the slots."""
         async with self.gates["thumbnail"].admit(self.settings.queue_wait_s(deadline.left())):
-            data = await run_in_threadpool(self._thumbnail_file, locate)
+            data = await run_in_threadpool(self._thumbnail_file, locate, key[1])
         self.thumbs.put(key, data)
         return data
 
-    def _thumbnail_file(self, locate: Callable[[], Path]) -> bytes:
+    def _thumbnail_file(self, locate: Callable[[], Path], sha256: str) -> bytes:
+        """The thumbnail of the file `locate()` finds, read once: only if its bytes are still the ones
+        indexed (`sha256`; else FileChanged), and, like an upload, only if its headers promise a decode
+        in proportion to its size and pixels under the limit (else BadImage)."""
         path = locate()
         self.extra["renders"].inc()
         with self.decode_slots:
-            img = open_image(path, max_pixels=self.settings.max_pixels, min_side=self.settings.thumb_size,
-                             check_cost=True)  # a file in the index is no safer than an upload
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise BadImage(f"{path}: cannot read ({e.strerror})") from None
+            if hashlib.sha256(data).hexdigest() != sha256:
+                raise FileChanged(f"{path} has changed since it was indexed")
+            img = open_image(data, max_pixels=self.settings.max_pixels, min_side=self.settings.thumb_size,
+                             formats=FILE_FORMATS, check_cost=True)  # a file in the index is no safer than an upload
             img.thumbnail((self.settings.thumb_size, self.settings.thumb_size))
             buf = io.BytesIO()
             img.save(buf, "JPEG", quality=85)

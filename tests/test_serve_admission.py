@@ -388,8 +388,9 @@ def test_a_client_that_leaves_mid_upload_is_a_499_with_no_traceback(tiny_search,
 
 
 def test_an_item_file_is_served_only_unchanged_and_from_its_own_folder(tiny_search, tmp_path):
-    """GET /items/{id}/image: a stored upload whose bytes changed since it was indexed is 410; one replaced
-    by a link to a copy outside its folder (same bytes) is 404; neither answer shows a path."""
+    """GET /items/{id}/image and /thumbnail: a stored upload whose bytes changed since it was indexed is 410
+    (a thumbnail was made of the new bytes and cached as the item's); one replaced by a link to a copy
+    outside its folder (same bytes) is 404; no answer shows a path."""
     bundle, index = copy_search(tiny_search, tmp_path)
     with Server(bundle, index, {"DSMD_TOKEN": "t"}) as s:
         images = [_jpeg(48, (250, 250, 0)), _jpeg(48, (0, 250, 250))]
@@ -406,6 +407,10 @@ def test_an_item_file_is_served_only_unchanged_and_from_its_own_folder(tiny_sear
         assert changed.status_code == 410 and "changed since it was indexed" in changed.json()["detail"], changed.text
         assert linked.status_code == 404 and "outside" in linked.json()["detail"], linked.text
         assert "/" not in changed.json()["detail"] + linked.json()["detail"]
+        thumbs = [httpx.get(f"{s.url}/items/{it['id']}/thumbnail", timeout=30) for it in items]
+        assert [t.status_code for t in thumbs] == [410, 404], [t.text[:200] for t in thumbs]
+        assert "changed since it was indexed" in thumbs[0].json()["detail"]
+        assert "/" not in thumbs[0].json()["detail"] + thumbs[1].json()["detail"]
 
 
 def test_a_token_with_non_ascii_characters_matches_when_sent_as_utf8(tiny_search, tmp_path):

@@ -25,7 +25,7 @@ from dsmd.serve import models
 from dsmd.serve.admission import Deadline, busy
 from dsmd.serve.deps import ItemId, StateDep, WriterDep, read_only_error
 from dsmd.serve.routes.common import after_write, decode, on_writer, public, read_body
-from dsmd.serve.state import State
+from dsmd.serve.state import FileChanged, State
 from dsmd.serve.uploads import check_content_type, upload_spec
 
 router = APIRouter()
@@ -89,12 +89,15 @@ async def get_image(s: StateDep, item_id: ItemId) -> FileResponse:
 
 @router.get("/items/{item_id}/thumbnail", summary="A JPEG thumbnail of the item (cached)",
             responses={200: {"content": {"image/jpeg": {}}, "description": "a JPEG thumbnail"},
-                       **models.errors(404, 422, 503)}, response_class=Response)
+                       **models.errors(404, 410, 422, 503)}, response_class=Response)
 async def get_thumbnail(s: StateDep, item_id: ItemId) -> Response:
     deadline = Deadline(s.settings.request_timeout_s)
     item = await item_or_404(s, item_id)
     try:
         data = await s.thumbnail((item_id, item["sha256"]), lambda: inside_folder(item, item_id), deadline)
+    except FileChanged:
+        raise HTTPException(410, f"item {item_id}'s file has changed since it was indexed (its sha256 differs), "
+                                 f"so no thumbnail is made; index it again to serve the new file") from None
     except BadImage as e:
         why = ("it would cost far more to decode than its size (its headers say so)" if isinstance(e, CostlyImage)
                else "it is over the pixel limit" if "over the limit" in str(e) else "it cannot be read as an image")
