@@ -213,8 +213,8 @@ def bench_preset(preset: str, a, work: Path) -> dict:
     result["memory"] = info["memory"]
     small = work / "small.body"
     small.write_bytes(wrk.multipart(image))
-    big = max_size_upload(info["limits"]["max_upload_bytes"], work)
     limit = info["limits"]["max_upload_bytes"]
+    big = max_size_upload(limit, work)
     from dsmd.index.build import dataset_sources
 
     real = len(dataset_sources(Path(a.data), split="test"))  # ids 1..real have files; the rest are synthetic

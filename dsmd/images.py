@@ -76,7 +76,6 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS, formats
                 check_decode_cost(data, name)
                 if not isinstance(source, bytes):  # read once: the file may be a pipe, or change meanwhile
                     fp = io.BytesIO(data)
-                del data
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img = Image.open(fp, formats=list(formats))

@@ -134,10 +134,10 @@ def ensure_collection(client, name: str, dim: int, uri: str, owner: str = "", ad
         client.create_collection(name, schema=schema, index_params=params, consistency_level="Strong")
     else:
         have = client.describe_collection(name)
-        held_by = (have.get("description") or "").removeprefix(OWNER_PREFIX)
+        description = have.get("description") or ""
+        held_by = description.removeprefix(OWNER_PREFIX)
         if owner and held_by != owner and not adopt:
-            whose = f"index {held_by}" if (have.get("description") or "").startswith(OWNER_PREFIX) else \
-                "something else (no index recorded)"
+            whose = f"index {held_by}" if description.startswith(OWNER_PREFIX) else "something else (no index recorded)"
             raise UserError(f"the Milvus collection {name} belongs to {whose}, not to this index ({owner}): two "
                             f"indexes in one collection overwrite each other's ids. Leave out --collection (each "
                             f"index gets its own), give another name, or drop {name} if nothing uses it")

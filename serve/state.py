@@ -103,6 +103,7 @@ class State:
         # a compaction rebuilds the whole index: on its own thread, so writes go on meanwhile
         self.compactor = ThreadPoolExecutor(1, thread_name_prefix="index-compactor")
         self.compacting = False  # reloads wait: the compaction's own new manifest is not another process's
+        x["compacting"].set_function(lambda: float(self.compacting))
         # warm-up: the first real query must not pay for lazy initialisation
         self.bundle.encode_texts(["warm up"])
         size = self.bundle.preprocess.size
@@ -257,13 +258,11 @@ class State:
         if not self.writes or not self.index.needs_compaction():
             return False
         self.compacting = True
-        self.extra["compacting"].set(1)
         try:
             time.sleep(self.settings.compact_delay_ms / 1000)
             self.swap(self.index.compact(self.bundle))
         finally:
             self.compacting = False
-            self.extra["compacting"].set(0)
         return True
 
     def upload_dir(self) -> Path | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -24,6 +25,26 @@ def copy_search(tiny_search: Path, dest: Path) -> tuple[Path, Path]:
     shutil.copytree(tiny_search / "bundle", dest / "bundle")
     shutil.copytree(tiny_search / "index", dest / "index")
     return dest / "bundle", dest / "index"
+
+
+def open_for_writing(fifo: Path) -> int | None:
+    """A descriptor writing into the named pipe `fifo` once the server has it open for reading (a
+    non-blocking open for writing fails until then), else None. While it stays open the server's read
+    blocks; closing it ends the file."""
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+
+
+async def pipe_opened(fifo: Path, timeout: float = 30.0) -> int:
+    """Wait, on the event loop (the test's requests go on), until the server has the named pipe `fifo`
+    open for reading; returns a descriptor writing into it (write, then close it to end the file)."""
+    deadline = time.monotonic() + timeout
+    while (fd := open_for_writing(fifo)) is None:
+        assert time.monotonic() < deadline, f"the server did not open {fifo.name} within {timeout:g} s"
+        await asyncio.sleep(0.02)
+    return fd
 
 
 class Server:

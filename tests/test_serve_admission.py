@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from serving import Server, copy_search
+from serving import Server, copy_search, open_for_writing, pipe_opened
 
 WAIT_S = 30  # how long a condition polled in /metrics may take to come true: generous, a shared machine
 AUTH = {"authorization": "Bearer t"}
@@ -77,9 +77,8 @@ def _fifo_item(s: Server, index: Path, image: bytes) -> tuple[int, Path]:
 
 def _feed(fifo: Path, data: bytes) -> bool:
     """Write `data` into the pipe if the server has it open for reading (else False: nobody reads it yet)."""
-    try:
-        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError:
+    fd = open_for_writing(fifo)
+    if fd is None:
         return False
     os.set_blocking(fd, True)
     os.write(fd, data)
@@ -282,24 +281,15 @@ def test_uploads_that_wait_past_their_deadline_for_a_decode_slot_are_dropped_und
         image = _jpeg(64, (30, 160, 90))
         item, fifo = _fifo_item(s, index, image)
         decoded = s.metric("dsmd_upload_decodes_total")
-        writers: list[int] = []
-
-        def server_reads_it() -> bool:  # a non-blocking open for writing succeeds once the server has it open
-            try:
-                writers.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError:
-                return False
-            return True
-
         async def main():
             async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
                 thumb = asyncio.create_task(c.get(f"/items/{item}/thumbnail"))
-                await _until(server_reads_it, "the thumbnail render holding the decode slot")
+                writer = await pipe_opened(fifo)  # the thumbnail render holds the decode slot
                 searches = await asyncio.gather(*[c.post("/search/image", files={"file": ("q.jpg", _jpeg(40 + i))})
                                                   for i in range(4)])
                 await _until(lambda: s.metric("dsmd_decode_waiting") == 0, "the waiting decodes gone")
-                os.write(writers[0], image)
-                os.close(writers[0])
+                os.write(writer, image)
+                os.close(writer)
                 await _until(lambda: s.metric("dsmd_thumbnail_renders_total") == 1
                              and s.metric("dsmd_in_flight", gate="thumbnail") == 0, "the render done")
                 freed = s.metric("dsmd_upload_decodes_total")

@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from serving import Server, copy_search
+from serving import Server, copy_search, pipe_opened
 
 WAIT_S = 30  # how long a condition polled in /metrics may take to come true: generous, a shared machine
 
@@ -354,18 +354,9 @@ def test_past_the_thumbnail_gate_thumbnails_get_a_503(tiny_search, tmp_path):
                 refused = await c.get("/items/1/thumbnail")
                 search = await c.get("/search", params={"text": "a red circle"})
                 assert not held.done()
-                writers = []
-
-                def server_reads_it() -> bool:  # a non-blocking open for writing fails until a reader has it open
-                    try:
-                        writers.append(os.open(stored, os.O_WRONLY | os.O_NONBLOCK))
-                    except OSError:
-                        return False
-                    return True
-
-                await _until(server_reads_it, "the server opening the file")
-                os.write(writers[0], image)
-                os.close(writers[0])
+                writer = await pipe_opened(stored)
+                os.write(writer, image)
+                os.close(writer)
                 return refused, search, await held, await c.get("/items/1/thumbnail")
 
         refused, search, made, after = asyncio.run(main())

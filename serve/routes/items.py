@@ -58,6 +58,11 @@ def inside_folder(item: dict, item_id: int) -> Path:
     return real
 
 
+def changed_error(item_id: int) -> HTTPException:
+    return HTTPException(410, f"item {item_id}'s file has changed since it was indexed (its sha256 differs), so "
+                              f"it is not served; index it again to serve the new file")
+
+
 def verified_file(s: State, item: dict, item_id: int) -> tuple[Path, os.stat_result]:
     """The item's file and its stat, if its bytes are still those indexed (checked once per version of
     the file: path, inode, mtime, size); a 404 when gone or outside its folder, a 410 when changed."""
@@ -72,8 +77,7 @@ def verified_file(s: State, item: dict, item_id: int) -> tuple[Path, os.stat_res
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
         if digest.hexdigest() != item["sha256"]:
-            raise HTTPException(410, f"item {item_id}'s file has changed since it was indexed (its sha256 differs), "
-                                     f"so it is not served; index it again to serve the new file")
+            raise changed_error(item_id)
         s.verified.put(version, True)
     return real, st
 
@@ -96,8 +100,7 @@ async def get_thumbnail(s: StateDep, item_id: ItemId) -> Response:
     try:
         data = await s.thumbnail((item_id, item["sha256"]), lambda: inside_folder(item, item_id), deadline)
     except FileChanged:
-        raise HTTPException(410, f"item {item_id}'s file has changed since it was indexed (its sha256 differs), "
-                                 f"so no thumbnail is made; index it again to serve the new file") from None
+        raise changed_error(item_id) from None
     except BadImage as e:
         why = ("it would cost far more to decode than its size (its headers say so)" if isinstance(e, CostlyImage)
                else "it is over the pixel limit" if "over the limit" in str(e) else "it cannot be read as an image")
