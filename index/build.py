@@ -36,11 +36,12 @@ from tqdm import tqdm
 from dsmd.artifacts import MANIFEST, read_manifest, versions, write_json
 from dsmd.bundle import Bundle
 from dsmd.errors import UserError
-from dsmd.index import ann
+from dsmd.index import ann, metadata
 from dsmd.index import reclaim as reclaim_module
 from dsmd.index.db import IndexDB, NewItem
 from dsmd.index.identity import IndexMismatch, bundle_fingerprint, check_bundle
 from dsmd.index.lock import finalize_lock, folder_lock
+from dsmd.index.merging import merge, open_existing
 from dsmd.index.sources import Source, dataset_sources, folder_sources, prepared, shard_of
 
 __all__ = ["IndexMismatch", "Report", "Source", "add_images", "add_texts", "build", "bundle_fingerprint",
@@ -80,6 +81,7 @@ def add_images(path: str | Path, bundle: Bundle, sources: list[Source], batch: i
     report = Report()
     known = db.known_hashes()
     pending: list[tuple] = []
+    copies: list[tuple[str, str]] = []  # (uri, sha256) of files whose bytes are indexed under another path
 
     def flush() -> None:
         if not pending:
@@ -88,9 +90,10 @@ def add_images(path: str | Path, bundle: Bundle, sources: list[Source], batch: i
         caps = [c for p in pending for c in p[0].captions]
         cap_vecs = bundle.encode_texts(caps) if caps else np.zeros((0, bundle.dim), np.float32)
         items, pos = [], 0
-        for (s, sha, _, size), v in zip(pending, vecs):
+        for (s, sha, _, facts), v in zip(pending, vecs):
             n = len(s.captions)
-            items.append(NewItem(s.uri, sha, size[0], size[1], list(s.captions), v, cap_vecs[pos:pos + n]))
+            items.append(NewItem(s.uri, sha, facts["width"], facts["height"], list(s.captions), v,
+                                 cap_vecs[pos:pos + n], facts))
             pos += n
         with folder_lock(path):  # one batch: a live upload waits for this commit, not for the build
             ids = db.replace(items)
@@ -100,21 +103,24 @@ def add_images(path: str | Path, bundle: Bundle, sources: list[Source], batch: i
         pending.clear()
 
     bar = tqdm(total=len(sources), desc="index", unit="img", dynamic_ncols=True, **_quiet(progress))
-    for s, sha, pixels, size, error in prepared(sources, bundle, workers, prefetch=4 * batch):
+    for s, sha, pixels, facts, error in prepared(sources, bundle, workers, prefetch=4 * batch):
         bar.update(1)
         if error is not None:
             db.skip(s.uri, error)
             report.skipped.append({"uri": s.uri, "reason": error})
         elif sha in known:
             report.already += 1
+            copies.append((s.uri, sha))
         else:
             known.add(sha)
-            pending.append((s, sha, pixels, size))
+            pending.append((s, sha, pixels, facts))
             if len(pending) >= batch:
                 flush()
         bar.set_postfix(added=report.added, skipped=len(report.skipped))
     flush()
     bar.close()
+    with folder_lock(path):
+        metadata.note_copies(db.con, copies)
     db.close()
     report.seconds = time.time() - t0
     return report
@@ -136,68 +142,13 @@ def remove(path: str | Path, ids: list[int] = (), uris: list[str] = (), bundle: 
     """Delete items by id or path (their captions go with them); returns how many. Opened indexes
     leave them out of their results at once (their rows are gone) and drop them when reopened.
     `bundle`: the one the caller will finalize with, refused before anything is removed if not the index's."""
-    db = _open_existing(path)
+    db = open_existing(path)
     if bundle is not None:
         check_bundle(path, bundle, db)
     with folder_lock(path):
         n = db.remove(ids, [str(Path(u).resolve()) if Path(u).exists() else u for u in uris])
     db.close()
     return n
-
-
-def merge(out: str | Path, inputs: list[str | Path], bundle: Bundle | None = None) -> int:
-    """Copy the items and texts of shard indexes into `out` (same bundle only, `bundle` if given); then
-    `finalize` it. The folder lock is held one batch at a time, as a build holds it."""
-    out = Path(out)
-    for src in inputs if bundle is not None else ():
-        check_bundle(src, bundle)
-    if bundle is not None and (out / "items.sqlite").exists():
-        check_bundle(out, bundle)
-    first = _open_existing(inputs[0])
-    meta = first.meta()
-    first.close()
-    out.mkdir(parents=True, exist_ok=True)
-    return _merge(out, inputs, meta)
-
-
-def _merge(out: Path, inputs: list[str | Path], meta: dict[str, str]) -> int:
-    db = IndexDB(out / "items.sqlite", int(meta["dim"]), meta.get("bundle"), IndexDB.variant(meta))
-    added = 0
-    for src in inputs:
-        s = _open_existing(src)
-        if s.meta().get("bundle") != meta.get("bundle") or IndexDB.variant(s.meta()) != IndexDB.variant(meta):
-            raise UserError(f"{src} was built with another bundle (or variant) than {inputs[0]}: shards must share one")
-        known = db.known_hashes()
-        rows = s.con.execute("SELECT id, uri, sha256, width, height, captions FROM items ORDER BY id").fetchall()
-        items = []
-        for start in range(0, len(rows), 1000):
-            batch = [r for r in rows[start:start + 1000] if r[2] not in known]
-            if not batch:
-                continue
-            vecs = s.vectors_of(np.array([r[0] for r in batch]), "items")
-            for r, v in zip(batch, vecs):
-                caps = s.con.execute("SELECT id, text FROM texts WHERE item_id=? ORDER BY id", (r[0],)).fetchall()
-                cap_vecs = s.vectors_of(np.array([c[0] for c in caps]), "texts") if caps else None
-                items.append(NewItem(r[1], r[2], r[3], r[4], json.loads(r[5] or "[]"), v, cap_vecs))
-                known.add(r[2])
-        for i in range(0, len(items), 1000):
-            with folder_lock(out):
-                db.replace(items[i:i + 1000])
-        free = s.con.execute("SELECT id, text FROM texts WHERE item_id IS NULL ORDER BY id").fetchall()
-        if free:
-            with folder_lock(out):
-                db.add_texts([f[1] for f in free], s.vectors_of(np.array([f[0] for f in free]), "texts"))
-        added += len(items)
-        s.close()
-    db.close()
-    return added
-
-
-def _open_existing(path: str | Path) -> IndexDB:
-    p = Path(path) / "items.sqlite"
-    if not p.exists():
-        raise UserError(f"{path} is not an index folder (no items.sqlite)")
-    return IndexDB(p)
 
 
 # ---------------------------------------------------------------- the searchable files
@@ -220,7 +171,7 @@ def finalize(path: str | Path, bundle: Bundle, kind: str | None = None, target: 
     path = Path(path)
     t0 = time.time()
     with finalize_lock(path):
-        db = _open_existing(path)
+        db = open_existing(path)
         try:
             check_bundle(path, bundle, db)
             with folder_lock(path):
@@ -411,7 +362,7 @@ def info(path: str | Path) -> dict:
     m = read_manifest(Path(path))
     if m is None:
         raise UserError(f"{path} is not a finished index (no manifest.json): run dsmd index build")
-    db = _open_existing(path)
+    db = open_existing(path)
     m = dict(m)
     m["pending_changes"] = db.generation - m["generation"]
     m["dead_vector_rows"] = db.dead_rows()

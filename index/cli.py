@@ -20,7 +20,10 @@ imported inside the handlers, so `dsmd --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+
+from dsmd.errors import UserError
 
 DEFAULT_INDEX = "artifacts/index"
 
@@ -28,7 +31,6 @@ DEFAULT_INDEX = "artifacts/index"
 # --- handlers: one per action ---------------------------------------------------------------------------------
 
 def _build(a: argparse.Namespace) -> int:
-    from dsmd.errors import UserError
     from dsmd.index.build import build
 
     if a.from_shards:
@@ -147,6 +149,27 @@ def _search(a: argparse.Namespace) -> int:
     return 0
 
 
+def _duplicates(a: argparse.Namespace) -> int:
+    from dsmd.index.duplicates import exact_groups, near_groups
+    from dsmd.index.search import SearchIndex
+
+    if not 0 < a.threshold <= 1:
+        raise UserError(f"--threshold is a cosine in (0, 1], not {a.threshold}")
+    with SearchIndex(a.index, readonly=True) as s:
+        exact, near = exact_groups(s), near_groups(s, a.threshold, progress=not a.json)
+    if a.json:
+        print(json.dumps({"threshold": a.threshold, "exact": exact, "near": near}, indent=1))
+        return 0
+    print(f"{len(exact)} item(s) whose exact bytes are also at other paths; {len(near)} group(s) of near-duplicates "
+          f"(cosine >= {a.threshold}) holding {sum(len(g['ids']) for g in near)} items")
+    for g in exact[:10]:
+        print(f"  exact #{g['id']} {g['uri']}  also at: {', '.join(g['copies'][:3])}")
+    for g in near[:10]:
+        print(f"  near  {len(g['ids'])} items (max cosine {g['max_cosine']:.4f}): {', '.join(g['uris'][:3])}"
+              + (" ..." if len(g["uris"]) > 3 else ""))
+    return 0
+
+
 def _recall(a: argparse.Namespace) -> int:
     from dsmd.index.recall import text_to_image_recall
 
@@ -196,7 +219,6 @@ def _print_build(a: argparse.Namespace, m: dict) -> None:
 
 def _backend(a: argparse.Namespace) -> dict | None:
     """--backend/--milvus-uri/--collection as finalize takes them; None keeps what the index was built with."""
-    from dsmd.errors import UserError
     from dsmd.index import milvus
 
     if a.backend is None:
@@ -341,6 +363,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("-k", type=int, default=10, help="results to print (default: 10)")
     _bundle_options(s)
     s.set_defaults(run=_search)
+
+    d = actions.add_parser("duplicates", help="exact duplicates (the same bytes at other paths) and groups of "
+                                              "near-duplicates (burst shots, re-encodings)")
+    _index_argument(d)
+    d.add_argument("--threshold", type=float, default=0.95,
+                   help="cosine at or above which two images are near-duplicates (default: 0.95)")
+    d.add_argument("--json", action="store_true", help="print the groups as JSON")
+    d.set_defaults(run=_duplicates)
 
     c = actions.add_parser("recall", help="text->image recall of the index's captions, directly and through "
                                           "the index")

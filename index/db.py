@@ -8,7 +8,8 @@ derived from these rows and can always be rebuilt.
 
 Tables:
     items    id, uri (unique), sha256 (unique: one item per content), width, height,
-             captions (JSON list), added (unix time), vrow
+             captions (JSON list), added (unix time), vrow, and metadata (index/metadata.py,
+             with the table `tags`)
     texts    id, item_id (NULL for free texts), text, vrow: the caption index
     skipped  uri, reason, at: files that could not be read (listed in the build report)
     meta     key, value: dim, bundle fingerprint, variant (fp32/int8/fp16 of the encoder that
@@ -36,12 +37,13 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from dsmd.errors import UserError
+from dsmd.index import metadata
 from dsmd.index.connect import BUSY_TIMEOUT, Transaction, connect_readonly, state, synchronous
 from dsmd.index.vectors import GEN_SHIFT, VectorFile, retrying, vector_generations, vector_path
 
@@ -72,6 +74,7 @@ class NewItem:
     captions: list[str]
     vector: np.ndarray  # (dim,) float32 unit vector
     caption_vectors: np.ndarray | None = None  # (len(captions), dim)
+    meta: dict = field(default_factory=dict)  # file size and time, EXIF, folder (index/metadata.py)
 
 
 class IndexDB:
@@ -83,6 +86,7 @@ class IndexDB:
         self.path = Path(path)
         self.readonly, self.immutable = readonly, False
         self._files: dict[tuple[str, int], VectorFile] = {}
+        self._meta: tuple[str, bool] | None = None  # items(): the metadata columns to select, whether tags exist
         if readonly:
             if dim is not None or variant is not None:
                 raise ValueError("a read-only IndexDB records no dim, bundle nor variant")
@@ -104,6 +108,7 @@ class IndexDB:
         self.con.executescript(SCHEMA)
         if self._legacy():
             self._convert()
+        metadata.migrate(self.con)
         meta = self.meta()
         if variant is not None:
             held = self.variant(meta)
@@ -288,8 +293,10 @@ class IndexDB:
         if vrow is None:
             vrow = int(self._append("items", it.vector)[0])
         cur = self.con.execute(
-            "INSERT INTO items(uri, sha256, width, height, captions, added, vrow) VALUES(?,?,?,?,?,?,?)",
-            (it.uri, it.sha256, it.width, it.height, json.dumps(it.captions), time.time(), int(vrow)))
+            f"INSERT INTO items(uri, sha256, width, height, captions, added, vrow, {', '.join(metadata.COLUMNS)}) "
+            f"VALUES(?,?,?,?,?,?,?{',?' * len(metadata.COLUMNS)})",
+            (it.uri, it.sha256, it.width, it.height, json.dumps(it.captions), time.time(), int(vrow),
+             *(it.meta.get(c) for c in metadata.COLUMNS)))
         if it.caption_vectors is not None and len(it.caption_vectors):
             where = cap_rows if cap_rows is not None else self._append("texts", it.caption_vectors)
             self.con.executemany("INSERT INTO texts(item_id, text, vrow) VALUES(?,?,?)",
@@ -351,9 +358,6 @@ class IndexDB:
     def known_hashes(self) -> set[str]:
         return {r[0] for r in self.con.execute("SELECT sha256 FROM items")}
 
-    def known_uris(self) -> set[str]:
-        return {r[0] for r in self.con.execute("SELECT uri FROM items")}
-
     def count(self, table: str = "items") -> int:
         assert table in ("items", "texts", "skipped")
         return self.con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
@@ -396,13 +400,10 @@ class IndexDB:
         return out
 
     def items(self, ids: list[int]) -> dict[int, dict]:
-        if not ids:
-            return {}
-        q = ",".join("?" * len(ids))
-        rows = self.con.execute(f"SELECT id, uri, sha256, width, height, captions, added FROM items WHERE id IN ({q})",
-                                [int(i) for i in ids]).fetchall()
-        return {r[0]: {"id": r[0], "uri": r[1], "sha256": r[2], "width": r[3], "height": r[4],
-                       "captions": json.loads(r[5] or "[]"), "added": r[6]} for r in rows}
+        """Rows of these items with their metadata and tags (index/metadata.py), by id."""
+        if self._meta is None:  # the schema is read once per connection (an old read-only index has no metadata)
+            self._meta = metadata.select_list(self.con), metadata.has_tags(self.con)
+        return metadata.rows(self.con, ids, *self._meta)
 
     def texts(self, ids: list[int]) -> dict[int, dict]:
         if not ids:

@@ -134,12 +134,13 @@ class LivePart:
 
     def _search_one(self, index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         dead, selector = self.dead, self._selector  # one consistent pair for this search
+        k = min(k, index.ntotal)
+        params = _search_params(index, selector if dead else None, k)
+        if params is not None:
+            params, _keep_alive = params  # SWIG holds raw pointers to these: they must outlive the search
+            return index.search(queries, k, params=params)
         if not dead:
-            return index.search(queries, min(k, index.ntotal))
-        filtered = _filtered_params(index, selector)
-        if filtered is not None:
-            params, _keep_alive = filtered  # SWIG holds raw pointers to these: they must outlive the search
-            return index.search(queries, min(k, index.ntotal), params=params)
+            return index.search(queries, k)
         # an index kind without selector support: over-fetch by the tombstones, then drop them
         scores, ids = index.search(queries, min(k + len(dead), index.ntotal))
         gone = np.isin(ids, np.fromiter(dead, np.int64, len(dead)))
@@ -152,20 +153,29 @@ def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.
     return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
-def _filtered_params(index, selector) -> tuple | None:
-    """(search parameters that skip the ids in `selector`, with the index's own tuned settings,
-    the objects they point to), or None where the kind takes no selector. Made per search:
-    IndexIDMap swaps the selector of the parameters it is given for the time of the call, so
-    they must not be shared between threads."""
+def _search_params(index, selector, k: int) -> tuple | None:
+    """(search parameters with the index's own tuned settings that skip the ids in `selector` (if
+    any) and search HNSW at least k deep, the objects they point to); None where the plain search
+    does (no selector, and k within efSearch) or where the kind takes no selector. HNSW keeps only
+    efSearch candidates, so a deeper k (a page far down, a filter's over-fetch) needs a deeper
+    search, or it would return fewer than k. Made per search: IndexIDMap swaps the selector of the
+    parameters it is given for the time of the call, so they must not be shared between threads."""
     import faiss
 
-    keep = faiss.IDSelectorNot(selector)
+    keep = faiss.IDSelectorNot(selector) if selector is not None else None
     if not hasattr(index, "index"):  # ann.OnDiskIVF: ids in its lists are the rows' own
-        return faiss.SearchParametersIVF(sel=keep, nprobe=index.ivf.nprobe), (keep, selector)
+        return (faiss.SearchParametersIVF(sel=keep, nprobe=index.ivf.nprobe), (keep, selector)) if keep else None
     inner = faiss.downcast_index(index.index)
     if isinstance(inner, faiss.IndexHNSW):
-        params = faiss.SearchParametersHNSW(sel=keep, efSearch=inner.hnsw.efSearch)
-    elif isinstance(inner, faiss.IndexRefine):
+        if keep is None and k <= inner.hnsw.efSearch:
+            return None
+        params = faiss.SearchParametersHNSW(efSearch=max(inner.hnsw.efSearch, k))
+        if keep is not None:
+            params.sel = keep
+        return params, (keep, selector)
+    if keep is None:
+        return None
+    if isinstance(inner, faiss.IndexRefine):
         # IndexRefine hands its base only `base_index_params`, which IndexIDMap does not translate:
         # give both levels a selector already translated to the inner ids
         base = faiss.downcast_index(inner.base_index)
@@ -175,7 +185,7 @@ def _filtered_params(index, selector) -> tuple | None:
         base_params = faiss.SearchParametersIVF(sel=keep, nprobe=base.nprobe)
         params = faiss.IndexRefineSearchParameters(sel=keep, k_factor=inner.k_factor, base_index_params=base_params)
         return params, (keep, selector, base_params)
-    elif isinstance(inner, faiss.IndexIVF):
+    if isinstance(inner, faiss.IndexIVF):
         params = faiss.SearchParametersIVF(sel=keep, nprobe=inner.nprobe)
     elif isinstance(inner, faiss.IndexFlat):
         params = faiss.SearchParameters(sel=keep)

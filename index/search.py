@@ -1,26 +1,22 @@
 """Searching an index folder, and changing it live: what the server holds.
 
 FAISS finds the neighbours, SQLite (the source of truth) says what they are. Opening reads the
-FAISS files the manifest names, then reconciles them with the rows: rows written since the
-last finalize (live adds, by this process or another) are added to the in-memory index, ids
-whose row is gone are tombstoned. So an index opened at any time serves exactly the rows.
+FAISS files the manifest names, then reconciles them with the rows (live adds since the last
+finalize are added, ids whose row is gone tombstoned): an index opened at any time serves exactly
+the rows. Filters, paging and dedup build on `ranked` and `rows` (index/filtered.py).
 
-Threads: `search`, `item`, `vector_of`, `count` may be called from many threads at once with
-no lock of the caller's. Each thread reads SQLite through its own connection; FAISS searches
-run in parallel under the read side of a readers-writer lock, whose write side is held only
-while a vector is added or a tombstone set replaced (milliseconds). Writes (`add_image`,
-`remove`) run one at a time per object and hold the folder lock (index/lock.py) across
-processes, waiting for it `timeout` seconds at most (IndexBusy past it, naming the holder).
-`compact` rebuilds the files (finalize: the folder lock only for moments, so writes keep
-completing meanwhile) and returns a new object; writes made on the old one afterwards are passed
-on to it: a server swapping references loses none.
-"""
+Threads: `search`, `item`, `vector_of`, `count` may be called from many threads at once. Each
+thread reads SQLite through its own connection; FAISS searches run in parallel under the read
+side of a readers-writer lock, whose write side is held only while a vector is added or a
+tombstone set replaced (milliseconds). Writes (`add_image`, `remove`, `set_tags`) run one at a
+time per object and hold the folder lock (index/lock.py) across processes, `timeout` seconds at
+most (then IndexBusy, naming the holder). `compact` rebuilds the files (finalize) and returns a
+new object; writes made on the old one afterwards are passed on to it: a swap loses none."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
-import os
 import sqlite3
 import threading
 import time
@@ -32,9 +28,10 @@ import numpy as np
 from dsmd.artifacts import MANIFEST, read_manifest
 from dsmd.bundle import Bundle
 from dsmd.errors import UserError
-from dsmd.index import ann, uploads
+from dsmd.index import ann, metadata, uploads
 from dsmd.index.build import finalize
 from dsmd.index.db import IndexDB
+from dsmd.index.folder_state import identity, not_writable, stat_of
 from dsmd.index.identity import IndexMismatch, check_index_bundle
 from dsmd.index.live import LivePart
 from dsmd.index.lock import RWLock, folder_lock
@@ -76,7 +73,7 @@ class SearchIndex:
 
         self.path = Path(path)
         self.mmap, self.threads = mmap, threads
-        self.readonly = _not_writable(self.path) if readonly is None else bool(readonly)
+        self.readonly = not_writable(self.path) if readonly is None else bool(readonly)
         if threads:
             faiss.omp_set_num_threads(threads)
         # batched exact search uses BLAS only above this many queries (default 20): lowered so that
@@ -100,7 +97,7 @@ class SearchIndex:
         """Read the manifest and its FAISS files; re-read the manifest when a finalize replaced it
         (and deleted the files it named) in between."""
         for attempt in range(self.open_attempts):
-            stat = _stat(self.path / MANIFEST)
+            stat = stat_of(self.path / MANIFEST)
             m = read_manifest(self.path)
             if m is None:
                 raise UserError(f"{self.path} is not a finished index (no manifest.json): run dsmd index build")
@@ -185,19 +182,35 @@ class SearchIndex:
 
     def search(self, vectors: np.ndarray, k: int = 10, target: str = "images") -> list[list[Hit]]:
         """Top-k hits for each query row, best first; `target` is "images" or "texts"."""
+        with self._rw.read():  # rows read under it too: a removal here never leaves a hole in the top k
+            scores, ids = self._ranked(vectors, k, target)
+            rows = self.rows([int(i) for i in ids.ravel() if i >= 0], target)
+        # a row removed by another process since this object reconciled is left out
+        return [[Hit(int(i), float(s), rows[int(i)]) for s, i in zip(srow, irow) if int(i) in rows]
+                for srow, irow in zip(scores, ids)]
+
+    def kind(self, target: str = "images") -> str:
+        """The kind of the target's index: flat (exact), hnsw, ivf..., or milvus."""
+        return self._parts[_target(target)].spec["kind"]
+
+    def ranked(self, vectors: np.ndarray, n: int, target: str = "images") -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the top n per query row, without their rows; -1 ids pad short rows."""
+        with self._rw.read():
+            return self._ranked(vectors, n, target)
+
+    def _ranked(self, vectors: np.ndarray, n: int, target: str) -> tuple[np.ndarray, np.ndarray]:
         part = self._parts[_target(target)]
         q = np.ascontiguousarray(np.atleast_2d(vectors), np.float32)
         if q.shape[1] != self.dim:
             raise IndexMismatch(f"queries have {q.shape[1]} dims, the index {self.dim}")
-        with self._rw.read():  # rows read under it too: a removal here never leaves a hole in the top k
-            if part.count() <= 0:
-                return [[] for _ in q]
-            scores, ids = part.search(q, k)
-            wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
-            rows = self._read(lambda db: db.items(wanted) if target == "images" else db.texts(wanted))
-        # a row removed by another process since this object reconciled is left out
-        return [[Hit(int(i), float(s), rows[int(i)]) for s, i in zip(srow, irow) if int(i) in rows]
-                for srow, irow in zip(scores, ids)]
+        if part.count() <= 0:
+            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        return part.search(q, n)
+
+    def rows(self, ids: list[int], target: str = "images") -> dict[int, dict]:
+        """The rows of these ids (those that still have one), by id."""
+        wanted = sorted(set(ids))
+        return self._read(lambda db: db.items(wanted) if target == "images" else db.texts(wanted))
 
     def item(self, item_id: int) -> dict | None:
         """The row of an item (same shape as search hits' `item`), or None."""
@@ -285,6 +298,15 @@ class SearchIndex:
                 s._apply(images, lambda p: p.tombstone(texts or []))
         return texts is not None
 
+    def set_tags(self, item_id: int, tags: list[str], timeout: float | None = None) -> list[str] | None:
+        """Replace an item's tags (index/metadata.py); None when there is no such item."""
+        self._writable()
+        with self._write_mutex, folder_lock(self.path, self._timeout(timeout)):
+            db = self._writer_db()
+            with db.transaction():
+                found = metadata.set_tags(db.con, item_id, tags)
+        return metadata.clean_tags(tags) if found else None
+
     def needs_compaction(self) -> bool:
         """Whether tombstones or live additions have piled up past the thresholds (class attributes)."""
         for part in self._parts.values():
@@ -312,14 +334,14 @@ class SearchIndex:
     def changed_on_disk(self) -> bool:
         """Whether another finalize wrote a new manifest since this object opened (cheap: a stat, and a
         read of the manifest only when its stat changed)."""
-        stat = _stat(self.path / MANIFEST)
+        stat = stat_of(self.path / MANIFEST)
         if stat is None or stat == self._manifest_stat:
             return False
         try:
             m = read_manifest(self.path)
         except (OSError, ValueError):  # replaced again while read: ask next time
             return False
-        changed = m is not None and _identity(m) != _identity(self.manifest)
+        changed = m is not None and identity(m) != identity(self.manifest)
         if not changed:
             self._manifest_stat = stat
         return changed
@@ -396,25 +418,3 @@ def _target(target: str) -> str:
     if target not in TABLES:
         raise ValueError(f"target must be images or texts, not {target!r}")
     return target
-
-
-def _stat(path: Path) -> tuple | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
-
-
-def _identity(m: dict) -> tuple:
-    """What makes two manifests serve differently: the rows' generation and the files."""
-    return m.get("generation"), *(m.get(p, {}).get("file") for p in TABLES)
-
-
-def _not_writable(path: Path) -> bool:
-    """Read-only mounts and others' folders: os.access with the effective ids (those that writes
-    would run with) honours both; root passes permission bits, as its writes would."""
-    eff = os.access in os.supports_effective_ids
-    db = path / "items.sqlite"
-    return not os.access(path, os.W_OK, effective_ids=eff) or (db.exists() and not os.access(db, os.W_OK,
-                                                                                          effective_ids=eff))

@@ -4,6 +4,7 @@ decoding in threads ahead of the encoder."""
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ from pathlib import Path
 from dsmd.bundle import Bundle
 from dsmd.errors import UserError
 from dsmd.images import BadImage, open_image
+from dsmd.index.metadata import exif_facts, file_facts
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 
@@ -24,6 +26,7 @@ class Source:
     uri: str
     path: Path
     captions: tuple[str, ...] = ()
+    folder: str = ""  # its folder relative to the collection's root ('' for the root itself)
 
 
 
@@ -33,7 +36,7 @@ def folder_sources(root: str | Path) -> list[Source]:
     if not root.is_dir():
         raise UserError(f"{root} is not a folder")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    return [Source(str(p.resolve()), p) for p in files]
+    return [Source(str(p.resolve()), p, folder=p.parent.relative_to(root).as_posix().strip(".")) for p in files]
 
 
 def dataset_sources(data: str | Path, images: str | None = None, split: str | None = None) -> list[Source]:
@@ -42,7 +45,9 @@ def dataset_sources(data: str | Path, images: str | None = None, split: str | No
 
     ds = load_dataset(data, images=images)
     items = ds.split(split) if split else ds.items
-    return [Source(str(it.path.resolve()), it.path, tuple(it.captions)) for it in items]
+    root = os.path.commonpath([str(it.path.parent.resolve()) for it in items]) if items else ""
+    return [Source(str(it.path.resolve()), it.path, tuple(it.captions),
+                   Path(os.path.relpath(it.path.parent.resolve(), root)).as_posix().strip(".")) for it in items]
 
 
 def shard_of(sources: list[Source], shard: tuple[int, int] | None) -> list[Source]:
@@ -56,7 +61,8 @@ def shard_of(sources: list[Source], shard: tuple[int, int] | None) -> list[Sourc
 
 
 def prepared(sources: Iterable[Source], bundle: Bundle, workers: int, prefetch: int) -> Iterator[tuple]:
-    """(source, sha256, pixels | None, size | None, error | None), decoded in threads ahead of use."""
+    """(source, sha256, pixels | None, facts | None, error | None), decoded in threads ahead of use;
+    facts: width, height and the metadata of index/metadata.py."""
     def work(s: Source):
         try:
             data = s.path.read_bytes()
@@ -67,7 +73,9 @@ def prepared(sources: Iterable[Source], bundle: Bundle, workers: int, prefetch: 
             img = open_image(data, min_side=2 * bundle.preprocess.size)  # a big photo decodes small
         except BadImage as e:
             return s, sha, None, None, str(e).replace("upload: ", "")
-        return s, sha, bundle.transform(img), img.info["original_size"], None
+        (width, height), folder = img.info["original_size"], {"folder": s.folder}
+        facts = {"width": width, "height": height, **file_facts(s.path, len(data)), **exif_facts(img), **folder}
+        return s, sha, bundle.transform(img), facts, None
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         pending: deque = deque()

@@ -29,6 +29,7 @@ from dsmd.images import UPLOAD_FORMATS, BadImage, open_image
 from dsmd.index.build import bundle_fingerprint, remove
 from dsmd.index.db import IndexDB, NewItem
 from dsmd.index.lock import folder_lock
+from dsmd.index.metadata import UPLOAD_FOLDER, exif_facts, file_facts
 
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 _NAME = re.compile(r"[0-9a-f]{32}(" + "|".join(re.escape(e) for e in [*EXTENSIONS.values(), ".img"]) + ")")
@@ -71,7 +72,8 @@ def insert(db: IndexDB, data: bytes, sha: str, img: Image.Image, vector: np.ndar
     note_upload_dir(db, folder, db.path.parent)
     path = store_file(data, sha, folder)
     width, height = img.info.get("original_size", img.size)
-    return db.insert_once(NewItem(str(path.resolve()), sha, width, height, [], vector))
+    meta = {**file_facts(None, len(data)), **exif_facts(img), "folder": UPLOAD_FOLDER}
+    return db.insert_once(NewItem(str(path.resolve()), sha, width, height, [], vector, meta=meta))
 
 
 def store_file(data: bytes, sha: str, folder: Path) -> Path:

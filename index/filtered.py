@@ -1,0 +1,181 @@
+"""A search as the API asks it: filtered, paged and de-duplicated, over any index kind.
+
+How a filter is honoured depends on how many items it keeps (counted in SQLite, up to EXACT_MAX):
+
+    exact        at most EXACT_MAX items match: their vectors are read from the vector files and
+                 scored exactly. Ranked as exact search would, whatever the index kind, at the cost
+                 of reading those vectors (a few milliseconds for thousands).
+    post-filter  more match: the ANN index is asked for more candidates than needed, and SQLite
+                 keeps those that match; the over-fetch is sized from the fraction that matched so
+                 far, up to three rounds. Recall is the index's own at that depth.
+    scan         a filter that matches many items but few of the query's neighbours (the
+                 candidates would pass ANN_MAX): every matching vector is scored exactly, in chunks.
+
+The strategy that ran is returned with the hits (`Answer.strategy`), and BENCHMARKS.md gives the
+latency and recall of each by selectivity and index kind.
+
+Paging: results `offset` to `offset + k` of one ranking. An exact ranking (a flat index, the exact
+and scan strategies) is the same list for every page. An approximate one searches at least
+`page_window` deep on every page, so pages within that depth come from one and the same search
+and never overlap or skip; deeper pages come from a wider search and may (rarely) differ.
+
+Near-duplicates (`dedup`): going down the ranking, a result whose cosine to a better-ranked kept
+result is at least the threshold is folded into it (its `duplicates` count), so the best of each
+group always stays; the search fetches deeper until the page is full or the ranking ends.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dsmd.errors import UserError
+from dsmd.index.filters import Filter
+from dsmd.index.search import Hit, SearchIndex
+from dsmd.index.vectors import retrying
+
+EXACT_MAX = 8192  # matching items scored exactly: about as costly as an ANN search of 1M items
+ANN_MAX = 16_384  # candidates an ANN post-filter may ask for (Milvus' own top-k limit too)
+SCAN_CHUNK = 65_536
+PAGE_WINDOW = 100  # an ANN ranking is always searched at least this deep, so its pages agree
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What to search for besides the query vector."""
+
+    k: int = 10
+    target: str = "images"
+    where: Filter | None = None
+    offset: int = 0
+    dedup: float | None = None  # cosine threshold: results this close to a better one are folded into it
+    min_score: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.where is not None and not self.where.empty() and self.target != "images":
+            raise UserError("filters apply to image results (target=images)")
+        if self.dedup is not None and not 0.0 < self.dedup <= 1.0:
+            raise UserError(f"dedup is a cosine threshold in (0, 1], not {self.dedup}")
+        if self.offset < 0:
+            raise UserError(f"offset must be 0 or more, not {self.offset}")
+
+
+@dataclass
+class Answer:
+    hits: list[Hit]
+    strategy: str = "ann"  # ann, exact, post-filter, scan
+    collapsed: int = 0  # results folded into a better one by dedup (up to the end of this page)
+    more: bool = False  # whether a next page may have results
+    duplicates: dict[int, int] = field(default_factory=dict)  # id -> results folded into it
+
+
+def answer(index: SearchIndex, vector: np.ndarray, ask: Ask) -> Answer:
+    """The page of hits for one query vector."""
+    need = ask.offset + ask.k
+    depth = need + 1 if ask.dedup is None else 2 * need + 1  # one more: whether a next page exists
+    while True:
+        scores, ids, strategy = _ranking(index, vector, depth, ask)
+        if ask.min_score is not None:  # before paging: a page is never emptied by the floor afterwards
+            keep = scores >= ask.min_score
+            scores, ids, ended = scores[keep], ids[keep], len(ids) < depth or not keep.all()
+        else:
+            ended = len(ids) < depth
+        if ask.dedup is None:
+            order, folded = np.arange(len(ids)), {}
+        else:
+            order, folded = _collapse(index, ids, ask.dedup)
+        if len(order) >= need + 1 or ended or depth >= ANN_MAX:
+            break
+        depth = min(ANN_MAX, 2 * depth)
+    page = order[ask.offset:need]
+    rows = index.rows([int(ids[i]) for i in page], ask.target)
+    hits = [Hit(int(ids[i]), float(scores[i]), rows[int(ids[i])]) for i in page if int(ids[i]) in rows]
+    kept_ids = {int(ids[i]) for i in order[:need]}
+    duplicates = {i: n for i, n in folded.items() if i in {h.id for h in hits}}
+    return Answer(hits, strategy, sum(n for i, n in folded.items() if i in kept_ids),
+                  more=len(order) > need, duplicates=duplicates)
+
+
+def _ranking(index: SearchIndex, vector: np.ndarray, n: int, ask: Ask) -> tuple[np.ndarray, np.ndarray, str]:
+    """(scores, ids) of the best n (fewer where the ranking ends), best first, and the strategy."""
+    q = np.ascontiguousarray(np.atleast_2d(vector), np.float32)
+    if ask.where is None or ask.where.empty():
+        exact = index.kind(ask.target) == "flat"
+        scores, ids = index.ranked(q, n if exact else max(n, PAGE_WINDOW), ask.target)
+        scores, ids = scores[0][:n], ids[0][:n]
+        keep = ids >= 0
+        return scores[keep], ids[keep], "exact" if exact else "ann"
+    cond, args = ask.where.sql()
+    db = index.db
+    matches = db.con.execute(f"SELECT COUNT(*) FROM (SELECT 1 FROM items WHERE {cond} LIMIT ?)",
+                             [*args, EXACT_MAX + 1]).fetchone()[0]
+    if matches <= EXACT_MAX:
+        return (*_exact(index, q[0], n, cond, args), "exact")
+    return _post_filter(index, q, n, cond, args, matches)
+
+
+def _exact(index: SearchIndex, q: np.ndarray, n: int, cond: str, args: list) -> tuple[np.ndarray, np.ndarray]:
+    """Score every matching item (in chunks of SCAN_CHUNK) and keep the best n."""
+    best_s, best_i = np.zeros(0, np.float32), np.zeros(0, np.int64)
+    db = index.db
+    cur = db.con.execute(f"SELECT id, vrow FROM items WHERE {cond}", args)
+    while rows := cur.fetchmany(SCAN_CHUNK):
+        ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+        vrows = [r[1] for r in rows]
+        try:
+            vecs = db._read("items", vrows)
+        except FileNotFoundError:  # a compaction moved the vectors meanwhile
+            vecs = retrying(lambda ids=ids: db._vectors_of(ids, "items", True))
+        scores = vecs @ q
+        scores[np.isnan(scores)] = -np.inf
+        s, i = np.concatenate([best_s, scores]), np.concatenate([best_i, ids])
+        order = np.lexsort((i, -s))[:n]  # score, then id: one order whatever the chunks
+        best_s, best_i = s[order], i[order]
+    keep = np.isfinite(best_s)
+    return best_s[keep], best_i[keep]
+
+
+def _post_filter(index: SearchIndex, q: np.ndarray, n: int, cond: str, args: list,
+                 matches: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """ANN candidates, kept where they match; deeper rounds sized from the fraction that matched."""
+    total = max(1, index.count("images"))
+    fraction = matches / total  # a lower bound: the count stopped at EXACT_MAX + 1
+    depth = max(PAGE_WINDOW, math.ceil(2 * n / fraction))
+    for _ in range(3):
+        if depth > ANN_MAX:
+            break
+        scores, ids = index.ranked(q, depth, "images")
+        scores, ids = scores[0], ids[0]
+        ids_ok = ids[ids >= 0]
+        db = index.db
+        passed = {r[0] for r in db.con.execute(
+            f"SELECT id FROM items WHERE id IN (SELECT value FROM json_each(?)) AND {cond}",
+            ["[" + ",".join(str(int(i)) for i in ids_ok) + "]", *args])}
+        keep = np.array([int(i) in passed for i in ids], bool)
+        if keep.sum() >= n or len(ids_ok) < depth:  # enough, or the index holds no more
+            return scores[keep][:n], ids[keep][:n], "post-filter"
+        fraction = max(fraction, (keep.sum() + 1) / depth) if keep.sum() else fraction / 4
+        depth = max(2 * depth, math.ceil(2 * n / fraction))
+    return (*_exact(index, q[0], n, cond, args), "scan")
+
+
+def _collapse(index: SearchIndex, ids: np.ndarray, threshold: float) -> tuple[np.ndarray, dict[int, int]]:
+    """Positions of the results kept (best first) and, per kept id, how many were folded into it."""
+    if not len(ids):
+        return np.arange(0), {}
+    vecs = index.db.vectors_of(ids, "items", missing_ok=True)
+    vecs = np.nan_to_num(vecs)
+    kept: list[int] = []
+    folded: dict[int, int] = {}
+    for pos in range(len(ids)):
+        if kept:
+            sims = vecs[kept] @ vecs[pos]
+            j = int(np.argmax(sims))
+            if sims[j] >= threshold:
+                folded[int(ids[kept[j]])] = folded.get(int(ids[kept[j]]), 0) + 1
+                continue
+        kept.append(pos)
+    return np.array(kept, np.int64), folded
+

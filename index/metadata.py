@@ -1,0 +1,200 @@
+"""What an item is besides its vector: its file's size and time, the photo's capture time and camera
+(EXIF), its folder in the collection, and the user's tags. Filters (index/filters.py) read them.
+
+Columns of `items` (NULL where unknown; an index made before 2026-12-07 gains them, empty, the
+first time it is opened with write access):
+    bytes    the file's size
+    mtime    the file's modification time (unix seconds; an upload's: when it arrived)
+    taken    the EXIF capture time (DateTimeOriginal, else DateTime), unix seconds; the camera
+             clock has no zone, so it is read as UTC unless the file gives its offset
+    camera   the EXIF camera model
+    folder   the file's folder relative to the indexed root ('' for the root, 'a/b' below it;
+             'uploads' for images uploaded to the server)
+Table `tags(item_id, tag)`: set and cleared through the API; deleted with their item.
+Table `copies(uri, item_id)`: other paths a build found the item's exact bytes at (index/duplicates.py).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+from pathlib import Path
+
+from PIL import Image
+
+from dsmd.errors import UserError
+
+COLUMNS = {"bytes": "INTEGER", "mtime": "REAL", "taken": "REAL", "camera": "TEXT", "folder": "TEXT"}
+UPLOAD_FOLDER = "uploads"
+MAX_TAGS, MAX_TAG_CHARS = 100, 64
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tags(item_id INTEGER NOT NULL REFERENCES items(id) ON DELETE CASCADE,
+    tag TEXT NOT NULL, PRIMARY KEY(item_id, tag)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tags_tag ON tags(tag, item_id);
+CREATE INDEX IF NOT EXISTS items_folder ON items(folder);
+CREATE INDEX IF NOT EXISTS items_when ON items(COALESCE(taken, mtime));
+CREATE INDEX IF NOT EXISTS items_bytes ON items(bytes);
+CREATE TABLE IF NOT EXISTS copies(uri TEXT PRIMARY KEY,
+    item_id INTEGER NOT NULL REFERENCES items(id) ON DELETE CASCADE);
+CREATE INDEX IF NOT EXISTS copies_item ON copies(item_id);
+"""
+_EXIF_IFD, _DATETIME_ORIGINAL, _OFFSET_ORIGINAL, _DATETIME, _MODEL = 0x8769, 36867, 36881, 306, 272
+
+
+def migrate(con: sqlite3.Connection) -> None:
+    """Add the metadata columns, the tags table and their indexes where missing (one write
+    transaction: two processes opening an old index at once do it once)."""
+    if has_metadata(con) and con.execute("SELECT 1 FROM sqlite_master WHERE name='items_bytes'").fetchone():
+        return
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        have = _columns(con)
+        for name, kind in COLUMNS.items():
+            if name not in have:
+                con.execute(f"ALTER TABLE items ADD COLUMN {name} {kind}")
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                con.execute(statement)
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+def has_metadata(con: sqlite3.Connection) -> bool:
+    return set(COLUMNS) <= _columns(con)
+
+
+def _columns(con: sqlite3.Connection) -> set[str]:
+    return {r[1] for r in con.execute("PRAGMA table_info(items)")}
+
+
+def select_list(con: sqlite3.Connection) -> str:
+    """The metadata columns for a SELECT, as NULLs in an index that has not gained them (read-only)."""
+    return ", ".join(COLUMNS) if has_metadata(con) else ", ".join(f"NULL AS {c}" for c in COLUMNS)
+
+
+ROW = ("id", "uri", "sha256", "width", "height", "captions", "added", *COLUMNS)
+
+
+def rows(con: sqlite3.Connection, ids: list[int], select: str, tags: bool) -> dict[int, dict]:
+    """Rows of these items by id: `select` from select_list(), `tags` whether the tags table exists."""
+    q = ",".join("?" * len(ids))
+    found = con.execute(f"SELECT id, uri, sha256, width, height, captions, added, {select} FROM items "
+                        f"WHERE id IN ({q})", [int(i) for i in ids]).fetchall()
+    held = tags_of(con, [r[0] for r in found]) if tags else {}
+    return {r[0]: {**dict(zip(ROW, r)), "captions": json.loads(r[5] or "[]"), "tags": held.get(r[0], [])}
+            for r in found}
+
+
+def tags_of(con: sqlite3.Connection, ids: list[int]) -> dict[int, list[str]]:
+    """The tags of these items (sorted), for those that have any."""
+    if not ids:
+        return {}
+    out: dict[int, list[str]] = {}
+    rows = con.execute("SELECT item_id, tag FROM tags WHERE item_id IN (SELECT value FROM json_each(?)) "
+                       "ORDER BY item_id, tag", (_json_ids(ids),))
+    for item_id, tag in rows:
+        out.setdefault(item_id, []).append(tag)
+    return out
+
+
+def has_tags(con: sqlite3.Connection) -> bool:
+    return con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='tags'").fetchone() is not None
+
+
+def _json_ids(ids) -> str:
+    return "[" + ",".join(str(int(i)) for i in ids) + "]"
+
+
+def clean_tags(tags: list[str]) -> list[str]:
+    """Tags as stored: trimmed, distinct, sorted; a UserError for empty or oversized ones."""
+    out = sorted({t.strip() for t in tags})
+    if "" in out:
+        raise UserError("a tag is empty")
+    if len(out) > MAX_TAGS:
+        raise UserError(f"at most {MAX_TAGS} tags per item, not {len(out)}")
+    long = [t for t in out if len(t) > MAX_TAG_CHARS]
+    if long:
+        raise UserError(f"a tag is at most {MAX_TAG_CHARS} characters: {long[0][:80]!r}")
+    return out
+
+
+def set_tags(con: sqlite3.Connection, item_id: int, tags: list[str]) -> bool:
+    """Replace the item's tags (inside the caller's transaction); False when there is no such item."""
+    if con.execute("SELECT 1 FROM items WHERE id=?", (int(item_id),)).fetchone() is None:
+        return False
+    con.execute("DELETE FROM tags WHERE item_id=?", (int(item_id),))
+    con.executemany("INSERT INTO tags(item_id, tag) VALUES(?, ?)", [(int(item_id), t) for t in clean_tags(tags)])
+    return True
+
+
+def note_copies(con: sqlite3.Connection, found: list[tuple[str, str]]) -> None:
+    """Record (uri, sha256) pairs a build skipped as already indexed under another path (one transaction)."""
+    if not found:
+        return
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        for uri, sha in found:
+            row = con.execute("SELECT id FROM items WHERE sha256=? AND uri<>?", (sha, uri)).fetchone()
+            if row is not None:
+                con.execute("INSERT OR REPLACE INTO copies(uri, item_id) VALUES(?, ?)", (uri, row[0]))
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+# ---------------------------------------------------------------- reading them from a file
+
+
+def file_facts(path: Path | None, size: int) -> dict:
+    """Size and modification time of an indexed file (an upload has no path: now)."""
+    import time
+
+    mtime = time.time()
+    if path is not None:
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            pass
+    return {"bytes": int(size), "mtime": mtime}
+
+
+def exif_facts(img: Image.Image) -> dict:
+    """Capture time and camera model from an opened image's EXIF (empty where it has none or
+    they cannot be read: a broken EXIF block never stops an image from being indexed)."""
+    try:
+        exif = img.getexif()
+        sub = exif.get_ifd(_EXIF_IFD)
+        when = sub.get(_DATETIME_ORIGINAL) or exif.get(_DATETIME)
+        taken = _exif_time(when, sub.get(_OFFSET_ORIGINAL))
+        camera = exif.get(_MODEL)
+    except Exception:
+        return {}
+    out = {}
+    if taken is not None:
+        out["taken"] = taken
+    if isinstance(camera, str) and camera.strip("\x00 "):
+        out["camera"] = camera.strip("\x00 ")[:200]
+    return out
+
+
+def _exif_time(value, offset) -> float | None:
+    """'YYYY:MM:DD HH:MM:SS' (and '+HH:MM' offset) as unix seconds; None when absent or malformed."""
+    if not isinstance(value, str):
+        return None
+    try:
+        t = dt.datetime.strptime(value.strip("\x00 ")[:19], "%Y:%m:%d %H:%M:%S")
+    except ValueError:
+        return None
+    zone = dt.timezone.utc
+    if isinstance(offset, str) and len(offset.strip()) == 6 and offset[0] in "+-":
+        try:
+            hours, minutes = int(offset[1:3]), int(offset[4:6])
+            sign = 1 if offset[0] == "+" else -1
+            zone = dt.timezone(sign * dt.timedelta(hours=hours, minutes=minutes))
+        except ValueError:
+            pass
+    return t.replace(tzinfo=zone).timestamp()
