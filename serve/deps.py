@@ -7,13 +7,17 @@ pool, a hand-off every request would pay for nothing.
 
 from __future__ import annotations
 
+import datetime as dt
 import hmac
 import os
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Query, Request
 from fastapi import Path as PathParam
 
+from dsmd.errors import UserError
+from dsmd.index.filters import Filter
 from dsmd.serve.state import State
 
 # Where an image query looks: indexed images, or the captions and texts (listed as an enum in the spec).
@@ -62,3 +66,63 @@ def read_only_error(s: State) -> HTTPException:
     return HTTPException(403, f"the index at {s.settings.index} is read-only to this server: {who} cannot write "
                               f"its folder or items.sqlite (a read-only mount, or a folder owned by another user); "
                               f"{fix}, then restart the server")
+
+
+# ---------------------------------------------------------------- search options
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """A search's filter, page and de-duplication, from the query string."""
+
+    where: Filter
+    offset: int
+    dedup: float | None
+    min_score: float | None
+
+
+def when(value: str | None, name: str, end_of_day: bool = False) -> float | None:
+    """A time parameter: unix seconds, or an ISO date or date-time (UTC unless it says its zone); a
+    bare date as `taken_to` means the end of that day, so a range of dates includes both."""
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        t = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise HTTPException(422, f"{name} must be unix seconds or an ISO date (2024-06-30, 2024-06-30T18:00), "
+                                 f"not {value[:40]!r}") from None
+    if len(value) <= 10 and end_of_day:
+        t += dt.timedelta(days=1, microseconds=-1)
+    return (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)).timestamp()
+
+
+async def search_options(
+        folder: Annotated[str | None, Query(max_length=1000, description="only this folder and those below it, "
+                                            "relative to the indexed root, e.g. 2023/june")] = None,
+        taken_from: Annotated[str | None, Query(max_length=40, description="capture time from (EXIF, else the "
+                                                "file's time): unix seconds or ISO date")] = None,
+        taken_to: Annotated[str | None, Query(max_length=40, description="capture time up to, inclusive")] = None,
+        tag: Annotated[list[str] | None, Query(description="any of these tags (repeat: tag=a&tag=b)")] = None,
+        tag_all: Annotated[list[str] | None, Query(description="every one of these tags (repeat)")] = None,
+        min_bytes: Annotated[int | None, Query(ge=0, le=2**62, description="file size at least")] = None,
+        min_side: Annotated[int | None, Query(ge=0, le=1_000_000, description="shorter side at least (pixels)")] = None,
+        has_captions: Annotated[bool | None, Query(description="only items with (true) or without captions")] = None,
+        offset: Annotated[int, Query(ge=0, le=10_000, description="skip this many results (paging)")] = 0,
+        dedup: Annotated[float | None, Query(gt=0, le=1, description="fold results whose cosine to a better one is "
+                                             "at least this (e.g. 0.95); off by default")] = None,
+        min_score: Annotated[float | None, Query(description="drop results scoring below this, "
+                                                 "before paging")] = None,
+) -> SearchOptions:
+    try:
+        where = Filter(folder, when(taken_from, "taken_from"), when(taken_to, "taken_to", end_of_day=True),
+                       tuple(tag or ()), tuple(tag_all or ()), min_bytes, min_side, has_captions)
+    except UserError as e:
+        raise HTTPException(422, str(e)) from None
+    return SearchOptions(where, offset, dedup, min_score)
+
+
+OptionsDep = Annotated[SearchOptions, Depends(search_options)]

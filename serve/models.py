@@ -18,6 +18,10 @@ class ImageHit(BaseModel):
     image_url: str
     thumbnail_url: str
     captions: list[str]
+    folder: str | None = Field(None, description="its folder relative to the indexed root")
+    taken: float | None = Field(None, description="capture time (EXIF, else the file's), unix seconds")
+    tags: list[str] = []
+    duplicates: int | None = Field(None, description="with dedup: results folded into this one")
 
 
 class TextHit(BaseModel):
@@ -38,6 +42,11 @@ class TextSearch(BaseModel):
     query: TextQuery
     target: str
     k: int
+    offset: int = Field(description="results skipped before this page")
+    next_offset: int | None = Field(description="the offset of the next page; null when this is the last")
+    strategy: str = Field(description="how the search ran: ann, exact, post-filter (ANN, then the filter) "
+                          "or scan (every item the filter keeps, scored exactly)")
+    collapsed: int | None = Field(None, description="with dedup: results folded into better ones")
     results: list[ImageHit]
     took_ms: float
 
@@ -50,6 +59,11 @@ class ImageSearch(BaseModel):
     query: ImageQuery
     target: str
     k: int
+    offset: int = Field(description="results skipped before this page")
+    next_offset: int | None = Field(description="the offset of the next page; null when this is the last")
+    strategy: str = Field(description="how the search ran: ann, exact, post-filter (ANN, then the filter) "
+                          "or scan (every item the filter keeps, scored exactly)")
+    collapsed: int | None = Field(None, description="with dedup: results folded into better ones")
     results: list[ImageHit] | list[TextHit]
     took_ms: float
 
@@ -62,8 +76,66 @@ class SimilarSearch(BaseModel):
     query: SimilarQuery
     target: str
     k: int
+    offset: int = Field(description="results skipped before this page")
+    next_offset: int | None = Field(description="the offset of the next page; null when this is the last")
+    strategy: str = Field(description="how the search ran: ann, exact, post-filter (ANN, then the filter) "
+                          "or scan (every item the filter keeps, scored exactly)")
+    collapsed: int | None = Field(None, description="with dedup: results folded into better ones")
     results: list[ImageHit]
     took_ms: float
+
+
+class Paged(BaseModel):
+    k: int
+    offset: int = Field(description="results skipped before this page")
+    next_offset: int | None = Field(description="the offset of the next page; null when this is the last")
+    strategy: str = Field(description="how the search ran: ann, exact, post-filter (ANN, then the filter) "
+                          "or scan (every item the filter keeps, scored exactly)")
+    collapsed: int | None = Field(None, description="with dedup: results folded into better ones")
+    results: list[ImageHit] | list[TextHit]
+
+
+class VectorQuery(BaseModel):
+    dim: int
+
+
+class VectorSearch(Paged):
+    query: VectorQuery
+    target: str
+    took_ms: float
+
+
+class MixQuery(BaseModel):
+    terms: int
+
+
+class MixSearch(Paged):
+    query: MixQuery
+    target: str
+    took_ms: float
+
+
+class BatchAnswer(Paged):
+    text: str
+    truncated: bool
+
+
+class BatchSearch(BaseModel):
+    target: str
+    answers: list[BatchAnswer]
+    took_ms: float
+
+
+class Embedding(BaseModel):
+    bundle: str = Field(description="the bundle whose encoder made the vectors (its fingerprint)")
+    dim: int
+    vectors: list[list[float]] = Field(description="unit vectors, one per input, in input order")
+    truncated: list[bool] = Field(description="per text: cut to the model's max_tokens")
+
+
+class Tags(BaseModel):
+    id: int
+    tags: list[str]
 
 
 class Item(BaseModel):
@@ -74,6 +146,12 @@ class Item(BaseModel):
     captions: list[str]
     added: float
     sha256: str
+    bytes: int | None = Field(description="file size")
+    mtime: float | None = Field(description="the file's modification time (an upload's: when it arrived)")
+    taken: float | None = Field(description="EXIF capture time, unix seconds (UTC unless the file says its zone)")
+    camera: str | None = Field(description="EXIF camera model")
+    folder: str | None = Field(description="folder relative to the indexed root; 'uploads' for uploads")
+    tags: list[str]
     image_url: str
     thumbnail_url: str
 

@@ -34,6 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from dsmd.bundle import Bundle, RuntimeOptions
 from dsmd.errors import UserError
 from dsmd.images import FILE_FORMATS, UPLOAD_FORMATS, BadImage, open_image
+from dsmd.index.filtered import Answer, Ask, answer
 from dsmd.index.search import SearchIndex
 from dsmd.serve.admission import BodyBudget, Deadline, Gate, within
 from dsmd.serve.batcher import MicroBatcher
@@ -120,17 +121,17 @@ class State:
     # -- on the encoder threads: encode a batch, then search each query right there (one thread
     #    hand-off per request instead of two; see BENCHMARKS.md, "Serving under load")
 
-    def _text_work(self, jobs: list[tuple[str, int, str]]) -> list[tuple[np.ndarray, bool, list]]:
-        """(text, k, target) jobs -> (vector, whether the text was cut, hits) each."""
+    def _text_work(self, jobs: list[tuple[str, Ask | None]]) -> list[tuple[np.ndarray, bool, Answer | None]]:
+        """(text, ask) jobs -> (vector, whether the text was cut, answer) each; no search for ask None."""
         vectors, cut = self.bundle.encode_texts_and_cuts([j[0] for j in jobs])
         index = self.index
-        return [(v, c, search_here(index, v, k, target)) for v, c, (_, k, target) in zip(vectors, cut, jobs)]
+        return [(v, c, search_here(index, v, ask)) for v, c, (_, ask) in zip(vectors, cut, jobs)]
 
-    def _image_work(self, jobs: list[tuple[np.ndarray, int, str]]) -> list[tuple[np.ndarray, list]]:
-        """(pixels, k, target) jobs -> (vector, hits) each."""
+    def _image_work(self, jobs: list[tuple[np.ndarray, Ask | None]]) -> list[tuple[np.ndarray, Answer | None]]:
+        """(pixels, ask) jobs -> (vector, answer) each; no search for ask None."""
         vectors = self.bundle.encode_pixels(np.stack([j[0] for j in jobs]))
         index = self.index
-        return [(v, search_here(index, v, k, target)) for v, (_, k, target) in zip(vectors, jobs)]
+        return [(v, search_here(index, v, ask)) for v, (_, ask) in zip(vectors, jobs)]
 
     def decode(self, data: bytes, until: float | None = None) -> np.ndarray:
         """Model input of an upload: only the accepted formats, decoded at about twice the model's size,
@@ -302,11 +303,11 @@ def _extra_metrics(m: Metrics) -> dict:
                                 registry=r)}
 
 
-def search_here(index: SearchIndex, vector: np.ndarray, k: int, target: str) -> list:
+def search_here(index: SearchIndex, vector: np.ndarray, ask: Ask | None) -> Answer | None:
     """One query, on whatever thread calls it. OpenMP's thread count is per thread: set it here, in
     the thread that searches, or every thread starts a team on every core and concurrent searches
     spin against each other (see BENCHMARKS.md, "Serving under load")."""
     import faiss
 
     faiss.omp_set_num_threads(1)
-    return index.search(vector[None], k, target)[0]
+    return None if ask is None else answer(index, vector, ask)

@@ -23,11 +23,12 @@ from starlette.requests import ClientDisconnect
 
 from dsmd.errors import UserError
 from dsmd.images import BadImage
+from dsmd.index.filtered import Answer, Ask
 from dsmd.index.lock import IndexBusy
 from dsmd.index.search import SearchIndex
 from dsmd.serve.admission import BodyHold, ClientGone, Deadline, busy, wait_or_give_up, within
 from dsmd.serve.batcher import EncoderFailed, EncoderStopped, MicroBatcher, Overloaded
-from dsmd.serve.deps import Target
+from dsmd.serve.deps import SearchOptions, Target
 from dsmd.serve.state import State, search_here
 from dsmd.serve.uploads import body_limit, read_upload
 
@@ -45,11 +46,23 @@ def check_k(s: State, k: int | None) -> int:
     return k
 
 
-async def search(s: State, vector: np.ndarray, k: int, target: Target, deadline: Deadline) -> list:
-    """Hits of a vector we have already (a cached text, an indexed item), from the thread pool."""
+def ask_for(s: State, k: int | None, target: Target = "images", opts: SearchOptions | None = None) -> Ask:
+    """What the search is asked, from the request's k, target and options (a 422 when they clash)."""
+    k = check_k(s, k)
+    if opts is None:
+        return Ask(k, target, min_score=s.settings.min_score)
+    floor = opts.min_score if opts.min_score is not None else s.settings.min_score
+    try:
+        return Ask(k, target, None if opts.where.empty() else opts.where, opts.offset, opts.dedup, floor)
+    except UserError as e:
+        raise HTTPException(422, str(e)) from None
+
+
+async def search(s: State, vector: np.ndarray, ask: Ask, deadline: Deadline) -> Answer:
+    """The answer for a vector we have already (a cached text, an indexed item), from the thread pool."""
     index = s.index  # this object to the end, whatever swaps meanwhile
     try:
-        return await within(deadline, run_in_threadpool(search_here, index, vector, k, target), "search")
+        return await within(deadline, run_in_threadpool(search_here, index, vector, ask), "search")
     except UserError as e:  # the database busy beyond its timeout
         raise busy(str(e)) from None
 
@@ -75,10 +88,16 @@ async def encode_and_search(request: Request, s: State, batcher: MicroBatcher, j
         raise HTTPException(503, str(e)) from None
 
 
-def results(s: State, hits: list, target: Target, min_score: float | None) -> list[dict]:
-    """The hits as answered, without those under the request's (or else the server's) score floor."""
-    floor = min_score if min_score is not None else s.settings.min_score
-    return [result(h, target) for h in hits if floor is None or h.score >= floor]
+def answered(ans: Answer, ask: Ask) -> dict:
+    """The page as answered: its results, where the next page starts (null at the end), how many
+    results dedup folded away, and how the filter was honoured."""
+    out = {"k": ask.k, "offset": ask.offset, "next_offset": ask.offset + ask.k if ans.more else None,
+           "results": [result(h, ask.target) for h in ans.hits], "strategy": ans.strategy}
+    if ask.dedup is not None:
+        out["collapsed"] = ans.collapsed
+        for r in out["results"]:
+            r["duplicates"] = ans.duplicates.get(r["id"], 0)
+    return out
 
 
 def result(h: Any, target: Target) -> dict:
@@ -86,17 +105,25 @@ def result(h: Any, target: Target) -> dict:
     if target == "images":
         return {"id": h.id, "score": round(h.score, 6), "name": Path(h.item["uri"]).name,
                 "image_url": f"/items/{h.id}/image", "thumbnail_url": f"/items/{h.id}/thumbnail",
-                "captions": h.item["captions"]}
+                "captions": h.item["captions"], "folder": h.item.get("folder"), "taken": taken(h.item),
+                "tags": h.item.get("tags", [])}
     out = {"id": h.id, "score": round(h.score, 6), "text": h.item["text"], "item_id": h.item["item_id"]}
     if h.item["item_id"] is not None:
         out["thumbnail_url"] = f"/items/{h.item['item_id']}/thumbnail"
     return out
 
 
+def taken(item: dict) -> float | None:
+    """When the photo was taken: its EXIF time, else its file's modification time."""
+    return item.get("taken") if item.get("taken") is not None else item.get("mtime")
+
+
 def public(item: dict) -> dict:
-    """An item's row as answered: its file's name and links, never its path on disk."""
+    """An item's row as answered: its file's name, metadata and links, never its path on disk."""
     return {"id": item["id"], "name": Path(item["uri"]).name, "width": item["width"], "height": item["height"],
             "captions": item["captions"], "added": item["added"], "sha256": item["sha256"],
+            "bytes": item.get("bytes"), "mtime": item.get("mtime"), "taken": item.get("taken"),
+            "camera": item.get("camera"), "folder": item.get("folder"), "tags": item.get("tags", []),
             "image_url": f"/items/{item['id']}/image", "thumbnail_url": f"/items/{item['id']}/thumbnail"}
 
 

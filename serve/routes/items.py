@@ -12,13 +12,16 @@ import hashlib
 import os
 import stat
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from dsmd.errors import UserError
 from dsmd.images import BadImage, CostlyImage
+from dsmd.index.metadata import MAX_TAG_CHARS, MAX_TAGS
 from dsmd.index.search import ReadOnlyIndex
 from dsmd.index.uploads import UploadRefused
 from dsmd.serve import models
@@ -146,3 +149,26 @@ async def delete_item(s: WriterDep, item_id: ItemId) -> dict:
         raise HTTPException(404, f"no item {item_id}")
     after_write(s)
     return {"removed": item_id}
+
+
+class TagsBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tags: list[Annotated[str, Field(max_length=MAX_TAG_CHARS)]] = Field(max_length=MAX_TAGS)
+
+
+@router.put("/items/{item_id}/tags", summary="Set an item's tags (needs the token); [] clears them",
+            response_model=models.Tags, responses=models.errors(401, 403, 404, 422, 503))
+async def put_tags(s: WriterDep, item_id: ItemId, body: TagsBody) -> dict:
+    deadline = Deadline(s.settings.request_timeout_s)
+    async with s.gates["write"].admit(s.settings.queue_wait_s(deadline.left())):
+        try:
+            tags = await on_writer(s, lambda index, wait: index.set_tags(item_id, body.tags, timeout=wait), deadline)
+        except ReadOnlyIndex:
+            raise read_only_error(s) from None
+        except UserError as e:  # an empty tag, or the database busy beyond its timeout
+            if "tag" in str(e):
+                raise HTTPException(422, str(e)) from None
+            raise busy(str(e)) from None
+    if tags is None:
+        raise HTTPException(404, f"no item {item_id}")
+    return {"id": item_id, "tags": tags}

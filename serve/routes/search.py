@@ -16,69 +16,70 @@ from starlette.concurrency import run_in_threadpool
 
 from dsmd.serve import models
 from dsmd.serve.admission import Deadline
-from dsmd.serve.deps import ItemId, StateDep, Target
-from dsmd.serve.routes.common import check_k, decode, encode_and_search, read_body, results, search
+from dsmd.serve.deps import ItemId, OptionsDep, StateDep, Target
+from dsmd.serve.routes.common import answered, ask_for, decode, encode_and_search, read_body, search
 from dsmd.serve.uploads import check_content_type, upload_spec
 
 router = APIRouter()
 
-K = Annotated[int | None, Query(description="how many results")]
-MinScore = Annotated[float | None, Query(description="drop results scoring below this")]
+K = Annotated[int | None, Query(description="how many results (a page)")]
 
 
 @router.get("/search", summary="Text → images", response_model=models.TextSearch,
             responses=models.errors(413, 422, 503))
-async def search_text(request: Request, s: StateDep, text: Annotated[str, Query(description="what to look for")],
-                      k: K = None, min_score: MinScore = None) -> JSONResponse:
+async def search_text(request: Request, s: StateDep, opts: OptionsDep,
+                      text: Annotated[str, Query(description="what to look for")], k: K = None) -> JSONResponse:
     t0 = time.perf_counter()
-    k = check_k(s, k)
-    if not text.strip():
-        raise HTTPException(422, "text is empty: say what to look for, e.g. /search?text=a+red+circle")
-    if len(text) > 10_000:
-        raise HTTPException(413, "text is longer than 10,000 characters")
+    ask = ask_for(s, k, "images", opts)
+    check_text(text)
     deadline = Deadline(s.settings.request_timeout_s)
     async with s.gates["text"].admit(s.settings.queue_wait_s(deadline.left())):
         cached = s.text_cache.lookup(text)
         if cached is None:
-            vector, truncated, hits = await encode_and_search(request, s, s.texts, (text, k, "images"), deadline)
+            vector, truncated, ans = await encode_and_search(request, s, s.texts, (text, ask), deadline)
             s.text_cache.put(text, (vector, truncated))
         else:
-            (vector, truncated), hits = cached, await search(s, cached[0], k, "images", deadline)
+            (vector, truncated), ans = cached, await search(s, cached[0], ask, deadline)
     note = f"the text was cut to the model's {s.bundle.preprocess.max_tokens} tokens" if truncated else None
     # answered as built (the response model documents it; the tests check the answers against it)
     return JSONResponse({"query": {"text": text, "truncated": truncated, "note": note}, "target": "images",
-                         "k": k, "results": results(s, hits, "images", min_score),
-                         "took_ms": round(1000 * (time.perf_counter() - t0), 2)})
+                         **answered(ans, ask), "took_ms": round(1000 * (time.perf_counter() - t0), 2)})
+
+
+def check_text(text: str) -> None:
+    if not text.strip():
+        raise HTTPException(422, "text is empty: say what to look for, e.g. /search?text=a+red+circle")
+    if len(text) > 10_000:
+        raise HTTPException(413, "text is longer than 10,000 characters")
 
 
 @router.post("/search/image", summary="Image → images, or → captions with target=texts", openapi_extra=upload_spec(),
              response_model=models.ImageSearch, responses=models.errors(400, 408, 413, 415, 422, 503))
-async def search_image(request: Request, s: StateDep, k: Annotated[int | None, Query()] = None,
-                       target: Target = "images", min_score: Annotated[float | None, Query()] = None) -> JSONResponse:
+async def search_image(request: Request, s: StateDep, opts: OptionsDep, k: K = None,
+                       target: Target = "images") -> JSONResponse:
     t0 = time.perf_counter()
-    k = check_k(s, k)
+    ask = ask_for(s, k, target, opts)
     check_content_type(request)
     with s.bodies.hold() as hold:
         data = await read_body(request, s, hold)  # before the slot: a slow body holds bytes, not a slot
         deadline = Deadline(s.settings.request_timeout_s)
         async with s.gates["image"].admit(s.settings.queue_wait_s(deadline.left())):
             pixels = await decode(s, data, deadline)
-            _, hits = await encode_and_search(request, s, s.images, (pixels, k, target), deadline)
-    return JSONResponse({"query": {"image_bytes": len(data)}, "target": target, "k": k,
-                         "results": results(s, hits, target, min_score),
+            _, ans = await encode_and_search(request, s, s.images, (pixels, ask), deadline)
+    return JSONResponse({"query": {"image_bytes": len(data)}, "target": target, **answered(ans, ask),
                          "took_ms": round(1000 * (time.perf_counter() - t0), 2)})
 
 
 @router.get("/items/{item_id}/similar", summary="More like this: images near an indexed image",
             response_model=models.SimilarSearch, responses=models.errors(404, 422, 503))
-async def similar(s: StateDep, item_id: ItemId, k: Annotated[int | None, Query()] = None) -> dict:
+async def similar(s: StateDep, opts: OptionsDep, item_id: ItemId, k: K = None) -> dict:
     t0 = time.perf_counter()
-    k = check_k(s, k)
+    ask = ask_for(s, k, "images", opts)
     deadline = Deadline(s.settings.request_timeout_s)
     async with s.gates["text"].admit(s.settings.queue_wait_s(deadline.left())):
         vector = await run_in_threadpool(s.index.vector_of, item_id)
         if vector is None:
             raise HTTPException(404, f"no item {item_id}")
-        hits = await search(s, vector, k, "images", deadline)
-    return {"query": {"item": item_id}, "target": "images", "k": k, "results": results(s, hits, "images", None),
+        ans = await search(s, vector, ask, deadline)
+    return {"query": {"item": item_id}, "target": "images", **answered(ans, ask),
             "took_ms": round(1000 * (time.perf_counter() - t0), 2)}
