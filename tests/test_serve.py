@@ -293,6 +293,7 @@ def test_web_page_in_headless_chromium(served, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -304,25 +305,55 @@ def test_web_page_in_headless_chromium(served, tmp_path):
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=opts)
     try:
         wait = WebDriverWait(driver, 20)
+        cards = lambda d: d.find_elements(By.CSS_SELECTOR, "#grid .result")  # noqa: E731
         driver.get(url + "/")
         box = driver.find_element(By.ID, "q")
         box.send_keys("a red circle left of a blue square")
         driver.find_element(By.ID, "go").click()
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .result")) == 24)
+        wait.until(lambda d: len(cards(d)) == 12)
         assert "results for" in driver.find_element(By.ID, "status").text
+        assert "q=a+red+circle+left+of+a+blue+square" in driver.current_url  # the search lives in the URL
         wait.until(lambda d: all(img.get_property("naturalWidth") > 0
                                  for img in d.find_elements(By.CSS_SELECTOR, "#grid .result img")))
+        first_page = [c.text for c in cards(driver)]
         driver.save_screenshot(str(tmp_path / "text-search.png"))
+        driver.find_element(By.ID, "more").click()  # the next page is appended
+        wait.until(lambda d: len(cards(d)) == 24)
+        assert [c.text for c in cards(driver)][:12] == first_page
 
         image = sorted((world / "images").glob("*.png"))[3]
         driver.find_element(By.ID, "file").send_keys(str(image))
         wait.until(EC.text_to_be_present_in_element((By.ID, "status"), f"images like {image.name}"))
         assert len(driver.find_elements(By.CSS_SELECTOR, "#captions .caption")) == 5
-        assert len(driver.find_elements(By.CSS_SELECTOR, "#grid .result")) == 24
+        assert len(cards(driver)) == 12
         driver.save_screenshot(str(tmp_path / "image-search.png"))
 
         driver.find_elements(By.CSS_SELECTOR, "#grid .result .more")[0].click()
         wait.until(EC.text_to_be_present_in_element((By.ID, "status"), "images like #"))
+        assert "like=" in driver.current_url
+
+        # a linked search opens with its results, filters included; filters change the URL; back undoes them
+        driver.get(url + "/?q=a+green+triangle&dedup=1")
+        wait.until(lambda d: len(cards(d)) > 0 and "results for" in d.find_element(By.ID, "status").text)
+        assert driver.find_element(By.ID, "q").get_property("value") == "a green triangle"
+        assert driver.find_element(By.ID, "dedup").is_selected()
+        linked = [c.text for c in cards(driver)]
+        folder = driver.find_element(By.ID, "folder")
+        folder.send_keys("no/such/folder", Keys.ENTER)
+        wait.until(lambda d: "folder=no%2Fsuch%2Ffolder" in d.current_url and len(cards(d)) == 0)
+        driver.back()
+        wait.until(lambda d: "folder" not in d.current_url and [c.text for c in cards(d)] == linked)
+        assert driver.find_element(By.ID, "folder").get_property("value") == ""
+        item = int(httpx.get(f"{url}/search", params={"text": "a yellow star", "k": 1}).json()["results"][0]["id"])
+        httpx.put(f"{url}/items/{item}/tags", json={"tags": ["page-test"]},
+                  headers={"Authorization": f"Bearer {TOKEN}"})
+        driver.find_element(By.ID, "tags").send_keys("page-test", Keys.ENTER)
+        wait.until(lambda d: "tags=page-test" in d.current_url and len(cards(d)) == 1)
+        driver.execute_script("document.getElementById('from').value = '2999-01-01';"
+                              "document.getElementById('from').dispatchEvent(new Event('change'));")
+        wait.until(lambda d: "from=2999-01-01" in d.current_url and len(cards(d)) == 0)
+        driver.get(url + "/?like=" + str(item))
+        wait.until(EC.text_to_be_present_in_element((By.ID, "status"), f"images like #{item}"))
         assert (tmp_path / "text-search.png").stat().st_size > 10_000
         if os.environ.get("DSMD_SCREENSHOTS"):  # refresh the screenshots kept in docs/
             shots = Path(__file__).resolve().parent.parent / "docs"
