@@ -199,14 +199,15 @@ class IndexDB:
         gen = self.vector_generation(table)
         return self.vector_file(table, gen).append(vectors) + (gen << GEN_SHIFT)
 
-    def _read(self, table: str, rows) -> np.ndarray:
-        """Vectors of these vrows (FileNotFoundError: a compaction deleted their file; `retrying` reads again)."""
+    def _read(self, table: str, rows, raw: bool = False) -> np.ndarray:
+        """Vectors of these vrows, float32 (`raw`: float16 as stored) (FileNotFoundError: a compaction
+        deleted their file; `retrying` reads again)."""
         vrows = np.fromiter((r for r in rows), np.int64)
         gens = vrows >> GEN_SHIFT
-        out = np.empty((len(vrows), self.dim or 0), np.float32)
+        out = np.empty((len(vrows), self.dim or 0), np.float16 if raw else np.float32)
         for g in np.unique(gens):
             at = gens == g
-            out[at] = self.vector_file(table, int(g)).read(vrows[at] & ((1 << GEN_SHIFT) - 1))
+            out[at] = self.vector_file(table, int(g)).read(vrows[at] & ((1 << GEN_SHIFT) - 1), raw)
         return out
 
     def dead_rows(self) -> dict[str, int]:

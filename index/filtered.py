@@ -2,9 +2,11 @@
 
 How a filter is honoured depends on how many items it keeps (counted in SQLite, up to EXACT_MAX):
 
-    exact        at most EXACT_MAX items match: their vectors are read from the vector files and
-                 scored exactly. Ranked as exact search would, whatever the index kind, at the cost
-                 of reading those vectors (a few milliseconds for thousands).
+    exact        at most EXACT_MAX items match: their float16 vectors are read from the vector files
+                 and scored exactly (FAISS's fp16 scalar quantizer, SIMD). Ranked as exact search
+                 would, whatever the index kind. The vectors a filter keeps are cached (SUBSET_CACHE
+                 bytes in all, least recently used out) until the rows or the tags change, so the
+                 next query with that filter (the next page, a new text) only scores them.
     post-filter  more match: the ANN index is asked for more candidates than needed, and SQLite
                  keeps those that match; the over-fetch is sized from the fraction that matched so
                  far, up to three rounds. Recall is the index's own at that depth.
@@ -27,6 +29,9 @@ group always stays; the search fetches deeper until the page is full or the rank
 from __future__ import annotations
 
 import math
+import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +45,7 @@ EXACT_MAX = 8192  # matching items scored exactly: about as costly as an ANN sea
 ANN_MAX = 16_384  # candidates an ANN post-filter may ask for (Milvus' own top-k limit too)
 SCAN_CHUNK = 65_536
 PAGE_WINDOW = 100  # an ANN ranking is always searched at least this deep, so its pages agree
+SUBSET_CACHE = 64 * 2**20  # bytes of filtered vectors kept per opened index
 
 
 @dataclass(frozen=True)
@@ -112,8 +118,78 @@ def _ranking(index: SearchIndex, vector: np.ndarray, n: int, ask: Ask) -> tuple[
     matches = db.con.execute(f"SELECT COUNT(*) FROM (SELECT 1 FROM items WHERE {cond} LIMIT ?)",
                              [*args, EXACT_MAX + 1]).fetchone()[0]
     if matches <= EXACT_MAX:
-        return (*_exact(index, q[0], n, cond, args), "exact")
+        return (*_subset(index, ask.where, cond, args).search(q, n), "exact")
     return _post_filter(index, q, n, cond, args, matches)
+
+
+class Subset:
+    """The vectors one filter keeps, in a FAISS fp16 flat index: scored exactly, without a float32 copy."""
+
+    def __init__(self, ids: np.ndarray, codes: np.ndarray):
+        import faiss
+
+        order = np.argsort(ids)  # one order for ties, whatever order SQLite gave the rows in
+        self.ids = ids[order]
+        self.index = faiss.IndexScalarQuantizer(codes.shape[1], faiss.ScalarQuantizer.QT_fp16,
+                                                faiss.METRIC_INNER_PRODUCT)
+        faiss.copy_array_to_vector(np.ascontiguousarray(codes[order]).view(np.uint8).ravel(), self.index.codes)
+        self.index.ntotal = len(ids)
+        self.nbytes = codes.nbytes + ids.nbytes
+
+    def search(self, q: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if not len(self.ids):
+            return np.zeros(0, np.float32), np.zeros(0, np.int64)
+        scores, pos = self.index.search(q, min(n, len(self.ids)))
+        keep = pos[0] >= 0
+        return scores[0][keep], self.ids[pos[0][keep]]
+
+
+class _SubsetCache:
+    """Least recently used Subsets of one opened index, by filter and by the state of rows and tags."""
+
+    def __init__(self):
+        self.lock, self.held, self.nbytes = threading.Lock(), OrderedDict(), 0
+
+    def get(self, key):
+        with self.lock:
+            found = self.held.get(key)
+            if found is not None:
+                self.held.move_to_end(key)
+            return found
+
+    def put(self, key, subset: Subset) -> None:
+        with self.lock:
+            if key in self.held or subset.nbytes > SUBSET_CACHE:
+                return
+            self.held[key] = subset
+            self.nbytes += subset.nbytes
+            while self.nbytes > SUBSET_CACHE:
+                self.nbytes -= self.held.popitem(last=False)[1].nbytes
+
+
+_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # SearchIndex -> its _SubsetCache
+_caches_lock = threading.Lock()
+
+
+def _subset(index: SearchIndex, where: Filter, cond: str, args: list) -> Subset:
+    """The filter's Subset: cached while the rows (generation) and tags (tags_version) stay as they are."""
+    db = index.db
+    state = dict(db.con.execute("SELECT key, value FROM meta WHERE key IN ('generation', 'tags_version')"))
+    key = (where.key(), state.get("generation"), state.get("tags_version"))
+    with _caches_lock:
+        cache = _caches.setdefault(index, _SubsetCache())
+    found = cache.get(key)
+    if found is not None:
+        return found
+    rows = db.con.execute(f"SELECT id, vrow FROM items WHERE {cond}", args).fetchall()
+    ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+    try:
+        codes = db._read("items", (r[1] for r in rows), raw=True)
+    except FileNotFoundError:  # a compaction moved the vectors meanwhile: read the rows again
+        return _subset(index, where, cond, args)
+    subset = Subset(ids, codes)
+    cache.put(key, subset)
+    return subset
 
 
 def _exact(index: SearchIndex, q: np.ndarray, n: int, cond: str, args: list) -> tuple[np.ndarray, np.ndarray]:
@@ -139,9 +215,11 @@ def _exact(index: SearchIndex, q: np.ndarray, n: int, cond: str, args: list) -> 
 
 def _post_filter(index: SearchIndex, q: np.ndarray, n: int, cond: str, args: list,
                  matches: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """ANN candidates, kept where they match; deeper rounds sized from the fraction that matched."""
+    """ANN candidates, kept where they match; deeper rounds sized from the fraction that matched. The
+    first round is as deep as an unfiltered page would be: a broad filter is usually done there."""
     total = max(1, index.count("images"))
-    fraction = matches / total  # a lower bound: the count stopped at EXACT_MAX + 1
+    floor = matches / total  # a lower bound of the fraction: the count stopped at EXACT_MAX + 1
+    fraction = max(floor, 0.5)
     depth = max(PAGE_WINDOW, math.ceil(2 * n / fraction))
     for _ in range(3):
         if depth > ANN_MAX:
@@ -156,7 +234,7 @@ def _post_filter(index: SearchIndex, q: np.ndarray, n: int, cond: str, args: lis
         keep = np.array([int(i) in passed for i in ids], bool)
         if keep.sum() >= n or len(ids_ok) < depth:  # enough, or the index holds no more
             return scores[keep][:n], ids[keep][:n], "post-filter"
-        fraction = max(fraction, (keep.sum() + 1) / depth) if keep.sum() else fraction / 4
+        fraction = max(floor, (keep.sum() + 1) / depth)
         depth = max(2 * depth, math.ceil(2 * n / fraction))
     return (*_exact(index, q[0], n, cond, args), "scan")
 

@@ -52,9 +52,9 @@ class Filter:
         where, args = [], []
         if self.folder is not None:
             folder = self.folder.strip("/")
-            if folder:  # the folder itself, or below it: a range on the index ('/' + 1 is '0')
-                where.append("(folder = ? OR (folder >= ? AND folder < ?))")
-                args += [folder, folder + "/", folder + "0"]
+            if folder:  # the folder itself, or below it: one range on the index ('/' + 1 is '0'), then a check
+                where.append("folder >= ? AND folder < ? AND (length(folder) = ? OR substr(folder, ?, 1) = '/')")
+                args += [folder, folder + "0", len(folder), len(folder) + 1]
         if self.taken_from is not None:
             where.append("COALESCE(taken, mtime) >= ?")
             args.append(float(self.taken_from))

@@ -32,9 +32,12 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS tags(item_id INTEGER NOT NULL REFERENCES items(id) ON DELETE CASCADE,
     tag TEXT NOT NULL, PRIMARY KEY(item_id, tag)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tags_tag ON tags(tag, item_id);
-CREATE INDEX IF NOT EXISTS items_folder ON items(folder);
-CREATE INDEX IF NOT EXISTS items_when ON items(COALESCE(taken, mtime));
-CREATE INDEX IF NOT EXISTS items_bytes ON items(bytes);
+DROP INDEX IF EXISTS items_folder;
+DROP INDEX IF EXISTS items_when;
+DROP INDEX IF EXISTS items_bytes;
+CREATE INDEX IF NOT EXISTS items_by_folder ON items(folder, vrow);
+CREATE INDEX IF NOT EXISTS items_by_time ON items(COALESCE(taken, mtime), vrow);
+CREATE INDEX IF NOT EXISTS items_by_bytes ON items(bytes, vrow);
 CREATE TABLE IF NOT EXISTS copies(uri TEXT PRIMARY KEY,
     item_id INTEGER NOT NULL REFERENCES items(id) ON DELETE CASCADE);
 CREATE INDEX IF NOT EXISTS copies_item ON copies(item_id);
@@ -45,7 +48,7 @@ _EXIF_IFD, _DATETIME_ORIGINAL, _OFFSET_ORIGINAL, _DATETIME, _MODEL = 0x8769, 368
 def migrate(con: sqlite3.Connection) -> None:
     """Add the metadata columns, the tags table and their indexes where missing (one write
     transaction: two processes opening an old index at once do it once)."""
-    if has_metadata(con) and con.execute("SELECT 1 FROM sqlite_master WHERE name='items_bytes'").fetchone():
+    if has_metadata(con) and con.execute("SELECT 1 FROM sqlite_master WHERE name='items_by_bytes'").fetchone():
         return
     con.execute("BEGIN IMMEDIATE")
     try:
@@ -126,6 +129,8 @@ def set_tags(con: sqlite3.Connection, item_id: int, tags: list[str]) -> bool:
     if con.execute("SELECT 1 FROM items WHERE id=?", (int(item_id),)).fetchone() is None:
         return False
     con.execute("DELETE FROM tags WHERE item_id=?", (int(item_id),))
+    con.execute("INSERT INTO meta(key, value) VALUES('tags_version', '1') "
+                "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1")  # filter caches key on it
     con.executemany("INSERT INTO tags(item_id, tag) VALUES(?, ?)", [(int(item_id), t) for t in clean_tags(tags)])
     return True
 

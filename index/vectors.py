@@ -79,18 +79,18 @@ class VectorFile:
             sync_dir(self.path.parent)
         return np.arange(first, first + len(v), dtype=np.int64)
 
-    def read(self, rows: np.ndarray) -> np.ndarray:
-        """The vectors of these row numbers, as float32, in the given order."""
+    def read(self, rows: np.ndarray, raw: bool = False) -> np.ndarray:
+        """The vectors of these row numbers, as float32 (`raw`: float16, as stored), in the given order."""
         rows = np.asarray(rows, np.int64)
         if not len(rows):
-            return np.zeros((0, self.dim), np.float32)
+            return np.zeros((0, self.dim), DTYPE if raw else np.float32)
         m = self._map
         if m is None or int(rows.max()) >= len(m):
             m = self._remap()
             if int(rows.max()) >= len(m):
                 raise ValueError(f"{self.path} holds {len(m)} rows; row {int(rows.max())} was asked for: the "
                                  f"vector file is shorter than the database says (copied without it?)")
-        return m[rows].astype(np.float32)
+        return np.asarray(m[rows]) if raw else m[rows].astype(np.float32)
 
     def _remap(self) -> np.ndarray:
         """Map the file's whole rows again (it has grown since the last map)."""
