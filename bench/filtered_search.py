@@ -121,7 +121,8 @@ def bench_kind(path: Path, kind: str, x: np.ndarray, meta: dict, queries: np.nda
                    "index_search": spec["search"], "index_recall_at_10": spec["recall_at_10"], "build_s": build_s}
             rows.append(row)
             print(f"    {name:5s} sel {row['selectivity']:.4f}  p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} "
-                  f"ms  cold {row['cold_ms']:.2f} ms  recall@10 {row['recall_at_10']:.3f}  {dict(strategies)}", flush=True)
+                  f"ms  cold {row['cold_ms']:.2f} ms  recall@10 {row['recall_at_10']:.3f}  {dict(strategies)}",
+                  flush=True)
     return rows
 
 
@@ -160,7 +161,8 @@ def main() -> None:
     for r in rows:
         base = next(b for b in rows if b["n"] == r["n"] and b["kind"] == r["kind"] and b["filter"] == "none")
         md.append(f"| {r['n']:,} | {r['kind']} | {r['filter']} | {r['selectivity']:.4f} | {r['p50_ms']:.2f} | "
-                  f"{r['p99_ms']:.2f} | {r['cold_ms']:.2f} | {r['p50_ms'] / base['p50_ms']:.2f}x | {r['recall_at_10']:.3f} | "
+                  f"{r['p99_ms']:.2f} | {r['cold_ms']:.2f} | {r['p50_ms'] / base['p50_ms']:.2f}x | "
+                  f"{r['recall_at_10']:.3f} | "
                   f"{', '.join(f'{k} {v}' for k, v in r['strategy'].items())} |")
     (out / "table.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
