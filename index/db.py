@@ -86,7 +86,7 @@ class IndexDB:
         self.path = Path(path)
         self.readonly, self.immutable = readonly, False
         self._files: dict[tuple[str, int], VectorFile] = {}
-        self._meta: tuple[str, bool] | None = None  # items(): the metadata columns to select, whether tags exist
+        self._meta: tuple | None = None  # items(): schema version, the metadata columns to select, tags or not
         if readonly:
             if dim is not None or variant is not None:
                 raise ValueError("a read-only IndexDB records no dim, bundle nor variant")
@@ -402,9 +402,10 @@ class IndexDB:
 
     def items(self, ids: list[int]) -> dict[int, dict]:
         """Rows of these items with their metadata and tags (index/metadata.py), by id."""
-        if self._meta is None:  # the schema is read once per connection (an old read-only index has no metadata)
-            self._meta = metadata.select_list(self.con), metadata.has_tags(self.con)
-        return metadata.rows(self.con, ids, *self._meta)
+        version = self.con.execute("PRAGMA schema_version").fetchone()[0]  # another process may migrate it
+        if self._meta is None or self._meta[0] != version:  # (an old read-only index has no metadata)
+            self._meta = version, metadata.select_list(self.con), metadata.has_tags(self.con)
+        return metadata.rows(self.con, ids, *self._meta[1:])
 
     def texts(self, ids: list[int]) -> dict[int, dict]:
         if not ids:

@@ -37,15 +37,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dsmd.errors import UserError
+from dsmd.index import metadata
 from dsmd.index.filters import Filter
-from dsmd.index.search import Hit, SearchIndex
+from dsmd.index.search import TABLES, Hit, SearchIndex
 from dsmd.index.vectors import retrying
 
 EXACT_MAX = 8192  # matching items scored exactly: about as costly as an ANN search of 1M items
 ANN_MAX = 16_384  # candidates an ANN post-filter may ask for (Milvus' own top-k limit too)
 SCAN_CHUNK = 65_536
 PAGE_WINDOW = 100  # an ANN ranking is always searched at least this deep, so its pages agree
+DEDUP_MAX = 500  # offset + k with dedup: the folding walks the ranking one result at a time
 SUBSET_CACHE = 64 * 2**20  # bytes of filtered vectors kept per opened index
+
+
+class FilterUnavailable(UserError):
+    """A filter on an index that has no metadata columns (made before them, and read-only here)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,8 @@ class Ask:
             raise UserError(f"dedup is a cosine threshold in (0, 1], not {self.dedup}")
         if self.offset < 0:
             raise UserError(f"offset must be 0 or more, not {self.offset}")
+        if self.dedup is not None and self.offset + self.k > DEDUP_MAX:
+            raise UserError(f"with dedup, offset + k is at most {DEDUP_MAX} (not {self.offset + self.k})")
 
 
 @dataclass
@@ -81,6 +89,7 @@ def answer(index: SearchIndex, vector: np.ndarray, ask: Ask) -> Answer:
     """The page of hits for one query vector."""
     need = ask.offset + ask.k
     depth = need + 1 if ask.dedup is None else 2 * need + 1  # one more: whether a next page exists
+    deepest = min(ANN_MAX, 8 * need + 64)  # dedup fetches deeper until the page is full, up to this
     while True:
         scores, ids, strategy = _ranking(index, vector, depth, ask)
         if ask.min_score is not None:  # before paging: a page is never emptied by the floor afterwards
@@ -91,10 +100,10 @@ def answer(index: SearchIndex, vector: np.ndarray, ask: Ask) -> Answer:
         if ask.dedup is None:
             order, folded = np.arange(len(ids)), {}
         else:
-            order, folded = _collapse(index, ids, ask.dedup)
-        if len(order) >= need + 1 or ended or depth >= ANN_MAX:
+            order, folded = _collapse(index, ids, ask.dedup, need + 1, TABLES[ask.target])
+        if len(order) >= need + 1 or ended or depth >= deepest:
             break
-        depth = min(ANN_MAX, 2 * depth)
+        depth = min(deepest, 2 * depth)
     page = order[ask.offset:need]
     rows = index.rows([int(ids[i]) for i in page], ask.target)
     hits = [Hit(int(ids[i]), float(scores[i]), rows[int(ids[i])]) for i in page if int(ids[i]) in rows]
@@ -115,6 +124,10 @@ def _ranking(index: SearchIndex, vector: np.ndarray, n: int, ask: Ask) -> tuple[
         return scores[keep], ids[keep], "exact" if exact else "ann"
     cond, args = ask.where.sql()
     db = index.db
+    if not metadata.has_metadata(db.con) or not metadata.has_tags(db.con):
+        raise FilterUnavailable(f"the index at {index.path} was built before items had metadata, and this server "
+                                f"may not write it: open it once with write access (dsmd index info {index.path}) "
+                                f"to add the columns, and build it again to fill them")
     matches = db.con.execute(f"SELECT COUNT(*) FROM (SELECT 1 FROM items WHERE {cond} LIMIT ?)",
                              [*args, EXACT_MAX + 1]).fetchone()[0]
     if matches <= EXACT_MAX:
@@ -181,12 +194,15 @@ def _subset(index: SearchIndex, where: Filter, cond: str, args: list) -> Subset:
     found = cache.get(key)
     if found is not None:
         return found
-    rows = db.con.execute(f"SELECT id, vrow FROM items WHERE {cond}", args).fetchall()
-    ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-    try:
-        codes = db._read("items", (r[1] for r in rows), raw=True)
-    except FileNotFoundError:  # a compaction moved the vectors meanwhile: read the rows again
-        return _subset(index, where, cond, args)
+    for attempt in range(5):
+        rows = db.con.execute(f"SELECT id, vrow FROM items WHERE {cond}", args).fetchall()
+        ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+        try:
+            codes = db._read("items", (r[1] for r in rows), raw=True)
+            break
+        except FileNotFoundError:  # a compaction moved the vectors meanwhile: read the rows again
+            if attempt == 4:
+                raise
     subset = Subset(ids, codes)
     cache.put(key, subset)
     return subset
@@ -232,28 +248,34 @@ def _post_filter(index: SearchIndex, q: np.ndarray, n: int, cond: str, args: lis
             f"SELECT id FROM items WHERE id IN (SELECT value FROM json_each(?)) AND {cond}",
             ["[" + ",".join(str(int(i)) for i in ids_ok) + "]", *args])}
         keep = np.array([int(i) in passed for i in ids], bool)
-        if keep.sum() >= n or len(ids_ok) < depth:  # enough, or the index holds no more
+        if keep.sum() >= n or (len(ids_ok) < depth and depth >= total):  # enough, or the index holds no more
             return scores[keep][:n], ids[keep][:n], "post-filter"
+        if len(ids_ok) < depth:  # the index ranks no deeper (IVF probes a few lists): score the matches
+            break
         fraction = max(floor, (keep.sum() + 1) / depth)
         depth = max(2 * depth, math.ceil(2 * n / fraction))
     return (*_exact(index, q[0], n, cond, args), "scan")
 
 
-def _collapse(index: SearchIndex, ids: np.ndarray, threshold: float) -> tuple[np.ndarray, dict[int, int]]:
-    """Positions of the results kept (best first) and, per kept id, how many were folded into it."""
+def _collapse(index: SearchIndex, ids: np.ndarray, threshold: float, enough: int,
+              table: str) -> tuple[np.ndarray, dict[int, int]]:
+    """Positions of the results kept (best first, at most `enough`) and, per kept id, how many of the
+    results walked were folded into it."""
     if not len(ids):
         return np.arange(0), {}
-    vecs = index.db.vectors_of(ids, "items", missing_ok=True)
-    vecs = np.nan_to_num(vecs)
+    vecs = np.nan_to_num(index.db.vectors_of(ids, table, missing_ok=True))
+    kept_vecs = np.empty((enough, vecs.shape[1]), np.float32)
     kept: list[int] = []
     folded: dict[int, int] = {}
     for pos in range(len(ids)):
         if kept:
-            sims = vecs[kept] @ vecs[pos]
+            sims = kept_vecs[:len(kept)] @ vecs[pos]
             j = int(np.argmax(sims))
             if sims[j] >= threshold:
                 folded[int(ids[kept[j]])] = folded.get(int(ids[kept[j]]), 0) + 1
                 continue
+        kept_vecs[len(kept)] = vecs[pos]
         kept.append(pos)
+        if len(kept) == enough:
+            break
     return np.array(kept, np.int64), folded
-

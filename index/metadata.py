@@ -83,9 +83,8 @@ ROW = ("id", "uri", "sha256", "width", "height", "captions", "added", *COLUMNS)
 
 def rows(con: sqlite3.Connection, ids: list[int], select: str, tags: bool) -> dict[int, dict]:
     """Rows of these items by id: `select` from select_list(), `tags` whether the tags table exists."""
-    q = ",".join("?" * len(ids))
     found = con.execute(f"SELECT id, uri, sha256, width, height, captions, added, {select} FROM items "
-                        f"WHERE id IN ({q})", [int(i) for i in ids]).fetchall()
+                        f"WHERE id IN (SELECT value FROM json_each(?))", (_json_ids(ids),)).fetchall()
     held = tags_of(con, [r[0] for r in found]) if tags else {}
     return {r[0]: {**dict(zip(ROW, r)), "captions": json.loads(r[5] or "[]"), "tags": held.get(r[0], [])}
             for r in found}

@@ -53,11 +53,10 @@ class Hit:
 
 
 class SearchIndex:
-    """An opened index: `search(vectors, k, target)` returns hits with their rows; `add_image` and
-    `remove` change it live; `compact` rebuilds it when the live changes have piled up."""
+    """An opened index: `search` returns hits with their rows; `add_image`, `remove` change it live."""
 
-    # needs_compaction(): tombstones past 10% or live additions past 20% of the vectors in the
-    # FAISS files, and never for fewer than 64 changes (a compaction of a small index buys nothing)
+    # needs_compaction(): tombstones past 10% or live additions past 20% of the vectors in the FAISS
+    # files, never for fewer than 64 changes (a compaction of a small index buys nothing)
     deleted_fraction = 0.10
     grown_fraction = 0.20
     compaction_min = 64
@@ -89,6 +88,8 @@ class SearchIndex:
         self._successor: SearchIndex | None = None
         self._milvus_uri, self._milvus = milvus_uri, None  # a Milvus-backed index's client
         self._open()
+        if not self.readonly:
+            self._writer_db()  # an index made before metadata gains its columns now (index/metadata.py)
         self._reconcile()
 
     # ---------------------------------------------------------------- opening
@@ -209,8 +210,7 @@ class SearchIndex:
 
     def rows(self, ids: list[int], target: str = "images") -> dict[int, dict]:
         """The rows of these ids (those that still have one), by id."""
-        wanted = sorted(set(ids))
-        return self._read(lambda db: db.items(wanted) if target == "images" else db.texts(wanted))
+        return self._read(lambda db: db.items(sorted(set(ids))) if target == "images" else db.texts(sorted(set(ids))))
 
     def item(self, item_id: int) -> dict | None:
         """The row of an item (same shape as search hits' `item`), or None."""

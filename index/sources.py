@@ -36,7 +36,7 @@ def folder_sources(root: str | Path) -> list[Source]:
     if not root.is_dir():
         raise UserError(f"{root} is not a folder")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    return [Source(str(p.resolve()), p, folder=p.parent.relative_to(root).as_posix().strip(".")) for p in files]
+    return [Source(str(p.resolve()), p, folder=_folder(p.parent.relative_to(root).as_posix())) for p in files]
 
 
 def dataset_sources(data: str | Path, images: str | None = None, split: str | None = None) -> list[Source]:
@@ -47,7 +47,12 @@ def dataset_sources(data: str | Path, images: str | None = None, split: str | No
     items = ds.split(split) if split else ds.items
     root = os.path.commonpath([str(it.path.parent.resolve()) for it in items]) if items else ""
     return [Source(str(it.path.resolve()), it.path, tuple(it.captions),
-                   Path(os.path.relpath(it.path.parent.resolve(), root)).as_posix().strip(".")) for it in items]
+                   _folder(Path(os.path.relpath(it.path.parent.resolve(), root)).as_posix())) for it in items]
+
+
+def _folder(relative: str) -> str:
+    """A folder as items record it: '' for the root itself (which paths spell '.'), else as it is."""
+    return "" if relative == "." else relative
 
 
 def shard_of(sources: list[Source], shard: tuple[int, int] | None) -> list[Source]:

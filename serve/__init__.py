@@ -8,13 +8,15 @@
     deps.py            the routes' typed dependencies (StateDep, WriterDep) and parameter types
     routes/common.py   what several routes share: search, read and decode uploads, write the index
     routes/search.py   GET /search, POST /search/image, GET /items/{id}/similar
-    routes/items.py    an item's metadata, image and thumbnail; POST /items, DELETE /items/{id}
+    routes/query.py    POST /search/vector, /search/mix, /search/batch, /embed, /embed/image
+    routes/items.py    an item's metadata, image and thumbnail; POST /items, DELETE /items/{id}, its tags
     routes/ops.py      /healthz, /readyz, /info, /metrics and the web page at /
     models.py          the response bodies, so the OpenAPI spec describes every answer
     middleware.py      latency and status per route for /metrics, nosniff on every response
     admission.py       gates (a fast 503 past capacity), deadlines, clients that leave
     batcher.py         micro-batching of encoder calls off the event loop
     uploads.py         reading an uploaded image from a request, capped in size
+    json_body.py       small JSON bodies (queries, tags): capped, validated, described in the spec
     memory.py          resident memory from /proc; malloc tuned so freed buffers do not stay resident
     cache.py           the LRU caches of text embeddings and thumbnails
     metrics.py         the Prometheus metrics

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hmac
+import math
 import os
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -87,9 +88,13 @@ def when(value: str | None, name: str, end_of_day: bool = False) -> float | None
     if value is None or value == "":
         return None
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds):
+            raise HTTPException(422, f"{name} must be a finite number of seconds or an ISO date, not {value!r}")
+        return seconds
     try:
         t = dt.datetime.fromisoformat(value)
     except ValueError:

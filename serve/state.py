@@ -125,13 +125,13 @@ class State:
         """(text, ask) jobs -> (vector, whether the text was cut, answer) each; no search for ask None."""
         vectors, cut = self.bundle.encode_texts_and_cuts([j[0] for j in jobs])
         index = self.index
-        return [(v, c, search_here(index, v, ask)) for v, c, (_, ask) in zip(vectors, cut, jobs)]
+        return [(v, c, settled(search_here, index, v, ask)) for v, c, (_, ask) in zip(vectors, cut, jobs)]
 
     def _image_work(self, jobs: list[tuple[np.ndarray, Ask | None]]) -> list[tuple[np.ndarray, Answer | None]]:
         """(pixels, ask) jobs -> (vector, answer) each; no search for ask None."""
         vectors = self.bundle.encode_pixels(np.stack([j[0] for j in jobs]))
         index = self.index
-        return [(v, search_here(index, v, ask)) for v, (_, ask) in zip(vectors, jobs)]
+        return [(v, settled(search_here, index, v, ask)) for v, (_, ask) in zip(vectors, jobs)]
 
     def decode(self, data: bytes, until: float | None = None) -> np.ndarray:
         """Model input of an upload: only the accepted formats, decoded at about twice the model's size,
@@ -301,6 +301,15 @@ def _extra_metrics(m: Metrics) -> dict:
             "decodes": Counter("dsmd_upload_decodes", "Uploads decoded (a decode slot taken).", registry=r),
             "compacting": Gauge("dsmd_index_compacting", "1 while the index is being rebuilt in the background.",
                                 registry=r)}
+
+
+def settled(fn, *args):
+    """fn's answer, or the exception it raised: one query's failure (its filter, a busy database) is
+    that query's answer, never its whole batch's (the routes raise it: common.settle)."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        return e
 
 
 def search_here(index: SearchIndex, vector: np.ndarray, ask: Ask | None) -> Answer | None:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-INDEX_ACTIONS = ("build", "embed", "add-texts", "remove", "merge", "info", "search", "recall")
+INDEX_ACTIONS = ("build", "embed", "add-texts", "remove", "merge", "info", "search", "duplicates", "recall")
 FINALIZE = {"--index-type", "--backend", "--milvus-uri", "--collection"}
 INDEX_OPTIONS = {  # what each action's --help documents
     "build": {"--bundle", "--variant", "--folder", "--data", "--images", "--split", "--from-shards", "--shard",
@@ -19,6 +19,7 @@ INDEX_OPTIONS = {  # what each action's --help documents
     "merge": {"--bundle", "--variant"} | FINALIZE,
     "info": set(),
     "search": {"--text", "--image", "-k", "--bundle", "--variant"},
+    "duplicates": {"--threshold", "--json"},
     "recall": set(),
 }
 INDEX_COMMAND_LINES = [  # together, every option of every action
@@ -37,6 +38,7 @@ INDEX_COMMAND_LINES = [  # together, every option of every action
     "info idx",
     "search idx --text dogs -k 5 --bundle b --variant fp16",
     "search --image x.png",
+    "duplicates idx --threshold 0.9 --json",
     "recall idx",
 ]
 REQUIRED = {"build": ["--folder", "f"], "embed": ["--folder", "f"], "add-texts": ["--file", "t"],

@@ -4,6 +4,8 @@ expected answers computed here with the bundle and numpy (tests/test_serve.py's 
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import numpy as np
 import pytest
@@ -169,3 +171,19 @@ def test_dedup_over_http_reports_what_it_folded(served):
     assert sims.max() < 0.5 + 1e-3  # no two results left closer than the threshold
     off = httpx.get(f"{url}/search", params={"text": text, "k": 10}).json()
     assert "collapsed" not in off
+
+
+def test_json_bodies_are_described_in_the_spec_and_refused_clearly(served):
+    url, truth = served
+    spec = httpx.get(f"{url}/openapi.json").json()["paths"]
+    for path in ("/search/vector", "/search/mix", "/search/batch", "/embed"):
+        schema = spec[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert "$ref" not in json.dumps(schema) and schema["type"] == "object", path
+    assert "tags" in spec["/items/{item_id}/tags"]["put"]["requestBody"]["content"]["application/json"]["schema"][
+        "properties"]
+    for body in ([], "x", 3, None, {"vector": "abc"}, {"vector": [float("nan")] * truth.bundle.dim}):
+        r = httpx.post(f"{url}/search/vector", content=json.dumps(body), headers={"content-type": "application/json"})
+        assert r.status_code == 422, (body, r.status_code, r.text)
+    r = httpx.post(f"{url}/search/vector", content=b'{"vector": [NaN]}', headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert httpx.post(f"{url}/embed", content=b"texts=a").status_code == 415

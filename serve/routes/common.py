@@ -23,13 +23,13 @@ from starlette.requests import ClientDisconnect
 
 from dsmd.errors import UserError
 from dsmd.images import BadImage
-from dsmd.index.filtered import Answer, Ask
+from dsmd.index.filtered import Answer, Ask, FilterUnavailable
 from dsmd.index.lock import IndexBusy
 from dsmd.index.search import SearchIndex
 from dsmd.serve.admission import BodyHold, ClientGone, Deadline, busy, wait_or_give_up, within
 from dsmd.serve.batcher import EncoderFailed, EncoderStopped, MicroBatcher, Overloaded
 from dsmd.serve.deps import SearchOptions, Target
-from dsmd.serve.state import State, search_here
+from dsmd.serve.state import State, search_here, settled
 from dsmd.serve.uploads import body_limit, read_upload
 
 log = logging.getLogger("dsmd.serve")
@@ -61,10 +61,20 @@ def ask_for(s: State, k: int | None, target: Target = "images", opts: SearchOpti
 async def search(s: State, vector: np.ndarray, ask: Ask, deadline: Deadline) -> Answer:
     """The answer for a vector we have already (a cached text, an indexed item), from the thread pool."""
     index = s.index  # this object to the end, whatever swaps meanwhile
-    try:
-        return await within(deadline, run_in_threadpool(search_here, index, vector, ask), "search")
-    except UserError as e:  # the database busy beyond its timeout
-        raise busy(str(e)) from None
+    return settle(await within(deadline, run_in_threadpool(settled, search_here, index, vector, ask), "search"))
+
+
+def settle(ans: Answer | Exception | None) -> Answer | None:
+    """A search's answer, or its failure as the HTTP error it is: a filter this index cannot take is a
+    422, a database busy beyond its timeout a 503 to retry, anything else a 503 that says what failed."""
+    if not isinstance(ans, Exception):
+        return ans
+    if isinstance(ans, FilterUnavailable):
+        raise HTTPException(422, str(ans))
+    if isinstance(ans, UserError):
+        raise busy(str(ans))
+    log.error("a search failed", exc_info=ans)
+    raise HTTPException(503, f"the search failed ({type(ans).__name__}: {ans}); this is a fault of the server")
 
 
 async def encode_and_search(request: Request, s: State, batcher: MicroBatcher, job_input: tuple,

@@ -27,6 +27,7 @@ from dsmd.index.uploads import UploadRefused
 from dsmd.serve import models
 from dsmd.serve.admission import Deadline, busy
 from dsmd.serve.deps import ItemId, StateDep, WriterDep, read_only_error
+from dsmd.serve.json_body import body_of, json_spec
 from dsmd.serve.routes.common import after_write, decode, on_writer, public, read_body
 from dsmd.serve.state import FileChanged, State
 from dsmd.serve.uploads import check_content_type, upload_spec
@@ -157,8 +158,10 @@ class TagsBody(BaseModel):
 
 
 @router.put("/items/{item_id}/tags", summary="Set an item's tags (needs the token); [] clears them",
-            response_model=models.Tags, responses=models.errors(401, 403, 404, 422, 503))
-async def put_tags(s: WriterDep, item_id: ItemId, body: TagsBody) -> dict:
+            response_model=models.Tags, responses=models.errors(400, 401, 403, 404, 413, 415, 422, 503),
+            openapi_extra=json_spec(TagsBody))
+async def put_tags(request: Request, s: WriterDep, item_id: ItemId) -> dict:
+    body = await body_of(request, TagsBody)
     deadline = Deadline(s.settings.request_timeout_s)
     async with s.gates["write"].admit(s.settings.queue_wait_s(deadline.left())):
         try:

@@ -1,22 +1,21 @@
 """Queries with a JSON body: by a raw vector, by a weighted mix of texts, items and vectors, many texts
 in one request; and the encoders' vectors themselves (`/embed`) for integration.
 
-Bodies are small (a vector, a few texts): read with a cap of BODY_LIMIT bytes before parsing, so
-no request can make the server parse more. Texts go through the same micro-batching encoder and
-text cache as GET /search, images through the same upload limits as POST /search/image.
+Bodies are small (a vector, a few texts): read with a cap before parsing (serve/json_body.py).
+Texts go through the same micro-batching encoder and text cache as GET /search, images through
+the same upload limits as POST /search/image.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import time
 from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from dsmd.errors import UserError
@@ -24,13 +23,13 @@ from dsmd.index.filters import Filter
 from dsmd.serve import models
 from dsmd.serve.admission import Deadline
 from dsmd.serve.deps import SearchOptions, StateDep, when
-from dsmd.serve.routes.common import answered, ask_for, decode, encode_and_search, read_body, search
+from dsmd.serve.json_body import body_of, json_spec
+from dsmd.serve.routes.common import answered, ask_for, decode, encode_and_search, read_body, search, settle
 from dsmd.serve.routes.search import check_text
 from dsmd.serve.state import State
 from dsmd.serve.uploads import check_content_type, upload_spec
 
 router = APIRouter()
-BODY_LIMIT = 256 * 1024
 MAX_TEXTS = 64  # texts in one /search/batch or /embed request
 Weight = Annotated[float, Field(ge=-10, le=10, allow_inf_nan=False)]
 
@@ -107,28 +106,6 @@ class EmbedBody(BaseModel):
     texts: list[Annotated[str, Field(max_length=10_000)]] = Field(min_length=1, max_length=MAX_TEXTS)
 
 
-async def body_of(request: Request, model: type[BaseModel]) -> BaseModel:
-    """The request's JSON body as `model`: a 413 past BODY_LIMIT, a 422 that says what is wrong."""
-    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-        raise HTTPException(415, "send a JSON body (Content-Type: application/json)")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > BODY_LIMIT:
-        raise HTTPException(413, f"the body is over the limit of {BODY_LIMIT:,} bytes")
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > BODY_LIMIT:
-            raise HTTPException(413, f"the body is over the limit of {BODY_LIMIT:,} bytes")
-    try:
-        return model.model_validate(json.loads(raw))
-    except (ValueError, UnicodeDecodeError) as e:
-        if isinstance(e, ValidationError):
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise HTTPException(422, f"{where}: {first['msg']}" if where else first["msg"]) from None
-        raise HTTPException(400, f"the body is not valid JSON ({e})") from None
-
-
 def unit(s: State, values: list[float], name: str) -> np.ndarray:
     v = np.asarray(values, np.float32)
     if v.shape != (s.index.dim,):
@@ -155,7 +132,7 @@ def took(t0: float) -> float:
 
 
 @router.post("/search/vector", summary="Search by an embedding you have", response_model=models.VectorSearch,
-             responses=models.errors(400, 413, 415, 422, 503))
+             responses=models.errors(400, 413, 415, 422, 503), openapi_extra=json_spec(VectorBody))
 async def search_vector(request: Request, s: StateDep) -> dict:
     t0 = time.perf_counter()
     body = await body_of(request, VectorBody)
@@ -168,7 +145,8 @@ async def search_vector(request: Request, s: StateDep) -> dict:
 
 
 @router.post("/search/mix", summary="Search by texts, items and vectors with weights (negative ones too)",
-             response_model=models.MixSearch, responses=models.errors(400, 404, 413, 415, 422, 503))
+             response_model=models.MixSearch, responses=models.errors(400, 404, 413, 415, 422, 503),
+             openapi_extra=json_spec(MixBody))
 async def search_mix(request: Request, s: StateDep) -> dict:
     """The query is the normalised sum of each term's unit embedding times its weight: `a red car` + 1
     and `night` - 0.5 looks for red cars away from night scenes."""
@@ -195,7 +173,7 @@ async def search_mix(request: Request, s: StateDep) -> dict:
 
 
 @router.post("/search/batch", summary="Many text queries in one request", response_model=models.BatchSearch,
-             responses=models.errors(400, 413, 415, 422, 503))
+             responses=models.errors(400, 413, 415, 422, 503), openapi_extra=json_spec(BatchBody))
 async def search_batch(request: Request, s: StateDep) -> dict:
     """One answer per text, in order; the texts reach the encoder together (one micro-batch where
     they fit max_batch)."""
@@ -208,7 +186,7 @@ async def search_batch(request: Request, s: StateDep) -> dict:
     async with s.gates["text"].admit(s.settings.queue_wait_s(deadline.left())):
         done = await asyncio.gather(*(encode_and_search(request, s, s.texts, (t, ask), deadline)
                                       for t in body.texts))
-    return {"target": body.target, "answers": [{"text": t, "truncated": c, **answered(a, ask)}
+    return {"target": body.target, "answers": [{"text": t, "truncated": c, **answered(settle(a), ask)}
                                                 for t, (_, c, a) in zip(body.texts, done)], "took_ms": took(t0)}
 
 
@@ -217,7 +195,7 @@ def bundle_id(s: State) -> str:
 
 
 @router.post("/embed", summary="The text encoder's vectors of some texts", response_model=models.Embedding,
-             responses=models.errors(400, 413, 415, 422, 503))
+             responses=models.errors(400, 413, 415, 422, 503), openapi_extra=json_spec(EmbedBody))
 async def embed_texts(request: Request, s: StateDep) -> dict:
     """Unit vectors in the index's space (comparable by dot product with /search/vector's input)."""
     body = await body_of(request, EmbedBody)

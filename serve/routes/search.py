@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from dsmd.serve import models
 from dsmd.serve.admission import Deadline
 from dsmd.serve.deps import ItemId, OptionsDep, StateDep, Target
-from dsmd.serve.routes.common import answered, ask_for, decode, encode_and_search, read_body, search
+from dsmd.serve.routes.common import answered, ask_for, decode, encode_and_search, read_body, search, settle
 from dsmd.serve.uploads import check_content_type, upload_spec
 
 router = APIRouter()
@@ -38,6 +38,7 @@ async def search_text(request: Request, s: StateDep, opts: OptionsDep,
         if cached is None:
             vector, truncated, ans = await encode_and_search(request, s, s.texts, (text, ask), deadline)
             s.text_cache.put(text, (vector, truncated))
+            ans = settle(ans)
         else:
             (vector, truncated), ans = cached, await search(s, cached[0], ask, deadline)
     note = f"the text was cut to the model's {s.bundle.preprocess.max_tokens} tokens" if truncated else None
@@ -65,7 +66,7 @@ async def search_image(request: Request, s: StateDep, opts: OptionsDep, k: K = N
         deadline = Deadline(s.settings.request_timeout_s)
         async with s.gates["image"].admit(s.settings.queue_wait_s(deadline.left())):
             pixels = await decode(s, data, deadline)
-            _, ans = await encode_and_search(request, s, s.images, (pixels, ask), deadline)
+            ans = settle((await encode_and_search(request, s, s.images, (pixels, ask), deadline))[1])
     return JSONResponse({"query": {"image_bytes": len(data)}, "target": target, **answered(ans, ask),
                          "took_ms": round(1000 * (time.perf_counter() - t0), 2)})
 
