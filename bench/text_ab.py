@@ -1,8 +1,9 @@
 """Text queries over HTTP, the server of one commit beside another's, on one bundle and index.
 
-Each commit's code is checked out into a temporary git worktree and put first on PYTHONPATH
-(a folder of links that lays the worktree out as the `dsmd` package), so both servers run
-with this checkout's installed dependencies. They are started in turn for several rounds (the
+Each commit's code is checked out into a temporary git worktree and put first on sys.path (a
+folder of links that lays the worktree out as the `dsmd` package; an editable install's finder
+is dropped), so both servers run with this checkout's installed dependencies; the number of
+paths in each server's spec is recorded to show which code answered. They are started in turn for several rounds (the
 machine's drift hits both alike), each round: wrk with a unique text per request at
 concurrency 1 (p50) and 8 (req/s), GET /search?text=...&k=10.
 
@@ -57,8 +58,13 @@ def serve(site: Path, bundle: Path, index: Path) -> tuple[subprocess.Popen, str]
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": str(site), "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "dsmd.cli", "serve", "--bundle", str(bundle), "--index", str(index),
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    # an editable install's finder (site-packages/__editable__*) would find this checkout's dsmd before
+    # any path entry: drop it, put the worktree first, then run the command as `python -m dsmd.cli` would
+    launch = ("import sys, runpy; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
+              f"getattr(f, '__module__', '') and 'editable' not in str(f)]; sys.path.insert(0, {str(site)!r}); "
+              "runpy.run_module('dsmd.cli', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", launch, "serve", "--bundle", str(bundle), "--index", str(index),
                              "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.time()
     while time.time() - t0 < 120:

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from fastapi import Depends, HTTPException, Query, Request
+from fastapi import Depends, HTTPException, Request
 from fastapi import Path as PathParam
 
 from dsmd.errors import UserError
@@ -105,29 +105,76 @@ def when(value: str | None, name: str, end_of_day: bool = False) -> float | None
     return (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)).timestamp()
 
 
-async def search_options(
-        folder: Annotated[str | None, Query(max_length=1000, description="only this folder and those below it, "
-                                            "relative to the indexed root, e.g. 2023/june")] = None,
-        taken_from: Annotated[str | None, Query(max_length=40, description="capture time from (EXIF, else the "
-                                                "file's time): unix seconds or ISO date")] = None,
-        taken_to: Annotated[str | None, Query(max_length=40, description="capture time up to, inclusive")] = None,
-        tag: Annotated[list[str] | None, Query(description="any of these tags (repeat: tag=a&tag=b)")] = None,
-        tag_all: Annotated[list[str] | None, Query(description="every one of these tags (repeat)")] = None,
-        min_bytes: Annotated[int | None, Query(ge=0, le=2**62, description="file size at least")] = None,
-        min_side: Annotated[int | None, Query(ge=0, le=1_000_000, description="shorter side at least (pixels)")] = None,
-        has_captions: Annotated[bool | None, Query(description="only items with (true) or without captions")] = None,
-        offset: Annotated[int, Query(ge=0, le=10_000, description="skip this many results (paging)")] = 0,
-        dedup: Annotated[float | None, Query(gt=0, le=1, description="fold results whose cosine to a better one is "
-                                             "at least this (e.g. 0.95); off by default")] = None,
-        min_score: Annotated[float | None, Query(description="drop results scoring below this, "
-                                                 "before paging")] = None,
-) -> SearchOptions:
+# The search options of the query string, parsed here rather than as FastAPI parameters: FastAPI's
+# validation of 11 optional parameters cost about 1 ms of CPU per request (a third of a tiny model's
+# whole text query: bench/results/text-ab-25). They are documented in the spec all the same.
+OPTIONS = {  # name: (JSON schema, description)
+    "folder": ({"type": "string", "maxLength": 1000}, "only this folder and those below it, relative to the "
+               "indexed root, e.g. 2023/june ('uploads' for uploads)"),
+    "taken_from": ({"type": "string", "maxLength": 40}, "capture time from (EXIF, else the file's time): unix "
+                   "seconds or ISO date"),
+    "taken_to": ({"type": "string", "maxLength": 40}, "capture time up to, inclusive"),
+    "tag": ({"type": "array", "items": {"type": "string"}}, "any of these tags (repeat: tag=a&tag=b)"),
+    "tag_all": ({"type": "array", "items": {"type": "string"}}, "every one of these tags (repeat)"),
+    "min_bytes": ({"type": "integer", "minimum": 0, "maximum": 2**62}, "file size at least"),
+    "min_side": ({"type": "integer", "minimum": 0, "maximum": 1_000_000}, "shorter side at least (pixels)"),
+    "has_captions": ({"type": "boolean"}, "only items with (true) or without (false) captions"),
+    "offset": ({"type": "integer", "minimum": 0, "maximum": 10_000, "default": 0}, "skip this many results "
+               "(paging)"),
+    "dedup": ({"type": "number", "exclusiveMinimum": 0, "maximum": 1}, "fold results whose cosine to a better "
+              "one is at least this (e.g. 0.95); off by default"),
+    "min_score": ({"type": "number"}, "drop results scoring below this, before paging"),
+}
+OPTIONS_SPEC = [{"name": n, "in": "query", "required": False, "schema": schema, "description": d,
+                 **({"style": "form", "explode": True} if schema["type"] == "array" else {})}
+                for n, (schema, d) in OPTIONS.items()]
+NO_OPTIONS = SearchOptions(Filter(), 0, None, None)
+
+
+def options_of(request: Request) -> SearchOptions:
+    """The request's search options (OPTIONS), a 422 that names the parameter when one is not valid."""
+    q = request.query_params
+    if not any(name in q for name in OPTIONS):
+        return NO_OPTIONS  # the common case costs one look per option
+
+    def number(name: str, kind: type, low: float | None = None, high: float | None = None,
+               above: float | None = None):
+        raw = q.get(name)
+        if raw is None:
+            return None
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise HTTPException(422, f"{name} must be {'an integer' if kind is int else 'a number'}, "
+                                     f"not {raw[:40]!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise HTTPException(422, f"{name} must be a finite number, not {raw[:40]!r}")
+        if (low is not None and value < low) or (high is not None and value > high) or \
+                (above is not None and value <= above):
+            bounds = f"more than {above:g}" if above is not None else f"at least {low:g}"
+            raise HTTPException(422, f"{name} must be {bounds}" + (f" and at most {high:g}" if high is not None
+                                                                     else "") + f", not {raw[:40]}")
+        return value
+
+    def text(name: str, limit: int) -> str | None:
+        raw = q.get(name)
+        if raw is not None and len(raw) > limit:
+            raise HTTPException(422, f"{name} is longer than {limit} characters")
+        return raw
+
+    captions = q.get("has_captions")
+    if captions is not None:
+        truth = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
+                 "off": False}
+        if captions.lower() not in truth:
+            raise HTTPException(422, f"has_captions must be true or false, not {captions[:40]!r}")
+        captions = truth[captions.lower()]
     try:
-        where = Filter(folder, when(taken_from, "taken_from"), when(taken_to, "taken_to", end_of_day=True),
-                       tuple(tag or ()), tuple(tag_all or ()), min_bytes, min_side, has_captions)
+        where = Filter(text("folder", 1000), when(text("taken_from", 40), "taken_from"),
+                       when(text("taken_to", 40), "taken_to", end_of_day=True), tuple(q.getlist("tag")),
+                       tuple(q.getlist("tag_all")), number("min_bytes", int, 0, 2**62),
+                       number("min_side", int, 0, 1_000_000), captions)
     except UserError as e:
         raise HTTPException(422, str(e)) from None
-    return SearchOptions(where, offset, dedup, min_score)
-
-
-OptionsDep = Annotated[SearchOptions, Depends(search_options)]
+    return SearchOptions(where, number("offset", int, 0, 10_000) or 0, number("dedup", float, None, 1, above=0),
+                         number("min_score", float))

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from dsmd.serve import models
 from dsmd.serve.admission import Deadline
-from dsmd.serve.deps import ItemId, OptionsDep, StateDep, Target
+from dsmd.serve.deps import OPTIONS_SPEC, ItemId, StateDep, Target, options_of
 from dsmd.serve.routes.common import answered, ask_for, decode, encode_and_search, read_body, search, settle
 from dsmd.serve.uploads import check_content_type, upload_spec
 
@@ -26,11 +26,11 @@ K = Annotated[int | None, Query(description="how many results (a page)")]
 
 
 @router.get("/search", summary="Text → images", response_model=models.TextSearch,
-            responses=models.errors(413, 422, 503))
-async def search_text(request: Request, s: StateDep, opts: OptionsDep,
-                      text: Annotated[str, Query(description="what to look for")], k: K = None) -> JSONResponse:
+            responses=models.errors(413, 422, 503), openapi_extra={"parameters": OPTIONS_SPEC})
+async def search_text(request: Request, s: StateDep, text: Annotated[str, Query(description="what to look for")],
+                      k: K = None) -> JSONResponse:
     t0 = time.perf_counter()
-    ask = ask_for(s, k, "images", opts)
+    ask = ask_for(s, k, "images", options_of(request))
     check_text(text)
     deadline = Deadline(s.settings.request_timeout_s)
     async with s.gates["text"].admit(s.settings.queue_wait_s(deadline.left())):
@@ -54,12 +54,12 @@ def check_text(text: str) -> None:
         raise HTTPException(413, "text is longer than 10,000 characters")
 
 
-@router.post("/search/image", summary="Image → images, or → captions with target=texts", openapi_extra=upload_spec(),
+@router.post("/search/image", summary="Image → images, or → captions with target=texts",
+             openapi_extra={**upload_spec(), "parameters": OPTIONS_SPEC},
              response_model=models.ImageSearch, responses=models.errors(400, 408, 413, 415, 422, 503))
-async def search_image(request: Request, s: StateDep, opts: OptionsDep, k: K = None,
-                       target: Target = "images") -> JSONResponse:
+async def search_image(request: Request, s: StateDep, k: K = None, target: Target = "images") -> JSONResponse:
     t0 = time.perf_counter()
-    ask = ask_for(s, k, target, opts)
+    ask = ask_for(s, k, target, options_of(request))
     check_content_type(request)
     with s.bodies.hold() as hold:
         data = await read_body(request, s, hold)  # before the slot: a slow body holds bytes, not a slot
@@ -72,10 +72,11 @@ async def search_image(request: Request, s: StateDep, opts: OptionsDep, k: K = N
 
 
 @router.get("/items/{item_id}/similar", summary="More like this: images near an indexed image",
-            response_model=models.SimilarSearch, responses=models.errors(404, 422, 503))
-async def similar(s: StateDep, opts: OptionsDep, item_id: ItemId, k: K = None) -> dict:
+            response_model=models.SimilarSearch, responses=models.errors(404, 422, 503),
+            openapi_extra={"parameters": OPTIONS_SPEC})
+async def similar(request: Request, s: StateDep, item_id: ItemId, k: K = None) -> dict:
     t0 = time.perf_counter()
-    ask = ask_for(s, k, "images", opts)
+    ask = ask_for(s, k, "images", options_of(request))
     deadline = Deadline(s.settings.request_timeout_s)
     async with s.gates["text"].admit(s.settings.queue_wait_s(deadline.left())):
         vector = await run_in_threadpool(s.index.vector_of, item_id)
