@@ -32,21 +32,27 @@ class TextHit(BaseModel):
     thumbnail_url: str | None = None
 
 
-class TextQuery(BaseModel):
-    text: str
-    truncated: bool
-    note: str | None = None
+class Paged(BaseModel):
+    """A page of one ranking: what every search answers besides its query."""
 
-
-class TextSearch(BaseModel):
-    query: TextQuery
-    target: str
     k: int
     offset: int = Field(description="results skipped before this page")
     next_offset: int | None = Field(description="the offset of the next page; null when this is the last")
     strategy: str = Field(description="how the search ran: ann, exact, post-filter (ANN, then the filter) "
                           "or scan (every item the filter keeps, scored exactly)")
     collapsed: int | None = Field(None, description="with dedup: results folded into better ones")
+    results: list[ImageHit] | list[TextHit]
+
+
+class TextQuery(BaseModel):
+    text: str
+    truncated: bool
+    note: str | None = None
+
+
+class TextSearch(Paged):
+    query: TextQuery
+    target: str
     results: list[ImageHit]
     took_ms: float
 
@@ -55,16 +61,9 @@ class ImageQuery(BaseModel):
     image_bytes: int
 
 
-class ImageSearch(BaseModel):
+class ImageSearch(Paged):
     query: ImageQuery
     target: str
-    k: int
-    offset: int = Field(description="results skipped before this page")
-    next_offset: int | None = Field(description="the offset of the next page; null when this is the last")
-    strategy: str = Field(description="how the search ran: ann, exact, post-filter (ANN, then the filter) "
-                          "or scan (every item the filter keeps, scored exactly)")
-    collapsed: int | None = Field(None, description="with dedup: results folded into better ones")
-    results: list[ImageHit] | list[TextHit]
     took_ms: float
 
 
@@ -72,27 +71,11 @@ class SimilarQuery(BaseModel):
     item: int
 
 
-class SimilarSearch(BaseModel):
+class SimilarSearch(Paged):
     query: SimilarQuery
     target: str
-    k: int
-    offset: int = Field(description="results skipped before this page")
-    next_offset: int | None = Field(description="the offset of the next page; null when this is the last")
-    strategy: str = Field(description="how the search ran: ann, exact, post-filter (ANN, then the filter) "
-                          "or scan (every item the filter keeps, scored exactly)")
-    collapsed: int | None = Field(None, description="with dedup: results folded into better ones")
     results: list[ImageHit]
     took_ms: float
-
-
-class Paged(BaseModel):
-    k: int
-    offset: int = Field(description="results skipped before this page")
-    next_offset: int | None = Field(description="the offset of the next page; null when this is the last")
-    strategy: str = Field(description="how the search ran: ann, exact, post-filter (ANN, then the filter) "
-                          "or scan (every item the filter keeps, scored exactly)")
-    collapsed: int | None = Field(None, description="with dedup: results folded into better ones")
-    results: list[ImageHit] | list[TextHit]
 
 
 class VectorQuery(BaseModel):
