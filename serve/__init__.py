@@ -4,8 +4,9 @@
     connection.py      uvicorn's HTTP protocol with a deadline for request headers (408, then closed)
     settings.py        the server's settings, checked at start-up, and the memory they allow
     app.py             `create_app(settings)`: lifespan, middleware, error handlers, the routers
-    state.py           what the app holds while it runs: bundle, index, batchers, caches, gates
-    deps.py            the routes' typed dependencies (StateDep, WriterDep) and parameter types
+    state.py           what the app holds while it runs: its collections, gates, caches, writer threads
+    collections.py     the named indexes served (--index NAME=PATH), each with its bundle's encoders
+    deps.py            the routes' typed dependencies (StateDep, CollectionDep, WriterDep) and parameter types
     routes/common.py   what several routes share: search, read and decode uploads, write the index
     routes/search.py   GET /search, POST /search/image, GET /items/{id}/similar
     routes/query.py    POST /search/vector, /search/mix, /search/batch, /embed, /embed/image

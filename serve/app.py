@@ -20,11 +20,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect
 
 from dsmd.serve.admission import ClientGone
+from dsmd.serve.deps import COLLECTION_SPEC, get_collection, require_token
 from dsmd.serve.middleware import Measure
 from dsmd.serve.routes import ROUTERS
 from dsmd.serve.routes.common import logged
@@ -41,9 +44,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.s = State(settings)
-        for part in ("images", "texts"):
-            if app.state.s.index.manifest.get(part, {}).get("shortfall"):
-                log.warning(app.state.s.index.manifest[part]["shortfall"])
+        for c in app.state.s.collections.values():
+            for part in ("images", "texts"):
+                if c.index.manifest.get(part, {}).get("shortfall"):
+                    log.warning("%s: %s", c.name, c.index.manifest[part]["shortfall"])
         watcher = asyncio.create_task(_watch_index(app.state.s))
         yield
         watcher.cancel()
@@ -57,7 +61,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(ClientDisconnect, _gone)
     for router in ROUTERS:
         app.include_router(router)
+    for route in app.routes:  # every route that serves a collection says so in the spec
+        if isinstance(route, APIRoute) and _takes_collection(route.dependant):
+            extra = route.openapi_extra or {}
+            route.openapi_extra = {**extra, "parameters": [*extra.get("parameters", []), COLLECTION_SPEC]}
     return app
+
+
+def _takes_collection(dependant: Dependant) -> bool:
+    return any(d.call in (get_collection, require_token) or _takes_collection(d) for d in dependant.dependencies)
 
 
 async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -73,10 +85,12 @@ async def _gone(request: Request, e: Exception) -> Response:
 
 
 async def _watch_index(s: State) -> None:
-    """Every few seconds: has another process rebuilt the index? Then serve the new one (a rebuild
-    it cannot serve is reported once by State.reload_if_changed, never retried in a loop)."""
+    """Every few seconds: has another process rebuilt an index? Then serve the new one (a rebuild
+    it cannot serve is reported once by Collection.reload_if_changed, never retried in a loop)."""
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(s.settings.reload_check_s)
-        with contextlib.suppress(RuntimeError):
-            await loop.run_in_executor(s.writer, logged, s.reload_if_changed)
+        s.extra["reload_checks"].inc()
+        for c in s.collections.values():
+            with contextlib.suppress(RuntimeError):
+                await loop.run_in_executor(s.writer, logged, c.reload_if_changed)

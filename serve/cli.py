@@ -9,17 +9,19 @@ def _serve(a: argparse.Namespace) -> int:
     import uvicorn
 
     from dsmd.serve.app import create_app
+    from dsmd.serve.collections import check_backend, specs
     from dsmd.serve.connection import http_protocol
     from dsmd.serve.settings import Settings
-    from dsmd.serve.state import check_backend
 
-    settings = Settings.from_env(bundle=a.bundle, index=a.index, token_file=a.token_file, variant=a.variant,
+    joined = lambda values: ",".join(values) if values else None  # noqa: E731
+    settings = Settings.from_env(bundle=joined(a.bundle), index=joined(a.index), token_file=a.token_file,
+                                 variant=a.variant,
                                  threads=a.threads, writes=False if a.read_only else None,
                                  backend=a.backend, milvus_uri=a.milvus_uri)
     check_backend(settings)
     app = create_app(settings)
-    print(f"serving {settings.index} with {settings.bundle} on http://{a.host}:{a.port}/  (API docs: /docs)",
-          flush=True)
+    served = ", ".join(f"{c.name} ({c.index} with {c.bundle})" for c in specs(settings.index, settings.bundle))
+    print(f"serving {served} on http://{a.host}:{a.port}/  (API docs: /docs)", flush=True)
     uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, access_log=False,
                 http=http_protocol(settings.header_timeout_s))
     return 0
@@ -30,8 +32,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         description="Every setting also reads from a DSMD_* environment variable (DSMD_MAX_K, "
                         "DSMD_REQUEST_TIMEOUT_S, ...: see serve/settings.py); flags override them.",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sv.add_argument("--bundle", help="encoder bundle (default: $DSMD_BUNDLE or artifacts/bundle)")
-    sv.add_argument("--index", help="index folder (default: $DSMD_INDEX or artifacts/index)")
+    sv.add_argument("--bundle", action="append", help="encoder bundle (default: $DSMD_BUNDLE or artifacts/bundle); "
+                    "NAME=PATH gives collection NAME its own, a bare PATH serves the others")
+    sv.add_argument("--index", action="append", help="index folder (default: $DSMD_INDEX or artifacts/index); "
+                    "several collections: --index NAME=PATH once each (the first is the default; requests pick "
+                    "one with ?collection=NAME)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--variant", help="bundle variant: fp32 (default), int8, fp16; the index must have been built "

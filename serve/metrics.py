@@ -38,9 +38,10 @@ class Metrics:
         self.rejected = Counter("dsmd_rejected", "Requests answered 503 at admission.", ["reason"], registry=r)
         self.in_flight = Gauge("dsmd_in_flight", "Requests inside the server.", ["gate"], registry=r)
         self.queued = Gauge("dsmd_encoder_queued", "Inputs waiting for an encoder.", ["encoder"], registry=r)
-        self.items = Gauge("dsmd_index_items", "Vectors searchable per part.", ["part"], registry=r)
+        self.items = Gauge("dsmd_index_items", "Vectors searchable per collection and part.", ["collection", "part"],
+                           registry=r)
         self.generation = Gauge("dsmd_index_generation", "Generation of the index manifest being served.",
-                                registry=r)
+                                ["collection"], registry=r)
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()

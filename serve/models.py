@@ -154,9 +154,23 @@ class Ready(BaseModel):
                                      "cannot serve: it goes on serving the one it has")
 
 
+class CollectionInfo(BaseModel):
+    name: str
+    default: bool = Field(description="the one searched when a request names none")
+    bundle: str
+    dim: int
+    images: int
+    texts: int
+    generation: int
+    writes: bool
+    reload_error: str | None = None
+
+
 class Info(BaseModel):
-    bundle: dict[str, Any]
-    index: dict[str, Any]
+    bundle: dict[str, Any] = Field(description="the bundle of the collection asked for (default: the first)")
+    index: dict[str, Any] = Field(description="the index of the collection asked for")
+    collection: str
+    collections: list[CollectionInfo]
     limits: dict[str, Any]
     memory: dict[str, Any]
     uptime_s: float
@@ -172,7 +186,7 @@ DESCRIPTIONS = {
     400: "the body cannot be parsed",
     401: "missing or wrong token",
     403: "writes are off on this server",
-    404: "no such item, or its file is gone (or is a link out of its folder)",
+    404: "no such collection or item, or the item's file is gone (or is a link out of its folder)",
     408: "the upload arrived too slowly (under the minimum rate after its grace period)",
     409: "the item changed while the request ran",
     410: "the item's file has changed since it was indexed",

@@ -20,6 +20,8 @@ from dsmd.errors import UserError
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DSMD_", extra="forbid", validate_assignment=True)
 
+    # one collection: a folder each; several: NAME=PATH entries, comma-separated (serve/collections.py); a
+    # bundle entry without a name serves every collection that has none of its own
     bundle: str = "artifacts/bundle"
     index: str = "artifacts/index"
     variant: Literal["fp32", "int8", "fp16"] = "fp32"  # the bundle variant to run (whichever it ships)
@@ -33,7 +35,8 @@ class Settings(BaseSettings):
     token: str | None = None  # enables POST /items and DELETE /items/{id}, for callers presenting it
     token_file: str | None = None  # read the token from this file (keeps it out of `ps` and the environment)
     writes: bool = True  # False: never write the index (also automatic when its folder cannot be written)
-    upload_dir: str | None = None  # where POST /items stores images (default INDEX/uploads)
+    upload_dir: str | None = None  # where POST /items stores images (default INDEX/uploads; UPLOAD_DIR/NAME each
+    # when the server has several collections)
     # -- uploads: what one image may cost
     max_upload_bytes: int = Field(10 * 2**20, ge=1024)
     max_pixels: int = Field(12_000_000, ge=64 * 64)  # after a JPEG's reduced decode; other formats as sent
@@ -71,6 +74,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        from dsmd.serve.collections import specs
+
+        specs(self.index, self.bundle)  # names and bundles that fit together, before anything loads
         if self.default_k > self.max_k:
             raise ValueError(f"default_k ({self.default_k}) must not exceed max_k ({self.max_k})")
         if self.token_file:

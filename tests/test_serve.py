@@ -246,7 +246,8 @@ def test_operations_endpoints(served):
     httpx.get(f"{url}/search", params={"text": "two stars"})
     metrics = httpx.get(f"{url}/metrics").text
     assert 'dsmd_requests_total{endpoint="/search",status="200"}' in metrics
-    assert 'dsmd_encoder_batch_size_count{encoder="text"}' in metrics and 'dsmd_index_items{part="images"}' in metrics
+    assert 'dsmd_encoder_batch_size_count{encoder="text"}' in metrics
+    assert 'dsmd_index_items{collection="index",part="images"}' in metrics
     assert "process_resident_memory_bytes" in metrics
     page = httpx.get(url + "/")
     assert page.status_code == 200 and "dsmd search" in page.text
@@ -287,22 +288,28 @@ def _browser_or_skip() -> None:
                     "to run the web-page test")
 
 
-def test_web_page_in_headless_chromium(served, tmp_path):
-    """Type a query, see results; upload an image, see neighbours and captions; 'more like this'."""
+def chromium():
+    """A headless Debian chromium under selenium (skipped, or failed under DSMD_NO_SKIPS, without it)."""
     _browser_or_skip()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
+        opts.add_argument(arg)
+    opts.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=opts)
+
+
+def test_web_page_in_headless_chromium(served, tmp_path):
+    """Type a query, see results; upload an image, see neighbours and captions; 'more like this'."""
+    driver = chromium()
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, _, world = served
-    opts = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
-        opts.add_argument(arg)
-    opts.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=opts)
     try:
         wait = WebDriverWait(driver, 20)
         cards = lambda d: d.find_elements(By.CSS_SELECTOR, "#grid .result")  # noqa: E731

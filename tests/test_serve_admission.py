@@ -264,7 +264,8 @@ def test_concurrent_requests_for_one_thumbnail_render_it_once_and_a_swap_keeps_i
         generation = manifest["generation"]
         manifest["generation"] = generation + 1
         (index / "manifest.json").write_text(json.dumps(manifest))
-        _poll(lambda: s.metric("dsmd_index_generation") == generation + 1, "the new generation served")
+        _poll(lambda: s.metric("dsmd_index_generation", collection="index") == generation + 1,
+              "the new generation served")
         again = httpx.get(f"{s.url}/items/{item}/thumbnail")
         assert again.status_code == 200 and again.content == eight[0].content
         assert s.metric("dsmd_thumbnail_renders_total") == 1
@@ -346,9 +347,10 @@ def test_a_failed_reload_is_logged_once_and_the_index_it_has_is_served(tiny_sear
         assert ready.status_code == 200 and ready.json()["reload_error"] == error()
         r = httpx.get(f"{s.url}/items/1/similar", params={"k": 1})
         assert r.status_code == 200 and r.json()["results"][0]["id"] == 1
-        assert s.metric("dsmd_index_generation") == good["generation"]
+        assert s.metric("dsmd_index_generation", collection="index") == good["generation"]
         (index / "manifest.json").write_text(json.dumps({**good, "generation": good["generation"] + 2}))
-        _poll(lambda: s.metric("dsmd_index_generation") == good["generation"] + 2, "the good manifest served")
+        _poll(lambda: s.metric("dsmd_index_generation", collection="index") == good["generation"] + 2,
+              "the good manifest served")
         assert error() is None and "reload_error" not in httpx.get(f"{s.url}/readyz").json()
     log = s.proc.stdout.read()
     assert log.count("cannot reload the index") == 1, log[-3000:]

@@ -74,10 +74,10 @@ def test_the_server_serves_what_another_process_adds_to_or_removes_from_its_inde
     (tmp_path / "extra" / new.name).write_bytes(new.read_bytes())
     exact = {**truth.scores(truth.encode([new.name])[0]), new.name: 1.0}
     with Server(bundle, index, {"DSMD_RELOAD_CHECK_S": "0.2"}) as s:
-        generation = s.metric("dsmd_index_generation")
+        generation = s.metric("dsmd_index_generation", collection="index")
         dsmd("index", "build", str(index), "--bundle", str(bundle), "--folder", str(tmp_path / "extra"))
         wait_for(lambda: images_count(s) == 25, "the server counting the image added by another process")
-        assert s.metric("dsmd_index_generation") > generation
+        assert s.metric("dsmd_index_generation", collection="index") > generation
         hits = search_image(s, new.read_bytes(), 5)
         assert hits[0]["name"] == new.name
         assert_exact_top_k(hits, exact, 5)
@@ -99,7 +99,7 @@ def test_writes_past_the_threshold_compact_in_the_background_while_searches_go_o
         doomed.append(truth.names[len(doomed)])
     kept = [n for n in truth.names if n not in doomed]
     with Server(bundle, index, {"DSMD_TOKEN": TOKEN, "DSMD_REQUEST_TIMEOUT_S": "60"}) as s:
-        generation = s.metric("dsmd_index_generation")
+        generation = s.metric("dsmd_index_generation", collection="index")
         every = httpx.get(f"{s.url}/search", params={"text": "a", "k": 24}).json()["results"]
         ids = {h["name"]: h["id"] for h in every}
         statuses: list[int] = []
@@ -122,7 +122,7 @@ def test_writes_past_the_threshold_compact_in_the_background_while_searches_go_o
                 served[path.name] = r.json()["id"], r.json()["name"]
             for name in doomed:
                 assert httpx.delete(f"{s.url}/items/{ids[name]}", headers=AUTH, timeout=30).status_code == 200
-            wait_for(lambda: s.metric("dsmd_index_generation") > generation, "a compaction")
+            wait_for(lambda: s.metric("dsmd_index_generation", collection="index") > generation, "a compaction")
         finally:
             stop.set()
             searcher.join()
@@ -149,7 +149,7 @@ def test_writes_are_answered_while_a_compaction_runs_and_reach_the_rebuilt_index
         doomed.append(truth.names[len(doomed)])
     env = {"DSMD_TOKEN": TOKEN, "DSMD_REQUEST_TIMEOUT_S": "60", "DSMD_COMPACT_DELAY_MS": "20000"}
     with Server(bundle, index, env) as s:
-        generation = s.metric("dsmd_index_generation")
+        generation = s.metric("dsmd_index_generation", collection="index")
         every = httpx.get(f"{s.url}/search", params={"text": "a", "k": 24}).json()["results"]
         ids = {h["name"]: h["id"] for h in every}
         for name in doomed:
@@ -161,10 +161,12 @@ def test_writes_are_answered_while_a_compaction_runs_and_reach_the_rebuilt_index
         removed = httpx.delete(f"{s.url}/items/{ids[gone]}", headers=AUTH, timeout=60)
         assert s.metric("dsmd_index_compacting") == 1, "the writes waited for the compaction"
         assert added.status_code == 201 and removed.status_code == 200, (added.text, removed.text)
-        wait_for(lambda: s.metric("dsmd_index_generation") > generation, "the compaction", timeout=90)
+        wait_for(lambda: s.metric("dsmd_index_generation", collection="index") > generation, "the compaction",
+                 timeout=90)
         assert search_image(s, new.read_bytes(), 1)[0]["id"] == added.json()["id"]
         assert httpx.get(f"{s.url}/items/{ids[gone]}").status_code == 404
-        assert s.metric("dsmd_index_items", part="images") == 24 - len(doomed)  # one more removed, one added
+        # one more removed, one added
+        assert s.metric("dsmd_index_items", collection="index", part="images") == 24 - len(doomed)
 
 def _floor(exact: dict) -> tuple[float, int]:
     """A score halfway between two neighbouring exact scores that are far apart compared with float16's

@@ -28,8 +28,9 @@ from dsmd.index.lock import IndexBusy
 from dsmd.index.search import SearchIndex
 from dsmd.serve.admission import BodyHold, ClientGone, Deadline, busy, wait_or_give_up, within
 from dsmd.serve.batcher import EncoderFailed, EncoderStopped, MicroBatcher, Overloaded
+from dsmd.serve.collections import Collection, search_here, settled
 from dsmd.serve.deps import SearchOptions, Target
-from dsmd.serve.state import State, search_here, settled
+from dsmd.serve.state import State
 from dsmd.serve.uploads import body_limit, read_upload
 
 log = logging.getLogger("dsmd.serve")
@@ -58,9 +59,9 @@ def ask_for(s: State, k: int | None, target: Target = "images", opts: SearchOpti
         raise HTTPException(422, str(e)) from None
 
 
-async def search(s: State, vector: np.ndarray, ask: Ask, deadline: Deadline) -> Answer:
+async def search(c: Collection, vector: np.ndarray, ask: Ask, deadline: Deadline) -> Answer:
     """The answer for a vector we have already (a cached text, an indexed item), from the thread pool."""
-    index = s.index  # this object to the end, whatever swaps meanwhile
+    index = c.index  # this object to the end, whatever swaps meanwhile
     return settle(await within(deadline, run_in_threadpool(settled, search_here, index, vector, ask), "search"))
 
 
@@ -79,7 +80,8 @@ def settle(ans: Answer | Exception | None) -> Answer | None:
 
 async def encode_and_search(request: Request, s: State, batcher: MicroBatcher, job_input: tuple,
                             deadline: Deadline) -> Any:
-    """The encoder thread's answer for this input: its vector, then the search done right there."""
+    """The encoder thread's answer for this input, (input, index, ask): its vector, then the search of
+    that index done right there (none for ask None)."""
     try:
         job = batcher.submit_nowait(job_input)
     except Overloaded as e:
@@ -98,11 +100,11 @@ async def encode_and_search(request: Request, s: State, batcher: MicroBatcher, j
         raise HTTPException(503, str(e)) from None
 
 
-def answered(ans: Answer, ask: Ask) -> dict:
+def answered(ans: Answer, ask: Ask, c: Collection) -> dict:
     """The page as answered: its results, where the next page starts (null at the end), how many
     results dedup folded away, and how the filter was honoured."""
     out = {"k": ask.k, "offset": ask.offset, "next_offset": ask.offset + ask.k if ans.more else None,
-           "results": [result(h, ask.target) for h in ans.hits], "strategy": ans.strategy}
+           "results": [result(h, ask.target, c.links) for h in ans.hits], "strategy": ans.strategy}
     if ask.dedup is not None:
         out["collapsed"] = ans.collapsed
         for r in out["results"]:
@@ -110,16 +112,17 @@ def answered(ans: Answer, ask: Ask) -> dict:
     return out
 
 
-def result(h: Any, target: Target) -> dict:
-    """One hit as answered: links to the image, never its path on disk."""
+def result(h: Any, target: Target, links: str = "") -> dict:
+    """One hit as answered: links to the image (`links`: the collection's query string), never its
+    path on disk."""
     if target == "images":
         return {"id": h.id, "score": round(h.score, 6), "name": Path(h.item["uri"]).name,
-                "image_url": f"/items/{h.id}/image", "thumbnail_url": f"/items/{h.id}/thumbnail",
+                "image_url": f"/items/{h.id}/image{links}", "thumbnail_url": f"/items/{h.id}/thumbnail{links}",
                 "captions": h.item["captions"], "folder": h.item.get("folder"), "taken": taken(h.item),
                 "tags": h.item.get("tags", [])}
     out = {"id": h.id, "score": round(h.score, 6), "text": h.item["text"], "item_id": h.item["item_id"]}
     if h.item["item_id"] is not None:
-        out["thumbnail_url"] = f"/items/{h.item['item_id']}/thumbnail"
+        out["thumbnail_url"] = f"/items/{h.item['item_id']}/thumbnail{links}"
     return out
 
 
@@ -128,13 +131,13 @@ def taken(item: dict) -> float | None:
     return item.get("taken") if item.get("taken") is not None else item.get("mtime")
 
 
-def public(item: dict) -> dict:
+def public(item: dict, links: str = "") -> dict:
     """An item's row as answered: its file's name, metadata and links, never its path on disk."""
     return {"id": item["id"], "name": Path(item["uri"]).name, "width": item["width"], "height": item["height"],
             "captions": item["captions"], "added": item["added"], "sha256": item["sha256"],
             "bytes": item.get("bytes"), "mtime": item.get("mtime"), "taken": item.get("taken"),
             "camera": item.get("camera"), "folder": item.get("folder"), "tags": item.get("tags", []),
-            "image_url": f"/items/{item['id']}/image", "thumbnail_url": f"/items/{item['id']}/thumbnail"}
+            "image_url": f"/items/{item['id']}/image{links}", "thumbnail_url": f"/items/{item['id']}/thumbnail{links}"}
 
 
 # ---------------------------------------------------------------- uploads
@@ -158,11 +161,12 @@ async def read_body(request: Request, s: State, hold: BodyHold) -> bytes:
         hold.reading_body(False)
 
 
-async def decode(s: State, data: bytes, deadline: Deadline) -> np.ndarray:
-    """The model input of an upload, decoded in the thread pool; a 422 when it is not a usable image."""
+async def decode(s: State, c: Collection, data: bytes, deadline: Deadline) -> np.ndarray:
+    """The model input of an upload for the collection's bundle, decoded in the thread pool; a 422 when
+    it is not a usable image."""
     try:
         until = time.monotonic() + deadline.left()  # the deadline on the clock the decoding thread can read
-        return await within(deadline, run_in_threadpool(s.decode, data, until), "decode the image")
+        return await within(deadline, run_in_threadpool(s.decode, data, c.bundle, until), "decode the image")
     except BadImage as e:
         raise HTTPException(422, f"not a usable image: {str(e).replace('upload: ', '')}") from None
     except TimeoutError:  # from the thread: no decode slot before the deadline (Python 3.10 keeps it apart)
@@ -172,18 +176,18 @@ async def decode(s: State, data: bytes, deadline: Deadline) -> np.ndarray:
 # ---------------------------------------------------------------- index writes
 
 
-async def on_writer(s: State, fn: Callable[[SearchIndex, float], T], deadline: Deadline) -> T:
+async def on_writer(s: State, c: Collection, fn: Callable[[SearchIndex, float], T], deadline: Deadline) -> T:
     """Run an index write on the writer thread (one at a time, never on the searches' pool), within the
     deadline: a write still queued then is dropped, one waiting for the folder lock (another process
     writing: `dsmd index merge`, a build) gives up before the deadline; both are a 503 with Retry-After.
-    `fn(index, lock_timeout)` runs on the index being served."""
+    `fn(index, lock_timeout)` runs on the collection's index being served."""
     at = time.monotonic() + deadline.left()
 
     def write() -> T:
         left = at - time.monotonic()
         if left <= 0:
             raise IndexBusy("the index writer was busy until this request's deadline; try again shortly")
-        return fn(s.index, 0.8 * left)  # the folder lock's wait: a 503 before the deadline, not a 500
+        return fn(c.index, 0.8 * left)  # the folder lock's wait: a 503 before the deadline, not a 500
 
     try:
         return await within(deadline, asyncio.get_running_loop().run_in_executor(s.writer, write),
@@ -192,11 +196,11 @@ async def on_writer(s: State, fn: Callable[[SearchIndex, float], T], deadline: D
         raise busy(str(e)) from None
 
 
-def after_write(s: State) -> None:
+def after_write(s: State, c: Collection) -> None:
     """Compact in the background once deletions or growth pass the index's threshold."""
-    s.refresh_gauges()
+    c.refresh_gauges()
     with contextlib.suppress(RuntimeError):  # the compactor is shut down: the server is stopping
-        s.compactor.submit(logged, s.compact_if_due)
+        s.compactor.submit(logged, c.compact_if_due)
 
 
 def logged(fn: Callable[[], object]) -> None:

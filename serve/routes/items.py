@@ -26,7 +26,8 @@ from dsmd.index.search import ReadOnlyIndex
 from dsmd.index.uploads import UploadRefused
 from dsmd.serve import models
 from dsmd.serve.admission import Deadline, busy
-from dsmd.serve.deps import ItemId, StateDep, WriterDep, read_only_error
+from dsmd.serve.collections import Collection
+from dsmd.serve.deps import CollectionDep, ItemId, StateDep, WriterDep, read_only_error
 from dsmd.serve.json_body import body_of, json_spec
 from dsmd.serve.routes.common import after_write, decode, on_writer, public, read_body
 from dsmd.serve.state import FileChanged, State
@@ -35,9 +36,9 @@ from dsmd.serve.uploads import check_content_type, upload_spec
 router = APIRouter()
 
 
-async def item_or_404(s: State, item_id: int) -> dict:
+async def item_or_404(c: Collection, item_id: int) -> dict:
     """The item's row, read in the thread pool; a 404 when there is none."""
-    item = await run_in_threadpool(s.index.item, item_id)
+    item = await run_in_threadpool(c.index.item, item_id)
     if item is None:
         raise HTTPException(404, f"no item {item_id}")
     return item
@@ -45,8 +46,8 @@ async def item_or_404(s: State, item_id: int) -> dict:
 
 @router.get("/items/{item_id}", summary="An item's metadata", response_model=models.Item,
             responses=models.errors(404, 422))
-async def get_item(s: StateDep, item_id: ItemId) -> dict:
-    return public(await item_or_404(s, item_id))
+async def get_item(c: CollectionDep, item_id: ItemId) -> dict:
+    return public(await item_or_404(c, item_id), c.links)
 
 
 def inside_folder(item: dict, item_id: int) -> Path:
@@ -89,8 +90,8 @@ def verified_file(s: State, item: dict, item_id: int) -> tuple[Path, os.stat_res
 @router.get("/items/{item_id}/image", summary="The item's image file", response_class=FileResponse,
             responses={200: {"content": {"image/*": {}}, "description": "the file as indexed"},
                        **models.errors(404, 410, 422)})
-async def get_image(s: StateDep, item_id: ItemId) -> FileResponse:
-    item = await item_or_404(s, item_id)
+async def get_image(s: StateDep, c: CollectionDep, item_id: ItemId) -> FileResponse:
+    item = await item_or_404(c, item_id)
     path, st = await run_in_threadpool(verified_file, s, item, item_id)
     return FileResponse(path, stat_result=st)
 
@@ -98,9 +99,9 @@ async def get_image(s: StateDep, item_id: ItemId) -> FileResponse:
 @router.get("/items/{item_id}/thumbnail", summary="A JPEG thumbnail of the item (cached)",
             responses={200: {"content": {"image/jpeg": {}}, "description": "a JPEG thumbnail"},
                        **models.errors(404, 410, 422, 503)}, response_class=Response)
-async def get_thumbnail(s: StateDep, item_id: ItemId) -> Response:
+async def get_thumbnail(s: StateDep, c: CollectionDep, item_id: ItemId) -> Response:
     deadline = Deadline(s.settings.request_timeout_s)
-    item = await item_or_404(s, item_id)
+    item = await item_or_404(c, item_id)
     try:
         data = await s.thumbnail((item_id, item["sha256"]), lambda: inside_folder(item, item_id), deadline)
     except FileChanged:
@@ -114,41 +115,41 @@ async def get_thumbnail(s: StateDep, item_id: ItemId) -> Response:
 
 @router.post("/items", summary="Add an image to the index (needs the token)", openapi_extra=upload_spec(),
              status_code=201, response_model=models.Item,
-             responses=models.errors(400, 401, 403, 408, 413, 415, 422, 503))
-async def add_item(request: Request, s: WriterDep) -> dict:
+             responses=models.errors(400, 401, 403, 404, 408, 413, 415, 422, 503))
+async def add_item(request: Request, s: StateDep, c: WriterDep) -> dict:
     check_content_type(request)
     with s.bodies.hold() as hold:
         data = await read_body(request, s, hold)
         deadline = Deadline(s.settings.request_timeout_s)
         async with s.gates["write"].admit(s.settings.queue_wait_s(deadline.left())):
-            await decode(s, data, deadline)  # refuse what is not an image before storing anything
+            await decode(s, c, data, deadline)  # refuse what is not an image before storing anything
             try:
-                item = await on_writer(s, lambda index, wait: index.add_image(data, s.bundle, s.upload_dir(),
-                                                                              timeout=wait), deadline)
+                item = await on_writer(s, c, lambda index, wait: index.add_image(data, c.bundle, c.upload_dir,
+                                                                                 timeout=wait), deadline)
             except ReadOnlyIndex:  # the index reopened read-only since start-up (a rebuild by another user)
-                raise read_only_error(s) from None
+                raise read_only_error(c) from None
             except UploadRefused as e:
                 raise HTTPException(422, str(e)) from None
             except UserError as e:  # the database busy beyond its timeout
                 raise busy(str(e)) from None
-    after_write(s)
-    return public(item)
+    after_write(s, c)
+    return public(item, c.links)
 
 
 @router.delete("/items/{item_id}", summary="Remove an item from the index (needs the token)",
                response_model=models.Removed, responses=models.errors(401, 403, 404, 422, 503))
-async def delete_item(s: WriterDep, item_id: ItemId) -> dict:
+async def delete_item(s: StateDep, c: WriterDep, item_id: ItemId) -> dict:
     deadline = Deadline(s.settings.request_timeout_s)
     async with s.gates["write"].admit(s.settings.queue_wait_s(deadline.left())):
         try:
-            removed = await on_writer(s, lambda index, wait: index.remove(item_id, timeout=wait), deadline)
+            removed = await on_writer(s, c, lambda index, wait: index.remove(item_id, timeout=wait), deadline)
         except ReadOnlyIndex:
-            raise read_only_error(s) from None
+            raise read_only_error(c) from None
         except UserError as e:  # the database busy beyond its timeout
             raise busy(str(e)) from None
     if not removed:
         raise HTTPException(404, f"no item {item_id}")
-    after_write(s)
+    after_write(s, c)
     return {"removed": item_id}
 
 
@@ -160,14 +161,15 @@ class TagsBody(BaseModel):
 @router.put("/items/{item_id}/tags", summary="Set an item's tags (needs the token); [] clears them",
             response_model=models.Tags, responses=models.errors(400, 401, 403, 404, 413, 415, 422, 503),
             openapi_extra=json_spec(TagsBody))
-async def put_tags(request: Request, s: WriterDep, item_id: ItemId) -> dict:
+async def put_tags(request: Request, s: StateDep, c: WriterDep, item_id: ItemId) -> dict:
     body = await body_of(request, TagsBody)
     deadline = Deadline(s.settings.request_timeout_s)
     async with s.gates["write"].admit(s.settings.queue_wait_s(deadline.left())):
         try:
-            tags = await on_writer(s, lambda index, wait: index.set_tags(item_id, body.tags, timeout=wait), deadline)
+            tags = await on_writer(s, c, lambda index, wait: index.set_tags(item_id, body.tags, timeout=wait),
+                                   deadline)
         except ReadOnlyIndex:
-            raise read_only_error(s) from None
+            raise read_only_error(c) from None
         except UserError as e:  # an empty tag, or the database busy beyond its timeout
             if "tag" in str(e):
                 raise HTTPException(422, str(e)) from None

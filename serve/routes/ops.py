@@ -11,7 +11,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from dsmd.serve import models
-from dsmd.serve.deps import StateDep
+from dsmd.serve.collections import Collection
+from dsmd.serve.deps import CollectionDep, StateDep
 from dsmd.serve.memory import peak_resident_bytes, resident_bytes
 
 STATIC = Path(__file__).parent.parent / "static"
@@ -27,31 +28,31 @@ async def healthz() -> dict:
             responses=models.errors(503))
 async def readyz(request: Request) -> JSONResponse:
     s = getattr(request.app.state, "s", None)  # not StateDep: asked before start-up is done, it answers 503
-    encoders = {"text": s.texts.healthy, "image": s.images.healthy} if s else {}
+    health = [e.healthy for e in s.encoders.values()] if s else []
+    encoders = {"text": all(t for t, _ in health), "image": all(i for _, i in health)} if s else {}
     ok = bool(s and s.ready)
     body = {"ready": ok, "encoders": encoders}
-    if s and s.reload_error:  # still ready: it serves the index it has
-        body["reload_error"] = s.reload_error
+    if s and s.reload_errors:  # still ready: it serves the index it has
+        body["reload_error"] = "; ".join(f"{name}: {e}" if len(s.collections) > 1 else e
+                                         for name, e in s.reload_errors.items())
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
-@router.get("/info", summary="Bundle, index, limits, memory and versions", response_model=models.Info)
-async def info(s: StateDep) -> dict:
+@router.get("/info", summary="Bundle, index (of the collection asked for), the collections, limits, memory and "
+            "versions", response_model=models.Info, responses=models.errors(404))
+async def info(s: StateDep, c: CollectionDep) -> dict:
     from dsmd.artifacts import versions
 
-    index, m = s.index, s.index.manifest
     cfg = s.settings
-    return {"bundle": {"name": s.bundle.name, "dim": s.bundle.dim, "variant": s.bundle.variant,
-                       "preprocess": s.bundle.preprocess.to_json()},
-            "index": {**{part: {"count": index.count(part),
-                                "kind": m.get(part, {}).get("index", {}).get("kind"),
-                                "recall_at_10": m.get(part, {}).get("index", {}).get("recall_at_10"),
-                                "shortfall": m.get(part, {}).get("shortfall")}
-                         for part in ("images", "texts")},
-                      "generation": index.generation, "writes": s.writes, "backend": index.backend,
-                      "reload_error": s.reload_error},
+    return {"bundle": {"name": c.bundle.name, "dim": c.bundle.dim, "variant": c.bundle.variant,
+                       "preprocess": c.bundle.preprocess.to_json()},
+            "index": index_info(c), "collection": c.name,
+            "collections": [{"name": x.name, "default": x is s.default, "bundle": x.bundle.name, "dim": x.bundle.dim,
+                             "images": x.index.count("images"), "texts": x.index.count("texts"),
+                             "generation": x.index.generation, "writes": x.writes, "reload_error": x.reload_error}
+                            for x in s.collections.values()],
             "limits": {"max_k": cfg.max_k, "max_upload_bytes": cfg.max_upload_bytes, "max_pixels": cfg.max_pixels,
-                       "max_tokens": s.bundle.preprocess.max_tokens, "request_timeout_s": cfg.request_timeout_s,
+                       "max_tokens": c.bundle.preprocess.max_tokens, "request_timeout_s": cfg.request_timeout_s,
                        "max_text_requests": cfg.max_text_requests, "max_image_requests": cfg.max_image_requests,
                        "max_write_requests": cfg.max_write_requests, "max_queue": cfg.max_queue,
                        "max_thumbnail_requests": cfg.max_thumbnail_requests, "admission_queue": cfg.admission_queue,
@@ -66,10 +67,21 @@ async def info(s: StateDep) -> dict:
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
 async def metrics(s: StateDep) -> Response:
-    s.refresh_gauges()
-    s.metrics.queued.labels("text").set(s.texts.queued())
-    s.metrics.queued.labels("image").set(s.images.queued())
+    for c in s.collections.values():
+        c.refresh_gauges()
+    s.metrics.queued.labels("text").set(sum(e.texts.queued() for e in s.encoders.values()))
+    s.metrics.queued.labels("image").set(sum(e.images.queued() for e in s.encoders.values()))
     return Response(s.metrics.render(), media_type=s.metrics.content_type)
+
+
+def index_info(c: Collection) -> dict:
+    index, m = c.index, c.index.manifest
+    return {**{part: {"count": index.count(part), "kind": m.get(part, {}).get("index", {}).get("kind"),
+                      "recall_at_10": m.get(part, {}).get("index", {}).get("recall_at_10"),
+                      "shortfall": m.get(part, {}).get("shortfall")}
+               for part in ("images", "texts")},
+            "generation": index.generation, "writes": c.writes, "backend": index.backend,
+            "reload_error": c.reload_error}
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)

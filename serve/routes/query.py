@@ -22,7 +22,8 @@ from dsmd.errors import UserError
 from dsmd.index.filters import Filter
 from dsmd.serve import models
 from dsmd.serve.admission import Deadline
-from dsmd.serve.deps import SearchOptions, StateDep, when
+from dsmd.serve.collections import Collection
+from dsmd.serve.deps import CollectionDep, SearchOptions, StateDep, when
 from dsmd.serve.json_body import body_of, json_spec
 from dsmd.serve.routes.common import answered, ask_for, decode, encode_and_search, read_body, search, settle
 from dsmd.serve.routes.search import check_text
@@ -106,24 +107,25 @@ class EmbedBody(BaseModel):
     texts: list[Annotated[str, Field(max_length=10_000)]] = Field(min_length=1, max_length=MAX_TEXTS)
 
 
-def unit(s: State, values: list[float], name: str) -> np.ndarray:
+def unit(c: Collection, values: list[float], name: str) -> np.ndarray:
     v = np.asarray(values, np.float32)
-    if v.shape != (s.index.dim,):
-        raise HTTPException(422, f"{name} has {len(values)} numbers; this index's vectors have {s.index.dim}")
+    if v.shape != (c.index.dim,):
+        raise HTTPException(422, f"{name} has {len(values)} numbers; this index's vectors have {c.index.dim}")
     norm = float(np.linalg.norm(v))
     if not math.isfinite(norm) or norm == 0:
         raise HTTPException(422, f"{name} is all zeros")
     return v / norm
 
 
-async def text_vector(request: Request, s: State, text: str, deadline: Deadline) -> np.ndarray:
-    """A text's embedding: from the cache, else from the encoder (no search)."""
+async def text_vector(request: Request, s: State, c: Collection, text: str, deadline: Deadline) -> np.ndarray:
+    """A text's embedding by the collection's bundle: from the cache, else from the encoder (no search)."""
     check_text(text)
-    cached = s.text_cache.lookup(text)
+    e = c.encoders
+    cached = e.text_cache.lookup(text)
     if cached is not None:
         return cached[0]
-    vector, truncated, _ = await encode_and_search(request, s, s.texts, (text, None), deadline)
-    s.text_cache.put(text, (vector, truncated))
+    vector, truncated, _ = await encode_and_search(request, s, e.texts, (text, None, None), deadline)
+    e.text_cache.put(text, (vector, truncated))
     return vector
 
 
@@ -132,22 +134,23 @@ def took(t0: float) -> float:
 
 
 @router.post("/search/vector", summary="Search by an embedding you have", response_model=models.VectorSearch,
-             responses=models.errors(400, 413, 415, 422, 503), openapi_extra=json_spec(VectorBody))
-async def search_vector(request: Request, s: StateDep) -> dict:
+             responses=models.errors(400, 404, 413, 415, 422, 503), openapi_extra=json_spec(VectorBody))
+async def search_vector(request: Request, s: StateDep, c: CollectionDep) -> dict:
     t0 = time.perf_counter()
     body = await body_of(request, VectorBody)
     ask = ask_for(s, body.k, body.target, body.options())
-    vector = unit(s, body.vector, "vector")
+    vector = unit(c, body.vector, "vector")
     deadline = Deadline(s.settings.request_timeout_s)
     async with s.gates["text"].admit(s.settings.queue_wait_s(deadline.left())):
-        ans = await search(s, vector, ask, deadline)
-    return {"query": {"dim": len(body.vector)}, "target": body.target, **answered(ans, ask), "took_ms": took(t0)}
+        ans = await search(c, vector, ask, deadline)
+    return {"query": {"dim": len(body.vector)}, "target": body.target, **answered(ans, ask, c),
+            "took_ms": took(t0)}
 
 
 @router.post("/search/mix", summary="Search by texts, items and vectors with weights (negative ones too)",
              response_model=models.MixSearch, responses=models.errors(400, 404, 413, 415, 422, 503),
              openapi_extra=json_spec(MixBody))
-async def search_mix(request: Request, s: StateDep) -> dict:
+async def search_mix(request: Request, s: StateDep, c: CollectionDep) -> dict:
     """The query is the normalised sum of each term's unit embedding times its weight: `a red car` + 1
     and `night` - 0.5 looks for red cars away from night scenes."""
     t0 = time.perf_counter()
@@ -155,26 +158,27 @@ async def search_mix(request: Request, s: StateDep) -> dict:
     ask = ask_for(s, body.k, body.target, body.options())
     deadline = Deadline(s.settings.request_timeout_s)
     async with s.gates["text"].admit(s.settings.queue_wait_s(deadline.left())):
-        total = np.zeros(s.index.dim, np.float32)
+        total = np.zeros(c.index.dim, np.float32)
         for i, term in enumerate(body.terms):
             if term.text is not None:
-                v = await text_vector(request, s, term.text, deadline)
+                v = await text_vector(request, s, c, term.text, deadline)
             elif term.item is not None:
-                v = await run_in_threadpool(s.index.vector_of, term.item)
+                v = await run_in_threadpool(c.index.vector_of, term.item)
                 if v is None:
                     raise HTTPException(404, f"terms.{i}: no item {term.item}")
             else:
-                v = unit(s, term.vector, f"terms.{i}.vector")
+                v = unit(c, term.vector, f"terms.{i}.vector")
             total += term.weight * v
         if float(np.linalg.norm(total)) < 1e-6:
             raise HTTPException(422, "the weighted terms cancel out: nothing is left to search for")
-        ans = await search(s, total / np.linalg.norm(total), ask, deadline)
-    return {"query": {"terms": len(body.terms)}, "target": body.target, **answered(ans, ask), "took_ms": took(t0)}
+        ans = await search(c, total / np.linalg.norm(total), ask, deadline)
+    return {"query": {"terms": len(body.terms)}, "target": body.target, **answered(ans, ask, c),
+            "took_ms": took(t0)}
 
 
 @router.post("/search/batch", summary="Many text queries in one request", response_model=models.BatchSearch,
-             responses=models.errors(400, 413, 415, 422, 503), openapi_extra=json_spec(BatchBody))
-async def search_batch(request: Request, s: StateDep) -> dict:
+             responses=models.errors(400, 404, 413, 415, 422, 503), openapi_extra=json_spec(BatchBody))
+async def search_batch(request: Request, s: StateDep, c: CollectionDep) -> dict:
     """One answer per text, in order; the texts reach the encoder together (one micro-batch where
     they fit max_batch)."""
     t0 = time.perf_counter()
@@ -184,39 +188,40 @@ async def search_batch(request: Request, s: StateDep) -> dict:
         check_text(text)
     deadline = Deadline(s.settings.request_timeout_s)
     async with s.gates["text"].admit(s.settings.queue_wait_s(deadline.left())):
-        done = await asyncio.gather(*(encode_and_search(request, s, s.texts, (t, ask), deadline)
+        index = c.index
+        done = await asyncio.gather(*(encode_and_search(request, s, c.encoders.texts, (t, index, ask), deadline)
                                       for t in body.texts))
-    return {"target": body.target, "answers": [{"text": t, "truncated": c, **answered(settle(a), ask)}
-                                                for t, (_, c, a) in zip(body.texts, done)], "took_ms": took(t0)}
+    return {"target": body.target, "answers": [{"text": t, "truncated": cut, **answered(settle(a), ask, c)}
+                                                for t, (_, cut, a) in zip(body.texts, done)], "took_ms": took(t0)}
 
 
-def bundle_id(s: State) -> str:
-    return s.index.manifest["bundle"].get("fingerprint") or s.bundle.name
+def bundle_id(c: Collection) -> str:
+    return c.index.manifest["bundle"].get("fingerprint") or c.bundle.name
 
 
 @router.post("/embed", summary="The text encoder's vectors of some texts", response_model=models.Embedding,
-             responses=models.errors(400, 413, 415, 422, 503), openapi_extra=json_spec(EmbedBody))
-async def embed_texts(request: Request, s: StateDep) -> dict:
+             responses=models.errors(400, 404, 413, 415, 422, 503), openapi_extra=json_spec(EmbedBody))
+async def embed_texts(request: Request, s: StateDep, c: CollectionDep) -> dict:
     """Unit vectors in the index's space (comparable by dot product with /search/vector's input)."""
     body = await body_of(request, EmbedBody)
     deadline = Deadline(s.settings.request_timeout_s)
     for text in body.texts:
         check_text(text)
     async with s.gates["text"].admit(s.settings.queue_wait_s(deadline.left())):
-        done = await asyncio.gather(*(encode_and_search(request, s, s.texts, (t, None), deadline)
+        done = await asyncio.gather(*(encode_and_search(request, s, c.encoders.texts, (t, None, None), deadline)
                                       for t in body.texts))
-    return {"bundle": bundle_id(s), "dim": s.bundle.dim, "vectors": [v.round(6).tolist() for v, _, _ in done],
-            "truncated": [c for _, c, _ in done]}
+    return {"bundle": bundle_id(c), "dim": c.bundle.dim, "vectors": [v.round(6).tolist() for v, _, _ in done],
+            "truncated": [cut for _, cut, _ in done]}
 
 
 @router.post("/embed/image", summary="The image encoder's vector of an image", openapi_extra=upload_spec(),
-             response_model=models.Embedding, responses=models.errors(400, 408, 413, 415, 422, 503))
-async def embed_image(request: Request, s: StateDep) -> dict:
+             response_model=models.Embedding, responses=models.errors(400, 404, 408, 413, 415, 422, 503))
+async def embed_image(request: Request, s: StateDep, c: CollectionDep) -> dict:
     check_content_type(request)
     with s.bodies.hold() as hold:
         data = await read_body(request, s, hold)
         deadline = Deadline(s.settings.request_timeout_s)
         async with s.gates["image"].admit(s.settings.queue_wait_s(deadline.left())):
-            pixels = await decode(s, data, deadline)
-            vector, _ = await encode_and_search(request, s, s.images, (pixels, None), deadline)
-    return {"bundle": bundle_id(s), "dim": s.bundle.dim, "vectors": [vector.round(6).tolist()], "truncated": [False]}
+            pixels = await decode(s, c, data, deadline)
+            vector, _ = await encode_and_search(request, s, c.encoders.images, (pixels, None, None), deadline)
+    return {"bundle": bundle_id(c), "dim": c.bundle.dim, "vectors": [vector.round(6).tolist()], "truncated": [False]}
