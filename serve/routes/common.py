@@ -116,7 +116,7 @@ def result(h: Any, target: Target, links: str = "") -> dict:
     """One hit as answered: links to the image (`links`: the collection's query string), never its
     path on disk."""
     if target == "images":
-        return {"id": h.id, "score": round(h.score, 6), "name": Path(h.item["uri"]).name,
+        return {"id": h.id, "score": round(h.score, 6), "name": file_name(h.item["uri"]),
                 "image_url": f"/items/{h.id}/image{links}", "thumbnail_url": f"/items/{h.id}/thumbnail{links}",
                 "captions": h.item["captions"], "folder": h.item.get("folder"), "taken": taken(h.item),
                 "tags": h.item.get("tags", [])}
@@ -126,6 +126,11 @@ def result(h: Any, target: Target, links: str = "") -> dict:
     return out
 
 
+def file_name(uri: str) -> str:
+    """The last part of a stored path (as Path(uri).name, at a tenth of its cost: it runs per hit)."""
+    return uri.rpartition("/")[2] or Path(uri).name
+
+
 def taken(item: dict) -> float | None:
     """When the photo was taken: its EXIF time, else its file's modification time."""
     return item.get("taken") if item.get("taken") is not None else item.get("mtime")
@@ -133,7 +138,7 @@ def taken(item: dict) -> float | None:
 
 def public(item: dict, links: str = "") -> dict:
     """An item's row as answered: its file's name, metadata and links, never its path on disk."""
-    return {"id": item["id"], "name": Path(item["uri"]).name, "width": item["width"], "height": item["height"],
+    return {"id": item["id"], "name": file_name(item["uri"]), "width": item["width"], "height": item["height"],
             "captions": item["captions"], "added": item["added"], "sha256": item["sha256"],
             "bytes": item.get("bytes"), "mtime": item.get("mtime"), "taken": item.get("taken"),
             "camera": item.get("camera"), "folder": item.get("folder"), "tags": item.get("tags", []),
