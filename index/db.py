@@ -400,12 +400,13 @@ class IndexDB:
         out[have] = self._read(table, (found[int(i)] for i, h in zip(ids, have) if h))
         return out
 
-    def items(self, ids: list[int]) -> dict[int, dict]:
-        """Rows of these items with their metadata and tags (index/metadata.py), by id."""
+    def items(self, ids: list[int], brief: bool = False) -> dict[int, dict]:
+        """Rows of these items with their metadata and tags (index/metadata.py; `brief`: what a search
+        result shows), by id."""
         version = self.con.execute("PRAGMA schema_version").fetchone()[0]  # another process may migrate it
         if self._meta is None or self._meta[0] != version:  # (an old read-only index has no metadata)
             self._meta = version, metadata.select_list(self.con), metadata.has_tags(self.con)
-        return metadata.rows(self.con, ids, *self._meta[1:])
+        return metadata.rows(self.con, ids, *self._meta[1:], brief=brief)
 
     def texts(self, ids: list[int]) -> dict[int, dict]:
         if not ids:

@@ -105,7 +105,7 @@ def answer(index: SearchIndex, vector: np.ndarray, ask: Ask) -> Answer:
             break
         depth = min(deepest, 2 * depth)
     page = order[ask.offset:need]
-    rows = index.rows([int(ids[i]) for i in page], ask.target)
+    rows = index.rows([int(ids[i]) for i in page], ask.target, brief=True)  # index.item(id) has the rest
     hits = [Hit(int(ids[i]), float(scores[i]), rows[int(ids[i])]) for i in page if int(ids[i]) in rows]
     kept_ids = {int(ids[i]) for i in order[:need]}
     duplicates = {i: n for i, n in folded.items() if i in {h.id for h in hits}}

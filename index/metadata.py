@@ -79,10 +79,12 @@ def select_list(con: sqlite3.Connection) -> str:
 
 
 ROW = ("id", "uri", "sha256", "width", "height", "captions", "added", *COLUMNS)
+BRIEF = ("id", "uri", "captions", "folder", "taken", "mtime")  # what a search result shows of its item
 
 
-def rows(con: sqlite3.Connection, ids: list[int], select: str, tags: bool) -> dict[int, dict]:
-    """Rows of these items by id: `select` from select_list(), `tags` whether the tags table exists.
+def rows(con: sqlite3.Connection, ids: list[int], select: str, tags: bool, brief: bool = False) -> dict[int, dict]:
+    """Rows of these items by id: `select` from select_list(), `tags` whether the tags table exists;
+    `brief`: only the BRIEF fields and the tags (a page of search results: every column read costs).
 
     One statement per call, on the hot path of every search: the tags come in it (a lookup in the
     tags table's primary key per row), and a short id list is bound as IN (?, ...), about 20% quicker
@@ -91,14 +93,16 @@ def rows(con: sqlite3.Connection, ids: list[int], select: str, tags: bool) -> di
     ids = [int(i) for i in ids]
     if not ids:
         return {}
+    names = BRIEF if brief else ROW
+    columns = ", ".join(c if c not in COLUMNS or not select.startswith("NULL") else f"NULL AS {c}" for c in names)
     held = "(SELECT group_concat(tag, char(31)) FROM tags WHERE item_id = items.id)" if tags else "NULL"
     where, args = ((f"IN ({','.join('?' * len(ids))})", ids) if len(ids) <= SHORT_LIST
                    else ("IN (SELECT value FROM json_each(?))", (_json_ids(ids),)))
+    at = names.index("captions")
     out = {}
-    for r in con.execute(f"SELECT id, uri, sha256, width, height, captions, added, {select}, {held} FROM items "
-                         f"WHERE id {where}", args):
-        row = dict(zip(ROW, r))
-        row["captions"] = json.loads(r[5] or "[]")
+    for r in con.execute(f"SELECT {columns}, {held} FROM items WHERE id {where}", args):
+        row = dict(zip(names, r))
+        row["captions"] = json.loads(r[at] or "[]")
         row["tags"] = sorted(r[-1].split("\x1f")) if r[-1] else []
         out[r[0]] = row
     return out

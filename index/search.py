@@ -173,8 +173,7 @@ class SearchIndex:
 
     # ---------------------------------------------------------------- reading
 
-    def check_bundle(self, bundle: Bundle) -> None:
-        """Refuse a bundle whose vectors would not be comparable with the index's (IndexMismatch)."""
+    def check_bundle(self, bundle: Bundle) -> None:  # IndexMismatch when its vectors are not comparable
         check_index_bundle(self.path, {}, self.manifest, bundle)
 
     def count(self, target: str = "images") -> int:
@@ -208,9 +207,10 @@ class SearchIndex:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
         return part.search(q, n)
 
-    def rows(self, ids: list[int], target: str = "images") -> dict[int, dict]:
-        """The rows of these ids (those that still have one), by id."""
-        return self._read(lambda db: db.items(sorted(set(ids))) if target == "images" else db.texts(sorted(set(ids))))
+    def rows(self, ids: list[int], target: str = "images", brief: bool = False) -> dict[int, dict]:
+        """The rows of these ids that still have one, by id; `brief`: what a result shows (metadata.BRIEF)."""
+        return self._read(lambda db: db.items(sorted(set(ids)), brief) if target == "images"
+                          else db.texts(sorted(set(ids))))
 
     def item(self, item_id: int) -> dict | None:
         """The row of an item (same shape as search hits' `item`), or None."""

@@ -135,7 +135,7 @@ def test_a_filter_far_from_the_query_falls_back_to_an_exact_scan(kind_index, mon
 def test_each_filter_keeps_exactly_its_items(kind_index, where, check):
     kind, s, vectors = kind_index
     hits = answer(s, vectors[0], Ask(200, where=where)).hits
-    assert hits and all(check(h.item) for h in hits)
+    assert hits and all(check(s.item(h.id)) for h in hits)
     cond, args = where.sql()
     total = s.db.con.execute(f"SELECT COUNT(*) FROM items WHERE {cond}", args).fetchone()[0]
     assert len(hits) == min(200, total)
