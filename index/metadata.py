@@ -17,6 +17,7 @@ Table `copies(uri, item_id)`: other paths a build found the item's exact bytes a
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import sqlite3
 from pathlib import Path
@@ -93,19 +94,29 @@ def rows(con: sqlite3.Connection, ids: list[int], select: str, tags: bool, brief
     ids = [int(i) for i in ids]
     if not ids:
         return {}
-    names = BRIEF if brief else ROW
-    columns = ", ".join(c if c not in COLUMNS or not select.startswith("NULL") else f"NULL AS {c}" for c in names)
-    held = "(SELECT group_concat(tag, char(31)) FROM tags WHERE item_id = items.id)" if tags else "NULL"
-    where, args = ((f"IN ({','.join('?' * len(ids))})", ids) if len(ids) <= SHORT_LIST
-                   else ("IN (SELECT value FROM json_each(?))", (_json_ids(ids),)))
-    at = names.index("captions")
+    short = len(ids) <= SHORT_LIST
+    sql = _statement(brief, select.startswith("NULL"), tags, len(ids) if short else 0)
+    found = con.execute(sql, ids if short else (_json_ids(ids),))
+    loads = json.loads
+    if brief:
+        return {r[0]: {"id": r[0], "uri": r[1], "captions": loads(r[2] or "[]"), "folder": r[3], "taken": r[4],
+                       "mtime": r[5], "tags": sorted(r[6].split("\x1f")) if r[6] else []} for r in found}
     out = {}
-    for r in con.execute(f"SELECT {columns}, {held} FROM items WHERE id {where}", args):
-        row = dict(zip(names, r))
-        row["captions"] = json.loads(r[at] or "[]")
+    for r in found:
+        row = out[r[0]] = dict(zip(ROW, r))
+        row["captions"] = loads(r[5] or "[]")
         row["tags"] = sorted(r[-1].split("\x1f")) if r[-1] else []
-        out[r[0]] = row
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _statement(brief: bool, no_metadata: bool, tags: bool, bound: int) -> str:
+    """rows()'s SELECT: `bound` ids as IN (?, ...), or 0 for one JSON list (json_each)."""
+    names = BRIEF if brief else ROW
+    columns = ", ".join(f"NULL AS {c}" if no_metadata and c in COLUMNS else c for c in names)
+    held = "(SELECT group_concat(tag, char(31)) FROM tags WHERE item_id = items.id)" if tags else "NULL"
+    where = f"IN ({','.join('?' * bound)})" if bound else "IN (SELECT value FROM json_each(?))"
+    return f"SELECT {columns}, {held} FROM items WHERE id {where}"
 
 
 SHORT_LIST = 256  # ids bound one by one up to this many
