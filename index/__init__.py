@@ -2,6 +2,8 @@
 
     build.py      add images and captions, remove, finalize (choose and tune the FAISS index)
     merging.py    merge shard indexes into one folder
+    sync.py       make an index match a folder: embed what is new or changed, follow moves, drop what is gone
+    watch.py      `sync --watch`: sync after each burst of changes in the folder (inotify, debounced)
     sources.py    where images come from (a folder, a data set, a shard), decoded in threads
     ann.py        which FAISS index fits a size and memory, and its tuning to a recall target
     db.py         the SQLite tables (items, content hashes, captions, the row of each vector): the source of truth
@@ -21,5 +23,5 @@
     recall.py     text->image recall of the index's captions, directly and through FAISS
     milvus.py     Milvus as the search back end: the same folder, the vectors searched by a Milvus collection
     ray_embed.py  embedding a collection on a Ray cluster into vector shards, and building from them
-    cli.py        `dsmd index build|embed|add-texts|remove|merge|info|search|duplicates|recall`
+    cli.py        `dsmd index build|sync|embed|add-texts|remove|merge|info|search|duplicates|recall`
 """

@@ -58,6 +58,24 @@ def _build(a: argparse.Namespace) -> int:
     return 0
 
 
+def _sync(a: argparse.Namespace) -> int:
+    from dsmd.index.sync import sync
+    from dsmd.index.watch import watch
+
+    options = {"kind": a.index_type, "batch": a.batch, "workers": a.workers, "backend": _backend(a)}
+    settle = a.settle_s if a.settle_s is not None else 2.0 if a.watch else 0.0
+    if not a.watch:
+        r = sync(a.index, _bundle(a), a.folder, settle_s=settle, **options)
+        print(json.dumps(r.to_json(), indent=2) if a.json else r.line())
+        return 0
+    try:
+        watch(a.index, _bundle(a), a.folder, quiet_s=settle, on_report=lambda r: print(
+            json.dumps(r.to_json()) if a.json else r.line(), flush=True), **options)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def _embed(a: argparse.Namespace) -> int:
     from dsmd.index.ray_embed import embed
 
@@ -296,8 +314,8 @@ class _ActionParser(argparse.ArgumentParser):
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    ix = sub.add_parser("index", help="index images (and captions) for search: build, embed (on Ray), add-texts, "
-                                      "remove, merge, info, search, recall",
+    ix = sub.add_parser("index", help="index images (and captions) for search: build, sync, embed (on Ray), "
+                                      "add-texts, remove, merge, info, search, recall",
                         description="The FAISS (or Milvus) + SQLite index of images and captions. "
                                     "`dsmd index ACTION --help` lists an action's options.")
     actions = ix.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=_ActionParser)
@@ -312,6 +330,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--workers", type=int, default=2, help="image-decoding threads (default: 2)")
     _finalize_options(b, memory=True)
     b.set_defaults(run=_build)
+
+    y = actions.add_parser("sync", help="make the index match a folder: embed new and changed files, follow moves, "
+                                        "drop deleted ones (--watch: keep doing it)")
+    _index_argument(y)
+    _bundle_options(y)
+    y.add_argument("--folder", required=True, help="the folder of images (recursive) the index is to match")
+    y.add_argument("--watch", action="store_true", help="keep watching the folder (inotify) and sync after changes")
+    y.add_argument("--settle-s", type=float, help="leave files written in the last N seconds for the next round "
+                   "(default: 0, with --watch 2: the quiet time before a sync too)")
+    y.add_argument("--json", action="store_true", help="the report as JSON")
+    _batch_option(y)
+    y.add_argument("--workers", type=int, default=2, help="image-decoding threads (default: 2)")
+    _finalize_options(y)
+    y.set_defaults(run=_sync)
 
     e = actions.add_parser("embed", help="embed images on a Ray cluster into vector shards (then: build "
                                          "--from-shards)")

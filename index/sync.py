@@ -1,0 +1,246 @@
+"""`dsmd index sync INDEX --folder DIR`: make an index match a folder, embedding only what changed.
+
+A photo folder lives: files arrive, are edited, move, vanish. A sync compares the folder with the
+index's rows under it and applies the difference:
+
+- unchanged (same size and modification time): nothing is read;
+- new or changed in size or time: the file is hashed; the same bytes as before only update the row's
+  size and time; the bytes of an item whose file has left its place are that item moved (its row
+  takes the new path: nothing is embedded); other new bytes are embedded (`build.add_images`, which
+  records a second path of bytes already indexed as a copy, index/duplicates.py);
+- gone from the folder: the row is removed (its vector rows are reclaimed by the next rebuild), unless
+  a recorded copy of its bytes is still there, which the row then points to;
+- unreadable (not an image, truncated, no permission): reported and recorded as skipped, and tried
+  again only once the file changes;
+- a recorded copy (another path of an item's bytes) is hashed again each time, nothing more;
+- written in the last `settle_s` seconds: left for the next round (a file being copied is never
+  indexed half-way; `--watch` runs that round).
+
+Then the search files are rebuilt (`build.finalize`) and a new manifest written, which a running
+server picks up. Each step commits as it goes, so a killed sync is resumed by running it again: what
+was applied is in the database, and a database newer than its manifest is finalized even when the
+folder shows nothing more to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from dsmd.artifacts import read_manifest
+from dsmd.bundle import Bundle
+from dsmd.errors import UserError
+from dsmd.index.build import _quiet, add_images, finalize
+from dsmd.index.db import IndexDB
+from dsmd.index.identity import bundle_fingerprint
+from dsmd.index.lock import folder_lock
+from dsmd.index.sources import IMAGE_EXTENSIONS, Source, _folder
+
+log = logging.getLogger("dsmd.index")
+
+
+@dataclass
+class SyncReport:
+    """What a sync did, counted; `line()` is its one-line summary."""
+
+    added: int = 0  # items embedded: new files and changed ones
+    changed: int = 0  # files whose bytes changed (their old rows replaced)
+    moved: int = 0
+    touched: int = 0  # same bytes, new size or time on record
+    removed: int = 0
+    unchanged: int = 0
+    unreadable: list[dict] = field(default_factory=list)
+    settling: list[str] = field(default_factory=list)
+    finalized: bool = False
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        parts = [f"{self.added} embedded ({self.changed} of them changed files)" if self.changed else
+                 f"{self.added} embedded", f"{self.moved} moved", f"{self.removed} removed",
+                 f"{len(self.unreadable)} unreadable", f"{self.unchanged} unchanged"]
+        if self.settling:
+            parts.append(f"{len(self.settling)} still being written (next round)")
+        return "sync: " + ", ".join(parts) + f" in {self.seconds:.1f} s" + ("" if self.finalized else
+                                                                            "; the index was already up to date")
+
+    def to_json(self) -> dict:
+        return {"added": self.added, "changed": self.changed, "moved": self.moved, "touched": self.touched,
+                "removed": self.removed, "unchanged": self.unchanged, "unreadable": self.unreadable[:100],
+                "settling": self.settling[:100], "finalized": self.finalized, "seconds": round(self.seconds, 2)}
+
+
+@dataclass
+class Plan:
+    """The difference between a folder and the index's rows under it (see the module's docstring)."""
+
+    embed: list[Source] = field(default_factory=list)  # new bytes (new paths and changed files)
+    replaced: list[int] = field(default_factory=list)  # rows whose file now holds other bytes
+    moves: list[tuple[int, Source, os.stat_result]] = field(default_factory=list)
+    touches: list[tuple[int, os.stat_result]] = field(default_factory=list)
+    gone: list[int] = field(default_factory=list)
+    unchanged: int = 0
+    unreadable: list[dict] = field(default_factory=list)
+    settling: list[str] = field(default_factory=list)
+
+
+def scan(root: Path, skip: Path | None = None) -> dict[str, tuple[Path, os.stat_result]]:
+    """Every image file under `root` by its resolved path (links followed as a build follows them),
+    with its stat; nothing under `skip` (the index's own folder, when it lies inside)."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        if skip is not None and (here == skip or skip in here.parents):
+            dirs[:] = []
+            continue
+        dirs.sort()
+        for name in sorted(files):
+            p = here / name
+            if p.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            try:
+                st = p.stat()
+                real = p.resolve()
+            except OSError:
+                continue  # vanished between the listing and now, or a dangling link
+            if os.path.isfile(real):
+                out[str(real)] = (p, st)
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def plan(db: IndexDB, root: Path, index_path: Path, settle_s: float = 0.0, progress: bool = True) -> Plan:
+    """Compare the folder with the index (reads only the files whose size or time changed)."""
+    root = root.resolve()
+    files = scan(root, skip=index_path.resolve())
+    prefix, own = str(root) + os.sep, str(index_path.resolve()) + os.sep  # own: the index's uploads
+    columns = "SELECT id, uri, sha256, bytes, mtime FROM items WHERE "
+    rows = {uri: (i, sha, size, mtime) for i, uri, sha, size, mtime in db.con.execute(
+        columns + "substr(uri, 1, ?) = ?", (len(prefix), prefix)) if not uri.startswith(own)}
+    outside = [u for u in files if not u.startswith(prefix)]  # links to files elsewhere, indexed at their target
+    if outside:
+        rows.update({uri: (i, sha, size, mtime) for i, uri, sha, size, mtime in db.con.execute(
+            columns + "uri IN (SELECT value FROM json_each(?))", (json.dumps(outside),))})
+    skipped = dict(db.con.execute("SELECT uri, at FROM skipped WHERE substr(uri, 1, ?) = ?", (len(prefix), prefix)))
+    copies = dict(db.con.execute("SELECT c.uri, i.sha256 FROM copies c JOIN items i ON i.id = c.item_id "
+                                 "WHERE substr(c.uri, 1, ?) = ?", (len(prefix), prefix)))
+    p, now = Plan(), time.time()
+    look: list[tuple[str, Path, os.stat_result]] = []
+    for uri, (path, st) in files.items():
+        row = rows.get(uri)
+        if row is not None and row[2] == st.st_size and row[3] == st.st_mtime:
+            p.unchanged += 1
+        elif now - st.st_mtime < settle_s:
+            p.settling.append(uri)
+        elif row is None and uri in skipped and st.st_mtime <= skipped[uri]:
+            p.unreadable.append({"uri": uri, "reason": "unreadable when last tried, unchanged since"})
+        else:
+            look.append((uri, path, st))
+    gone = {sha: i for uri, (i, sha, _, _) in rows.items() if uri not in files}
+    for uri, path, st in tqdm(look, desc="sync: hash", unit="file", dynamic_ncols=True, **_quiet(progress)):
+        try:
+            sha = _sha256(path)
+        except OSError as e:
+            p.unreadable.append({"uri": uri, "reason": f"cannot read ({e.strerror})"})
+            continue
+        row = rows.get(uri)
+        source = Source(uri, path, folder=_folder(path.parent.relative_to(root).as_posix()))
+        if row is None and copies.get(uri) == sha:  # a second path of an item's bytes, as recorded
+            p.unchanged += 1
+        elif row is not None and row[1] == sha:
+            p.touches.append((row[0], st))
+        elif sha in gone:
+            p.moves.append((gone.pop(sha), source, st))
+            if row is not None:
+                p.replaced.append(row[0])
+        else:
+            if row is not None:
+                p.replaced.append(row[0])
+            p.embed.append(source)
+    p.gone = list(gone.values())
+    return p
+
+
+def _apply(db: IndexDB, p: Plan, root: Path) -> tuple[int, int]:
+    """Moves, touches and removals in one transaction: (moved, removed from the folder). A gone item
+    with a recorded copy still on disk points to the copy instead."""
+    removed = moved = 0
+    with db.transaction():
+        for i in p.replaced:  # its file's new bytes are embedded next (or are a copy of another item's)
+            db.con.execute("DELETE FROM items WHERE id=?", (i,))
+        for source in p.embed:  # a recorded copy whose bytes changed is an item of its own now
+            db.con.execute("DELETE FROM copies WHERE uri=?", (source.uri,))
+        for i, source, st in p.moves:
+            db.con.execute("DELETE FROM copies WHERE uri=?", (source.uri,))
+            moved += db.con.execute("UPDATE items SET uri=?, folder=?, bytes=?, mtime=? WHERE id=?",
+                                    (source.uri, source.folder, st.st_size, st.st_mtime, i)).rowcount
+        for i, st in p.touches:
+            db.con.execute("UPDATE items SET bytes=?, mtime=? WHERE id=?", (st.st_size, st.st_mtime, i))
+        for i in p.gone:
+            copy = next((u for (u,) in db.con.execute("SELECT uri FROM copies WHERE item_id=? ORDER BY uri", (i,))
+                         if os.path.isfile(u)), None)
+            if copy is not None:
+                st = os.stat(copy)
+                db.con.execute("DELETE FROM copies WHERE uri=?", (copy,))
+                db.con.execute("UPDATE items SET uri=?, folder=?, bytes=?, mtime=? WHERE id=?",
+                               (copy, _folder(Path(copy).parent.relative_to(root).as_posix())
+                                if Path(copy).is_relative_to(root) else None, st.st_size, st.st_mtime, i))
+                moved += 1
+            else:
+                removed += db.con.execute("DELETE FROM items WHERE id=?", (i,)).rowcount
+        prefix = str(root) + os.sep
+        for (uri,) in db.con.execute("SELECT uri FROM copies WHERE substr(uri, 1, ?) = ?",
+                                     (len(prefix), prefix)).fetchall():
+            if not os.path.isfile(uri):
+                db.con.execute("DELETE FROM copies WHERE uri=?", (uri,))
+        if p.replaced or removed or moved or p.touches:
+            db._bump()  # the rows changed: the manifest is stale until finalize
+    return moved, removed
+
+
+def sync(path: str | Path, bundle: Bundle, root: str | Path, kind: str | None = None, batch: int = 64,
+         workers: int = 2, progress: bool = True, settle_s: float = 0.0, memory_bytes: int | None = None,
+         backend: dict | None = None) -> SyncReport:
+    """Make the index at `path` match the folder `root` (see the module's docstring); returns what it did."""
+    t0 = time.time()
+    path, root = Path(path), Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder: give the folder of images to keep indexed (--folder DIR)")
+    path.mkdir(parents=True, exist_ok=True)
+    db = IndexDB(path / "items.sqlite", bundle.dim, bundle_fingerprint(bundle), bundle.variant)
+    try:
+        p = plan(db, root, path, settle_s, progress)
+        r = SyncReport(unchanged=p.unchanged, unreadable=list(p.unreadable), settling=p.settling,
+                       touched=len(p.touches), changed=len(p.replaced))
+        with folder_lock(path):
+            r.moved, r.removed = _apply(db, p, root.resolve())
+    finally:
+        db.close()
+    if p.embed:
+        added = add_images(path, bundle, p.embed, batch=batch, workers=workers, progress=progress)
+        r.added = added.added
+        r.unreadable += added.skipped
+    manifest = read_manifest(path)
+    db = IndexDB(path / "items.sqlite")
+    try:
+        generation = db.generation
+    finally:
+        db.close()
+    if manifest is None or manifest.get("generation") != generation:  # the rows changed, now or in a killed run
+        finalize(path, bundle, kind=kind, progress=progress, memory_bytes=memory_bytes, backend=backend)
+        r.finalized = True
+    r.seconds = time.time() - t0
+    return r
