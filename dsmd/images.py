@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 MAX_PIXELS = 64_000_000
 # What data sets and folders may hold. Formats outside the list are never decoded (Pillow would
 # otherwise hand an EPS file to Ghostscript); uploads to the server take a stricter list.
-FILE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+FILE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # and HEIF where pillow-heif is installed
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 # What an upload may cost to decode beyond its pixels (see `check_decode_cost`). A JPEG of more than
 # one scan (progressive, or sequential non-interleaved) makes libjpeg hold all its DCT coefficients
@@ -64,6 +64,8 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS, formats
     """
     if check_cost is None:
         check_cost = formats == UPLOAD_FORMATS
+    if formats == FILE_FORMATS:
+        formats = FILE_FORMATS + heif_formats()
     name = "upload" if isinstance(source, bytes) else str(source)
     try:
         fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
@@ -92,6 +94,11 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS, formats
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise BadImage(f"{name}: refused as a decompression bomb ({e})") from None
         except Image.UnidentifiedImageError:
+            fp.seek(0)
+            if _is_heif(fp.read(16)) and "HEIF" not in formats:
+                raise BadImage(f"{name}: a HEIC/HEIF photo; "
+                               + ("reading it needs pillow-heif: pip install 'dsmd[heic]'"
+                                  if formats == FILE_FORMATS else "not accepted here")) from None
             raise BadImage(f"{name}: not an image file"
                            + (f" (accepted: {', '.join(formats)})" if formats else "")) from None
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
@@ -104,6 +111,29 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS, formats
         img = to_rgb(img)
         img.info["original_size"] = original  # as stored in the file, before any reduction
         return img
+
+
+def heif_formats() -> tuple[str, ...]:
+    """("HEIF",) where pillow-heif (the `heic` extra) is installed, its opener registered once; else ()."""
+    global _HEIF
+    if _HEIF is None:
+        try:
+            import pillow_heif
+
+            pillow_heif.register_heif_opener()
+            _HEIF = ("HEIF",)
+        except ImportError:
+            _HEIF = ()
+    return _HEIF
+
+
+_HEIF: tuple[str, ...] | None = None
+HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
+
+
+def _is_heif(head: bytes) -> bool:
+    """An ISO media file whose brand is HEIF's (what iPhones and many cameras write as .heic)."""
+    return head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS
 
 
 def check_decode_cost(data: bytes, name: str = "upload") -> None:

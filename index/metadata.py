@@ -131,10 +131,14 @@ def _json_ids(ids) -> str:
 
 
 def clean_tags(tags: list[str]) -> list[str]:
-    """Tags as stored: trimmed, distinct, sorted; a UserError for empty or oversized ones."""
+    """Tags as stored: trimmed, distinct, sorted; a UserError for empty or oversized ones, or ones with
+    control characters (rows() joins an item's tags with one)."""
     out = sorted({t.strip() for t in tags})
     if "" in out:
         raise UserError("a tag is empty")
+    odd = [t for t in out if any(ord(ch) < 32 or ord(ch) == 127 for ch in t)]
+    if odd:
+        raise UserError(f"a tag has a control character: {odd[0][:80]!r}")
     if len(out) > MAX_TAGS:
         raise UserError(f"at most {MAX_TAGS} tags per item, not {len(out)}")
     long = [t for t in out if len(t) > MAX_TAG_CHARS]

@@ -16,7 +16,9 @@ from dsmd.errors import UserError
 from dsmd.images import BadImage, open_image
 from dsmd.index.metadata import exif_facts, file_facts
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
+# What a folder's images are called; HEIC/HEIF decode only with pillow-heif (the `heic` extra), and are
+# otherwise reported as skipped with that reason, never passed over in silence.
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif"}
 
 
 @dataclass(frozen=True)

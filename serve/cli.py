@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 
 def _serve(a: argparse.Namespace) -> int:
     import uvicorn
 
     from dsmd.serve.app import create_app
-    from dsmd.serve.collections import check_backend, specs
+    from dsmd.serve.collections import check_backend, named_entry, specs
     from dsmd.serve.connection import http_protocol
     from dsmd.serve.settings import Settings
 
+    bundles = a.bundle or []
+    if bundles and all(named_entry(b) for b in bundles):  # named ones only: the others keep the default bundle
+        bundles = [os.environ.get("DSMD_BUNDLE") or Settings.model_fields["bundle"].default, *bundles]
+    indexes = a.index or []
+    if len(indexes) > 1:  # several: each entry named (by its folder when not by the user), so commas split them
+        indexes = [i if named_entry(i) else f"{Path(i).name}={i}" for i in indexes]
     joined = lambda values: ",".join(values) if values else None  # noqa: E731
-    settings = Settings.from_env(bundle=joined(a.bundle), index=joined(a.index), token_file=a.token_file,
+    settings = Settings.from_env(bundle=joined(bundles), index=joined(indexes), token_file=a.token_file,
                                  variant=a.variant,
                                  threads=a.threads, writes=False if a.read_only else None,
                                  backend=a.backend, milvus_uri=a.milvus_uri)

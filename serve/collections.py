@@ -48,30 +48,40 @@ class Spec:
 
 
 def _entries(value: str) -> list[tuple[str | None, str]]:
-    """'PATH' or 'NAME=PATH', comma-separated -> (name or None, path) each."""
-    out = []
-    for entry in filter(None, (e.strip() for e in value.split(","))):
-        head, sep, tail = entry.partition("=")
-        out.append((head, tail) if sep and NAME.fullmatch(head) else (None, entry))
-    return out
+    """'PATH', or comma-separated entries each 'NAME=PATH' or 'PATH' (split on commas only when one
+    entry is named, so a single path may hold a comma) -> (name or None, path) each."""
+    pieces = [e.strip() for e in value.split(",")]
+    if not any(named_entry(e) for e in pieces):
+        return [(None, value.strip())] if value.strip() else []
+    return [named_entry(e) or (None, e) for e in pieces if e]
+
+
+def named_entry(entry: str) -> tuple[str, str] | None:
+    head, sep, tail = entry.partition("=")
+    return (head, tail.strip()) if sep and NAME.fullmatch(head) else None
 
 
 def specs(index: str, bundle: str) -> list[Spec]:
-    """The collections of the settings' `index` and `bundle` (each: comma-separated PATH or NAME=PATH).
+    """The collections of the settings' `index` and `bundle` (see _entries).
 
-    A collection is named by its entry, else by its folder's name. Its bundle is the bundle entry of
-    the same name, else the unnamed bundle entry (one is enough for all).
+    A collection is named by its entry, else by its folder's name (a single collection whose folder
+    name cannot be a URL parameter is named 'index'). Its bundle is the bundle entry of the same name,
+    else the unnamed bundle entry (one is enough for all).
 
     Raises:
-        ValueError: names clash, a name is not usable in a URL, a bundle names no collection, or a
-            collection has no bundle.
+        ValueError: names clash, a name is not usable in a URL, a path is empty, a bundle names no
+            collection, or a collection has no bundle.
     """
     indexes = _entries(index)
     if not indexes:
         raise ValueError("no index given: --index PATH, or --index NAME=PATH once per collection")
-    named = [(name or Path(path).name or "index", path) for name, path in indexes]
+    named = [(name or Path(path).name, path) for name, path in indexes]
+    if len(named) == 1 and not NAME.fullmatch(named[0][0]):
+        named = [("index", named[0][1])]
     seen: set[str] = set()
     for name, path in named:
+        if not path:
+            raise ValueError(f"collection {name!r} has no index folder: --index {name}=PATH")
         if not NAME.fullmatch(name):
             raise ValueError(f"the index at {path} needs a name usable in a URL: --index NAME={path}")
         if name in seen:
@@ -152,7 +162,7 @@ class Collection:
     def __init__(self, spec: Spec, encoders: Encoders, s: Settings, metrics: Metrics, several: bool):
         self.name, self.path, self.encoders, self.bundle = spec.name, spec.index, encoders, encoders.bundle
         self.settings, self.metrics = s, metrics
-        self.index = self._open()
+        self.index = self._open(readonly=True if not s.writes else None)
         self.writes = s.writes and not self.index.readonly
         # uploads of several collections never share a folder: UPLOAD_DIR/NAME each
         self.upload_dir = None if not s.upload_dir else Path(s.upload_dir) / spec.name if several \
@@ -163,9 +173,8 @@ class Collection:
         self.compacting = False  # reloads wait: the compaction's own new manifest is not another process's
         self.refresh_gauges()
 
-    def _open(self) -> SearchIndex:
-        index = SearchIndex(self.path, readonly=True if not self.settings.writes else None,
-                            milvus_uri=self.settings.milvus_uri)
+    def _open(self, readonly: bool | None) -> SearchIndex:
+        index = SearchIndex(self.path, readonly=readonly, milvus_uri=self.settings.milvus_uri)
         try:
             index.check_bundle(self.bundle)
         except Exception:
@@ -185,7 +194,7 @@ class Collection:
     def swap(self, fresh: SearchIndex) -> None:
         fresh.check_bundle(self.bundle)
         self.index = fresh  # searches in flight finish on the old object; it is freed when they drop it
-        self.refresh_gauges()  # thumbnails stay cached: keyed by (id, sha256), an item that changed misses
+        self.refresh_gauges()  # thumbnails stay cached: keyed by (collection, id, sha256), a changed item misses
 
     def reload_if_changed(self) -> bool:
         """Open the index again if another process wrote a new manifest (e.g. `dsmd index build`). A
@@ -200,7 +209,7 @@ class Collection:
         if stat is not None and stat == self._failed_manifest:
             return False
         try:
-            fresh = self._open()
+            fresh = self._open(readonly=True if not self.writes else None)  # as served since start-up
         except Exception as e:  # whatever it was, the index in hand goes on being served
             self._failed_manifest = stat
             self.reload_error = (f"cannot reload the index at {self.path}: {e}; serving generation "

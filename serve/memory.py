@@ -65,10 +65,11 @@ def budget_bytes(s: Settings, input_size: int = 512) -> int:
       conversion copy at 4 bytes a pixel (Pillow keeps RGB in 32 bits), whichever is larger, plus the
       bounded resize and the model input;
     - encoder inputs in flight (`input_size`: the bundle's, or a generous 512), the text and thumbnail
-      caches full (batchers and a text cache per distinct bundle), and 32 MiB for sockets, threads and
-      the rest.
+      caches full (batchers and a text cache per distinct bundle), each index's cache of filtered
+      vectors (index/filtered.py), and 32 MiB for sockets, threads and the rest.
     """
     from dsmd.images import MAX_COEFFICIENT_BYTES
+    from dsmd.index.filtered import SUBSET_CACHE
     from dsmd.preprocess import BOUNDED_RESIZE_PIXELS
     from dsmd.serve.collections import specs
     from dsmd.serve.uploads import body_limit
@@ -81,7 +82,9 @@ def budget_bytes(s: Settings, input_size: int = 512) -> int:
     model_input = 3 * input_size**2 * 4  # float32
     decode = max(MAX_COEFFICIENT_BYTES + image, 2 * image) + 2 * 4 * BOUNDED_RESIZE_PIXELS + 4 * model_input
     decodes = (s.decode_slots + (1 if s.writes else 0)) * decode
-    models = len({os.path.realpath(c.bundle) for c in specs(s.index, s.bundle)})  # each with its batchers, cache
+    served = specs(s.index, s.bundle)
+    models = len({os.path.realpath(c.bundle) for c in served})  # each with its batchers and text cache
     batches = models * 2 * s.max_batch * model_input  # a batch being encoded and the next one being stacked
     caches = models * s.text_cache * (10_000 + 4 * 4096) + s.thumb_cache * s.thumb_size**2 // 2  # texts <= 10k
-    return uploads + decodes + batches + caches + 32 * 2**20
+    filters = len(served) * SUBSET_CACHE  # each index keeps the vectors of recent filters
+    return uploads + decodes + batches + caches + filters + 32 * 2**20

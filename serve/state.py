@@ -6,7 +6,7 @@ pool the searches use. Both are the server's, shared by its collections.
 
 Thumbnails are made once per item however many ask at the same moment (one render, the others
 wait for it), by at most `max_thumbnail_requests` worker threads, and kept across index swaps
-(the cache is keyed by the item's id and the sha256 of its file).
+(the cache is keyed by the collection, the item's id and the sha256 of its file).
 """
 
 from __future__ import annotations
@@ -135,11 +135,11 @@ class State:
         finally:
             waiting.dec()
 
-    async def _render(self, key: tuple[int, str], locate: Callable[[], Path], deadline: Deadline) -> bytes:
+    async def _render(self, key: tuple[str, int, str], locate: Callable[[], Path], deadline: Deadline) -> bytes:
         """One render: it holds its thumbnail slot until its thread is done, not until a deadline, so a
         stalled file never lets more threads pile up behind the slots."""
         async with self.gates["thumbnail"].admit(self.settings.queue_wait_s(deadline.left())):
-            data = await run_in_threadpool(self._thumbnail_file, locate, key[1])
+            data = await run_in_threadpool(self._thumbnail_file, locate, key[2])
         self.thumbs.put(key, data)
         return data
 

@@ -7,11 +7,13 @@ import sys
 
 import pytest
 
-INDEX_ACTIONS = ("build", "embed", "add-texts", "remove", "merge", "info", "search", "duplicates", "recall")
+INDEX_ACTIONS = ("build", "sync", "embed", "add-texts", "remove", "merge", "info", "search", "duplicates", "recall")
 FINALIZE = {"--index-type", "--backend", "--milvus-uri", "--collection"}
 INDEX_OPTIONS = {  # what each action's --help documents
     "build": {"--bundle", "--variant", "--folder", "--data", "--images", "--split", "--from-shards", "--shard",
               "--batch", "--workers", "--memory-gib"} | FINALIZE,
+    "sync": {"--bundle", "--variant", "--folder", "--watch", "--settle-s", "--json", "--batch", "--workers",
+             "--index-type", "--backend", "--milvus-uri", "--collection"},
     "embed": {"--bundle", "--variant", "--folder", "--data", "--images", "--split", "--ray", "--actors",
               "--threads-per-actor", "--gpus-per-actor", "--shard-size", "--batch"},
     "add-texts": {"--file", "--bundle", "--variant"} | FINALIZE,
@@ -27,6 +29,8 @@ INDEX_COMMAND_LINES = [  # together, every option of every action
     "--memory-gib 1.5 --backend milvus --milvus-uri m.db --collection c",
     "build idx --data d.json --images im --split test",
     "build idx --from-shards sh",
+    "sync idx --folder f --bundle b --variant int8 --watch --settle-s 1.5 --json --batch 8 --workers 1 "
+    "--index-type hnsw --backend faiss --milvus-uri m --collection c",
     "embed sh --bundle b --variant fp16 --data d.json --images im --split test --ray auto --actors 2 "
     "--threads-per-actor 2 --gpus-per-actor 0.5 --shard-size 80 --batch 16",
     "embed --folder f",
@@ -41,8 +45,8 @@ INDEX_COMMAND_LINES = [  # together, every option of every action
     "duplicates idx --threshold 0.9 --json",
     "recall idx",
 ]
-REQUIRED = {"build": ["--folder", "f"], "embed": ["--folder", "f"], "add-texts": ["--file", "t"],
-            "merge": ["out", "s1"]}
+REQUIRED = {"build": ["--folder", "f"], "sync": ["--folder", "f"], "embed": ["--folder", "f"],
+            "add-texts": ["--file", "t"], "merge": ["out", "s1"]}
 
 
 def _index_action_parsers() -> dict:

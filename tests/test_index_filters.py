@@ -216,12 +216,16 @@ def test_an_index_made_before_metadata_gains_it_on_opening(tmp_path):
     con.close()
     ro = IndexDB(path, readonly=True)
     assert ro.items([1])[1]["folder"] is None and ro.items([1])[1]["tags"] == []
+    assert ro.items([1], brief=True)[1]["folder"] is None and ro.items([1], brief=True)[1]["tags"] == []
     ro.close()
     db = IndexDB(path)
     assert {"bytes", "mtime", "taken", "camera", "folder"} <= {r[1] for r in db.con.execute("PRAGMA table_info(items)")}
     with db.transaction():
         assert set_tags(db.con, 1, [" b ", "a", "b"]) and not set_tags(db.con, 99, ["a"])
     assert db.items([1])[1]["tags"] == ["a", "b"]
+    assert db.items(list(range(1, 300)), brief=True)[1]["tags"] == ["a", "b"]  # a long list: bound as JSON
+    with pytest.raises(UserError, match="control character"), db.transaction():
+        set_tags(db.con, 1, ["a\x1fb"])  # rows() joins tags with that one
     db.remove([1])
     assert db.con.execute("SELECT COUNT(*) FROM tags").fetchone()[0] == 0  # gone with their item
     db.close()

@@ -189,4 +189,23 @@ def test_watch_follows_the_folder(photos, tiny_search, tmp_path):
     finally:
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
-    assert "sync: 8 embedded" in out and "broken" not in out
+    assert out.count("sync: ") >= 3 and "unreadable" in out and "Traceback" not in out  # a line per round
+
+
+def test_tiff_and_heic_photos_are_indexed_and_what_cannot_be_read_says_why(photos, bundle, tmp_path):
+    import pillow_heif
+    from PIL import Image
+
+    root, spare = photos
+    pillow_heif.register_heif_opener()
+    Image.open(spare[0]).convert("RGB").save(root / "scan.tif", format="TIFF")
+    Image.open(spare[1]).convert("RGB").save(root / "phone.HEIC", format="HEIF")
+    r = sync(tmp_path / "index", bundle, root, progress=False)
+    assert r.added == 10 and not r.unreadable
+    assert {str((root / n).resolve()) for n in ("scan.tif", "phone.HEIC")} <= set(rows(tmp_path / "index"))
+    # without pillow-heif the HEIC file is skipped with the reason and the fix, the rest indexed
+    code = ("import sys; sys.modules['pillow_heif'] = None\n"
+            "from dsmd.images import BadImage, open_image\n"
+            f"try:\n    open_image({str(root / 'phone.HEIC')!r})\nexcept BadImage as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert "a HEIC/HEIF photo; reading it needs pillow-heif: pip install 'dsmd[heic]'" in out

@@ -154,10 +154,25 @@ def test_collection_names_and_bundles_are_checked_before_anything_loads():
     assert [(c.name, c.index, c.bundle) for c in specs("a=/x, /data/photos", "/b")] == \
         [("a", "/x", "/b"), ("photos", "/data/photos", "/b")]
     assert [c.bundle for c in specs("a=/x,b=/y", "/b,b=/other")] == ["/b", "/other"]
-    for index, bundle, says in [("/x/index,/y/index", "/b", "two collections are named 'index'"),
+    # a lone index keeps working whatever its folder is called, commas included
+    assert [(c.name, c.index) for c in specs("/data/My Photos", "/b")] == [("index", "/data/My Photos")]
+    assert [(c.name, c.index) for c in specs("/x/photos,2024", "/b")] == [("index", "/x/photos,2024")]
+    assert [(c.name, c.index) for c in specs("/data/a=b", "/b")] == [("index", "/data/a=b")]  # '/data/a' no name
+    for index, bundle, says in [("photos=/x/index,/y/photos", "/b", "two collections are named 'photos'"),
                                 ("a=/x", "c=/b", "no collection is named 'c'"),
                                 ("a=/x,b=/y", "a=/b", "collection 'b' has no bundle"),
                                 ("", "/b", "no index given"),
-                                ("/data/a=b", "/b", "needs a name usable in a URL")]:  # '/data/a' is no name
+                                ("a=", "/b", "'a' has no index folder"),
+                                ("/x/My Photos,b=/y", "/b", "needs a name usable in a URL")]:
         with pytest.raises(ValueError, match=says):
             specs(index, bundle)
+
+
+def test_serve_refuses_two_unnamed_indexes_of_one_folder_name(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "dsmd.cli", "serve", "--bundle", str(tmp_path / "b"), "--index",
+                           str(tmp_path / "a" / "index"), "--index", str(tmp_path / "c" / "index")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "two collections are named 'index'" in done.stderr + done.stdout

@@ -112,6 +112,17 @@ def test_formats_outside_the_list_are_never_decoded(plain, fmt):
     assert r.status_code == 422 and "accepted: JPEG, PNG, WEBP, GIF, BMP" in r.json()["detail"], r.text
 
 
+def test_heic_uploads_are_refused_with_the_reason(plain):
+    """Folders may hold HEIC photos (indexed with pillow-heif), the upload allow-list does not."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (0, 128, 255)).save(buf, "HEIF")
+    r = httpx.post(f"{plain.url}/search/image", files={"file": ("x.heic", buf.getvalue())})
+    assert r.status_code == 422 and "a HEIC/HEIF photo; not accepted here" in r.json()["detail"], r.text
+
+
 FLOOD_BODY = 4 * 2**20 * 4 // 3 + 65536  # the largest body that carries an image of max_upload_bytes (base64)
 FLOOD_LIMITS = {"body_budget_bytes": 2 * FLOOD_BODY, "max_image_requests": 2, "decode_slots": 1,
                 "max_upload_bytes": 4 * 2**20, "max_pixels": 2000 * 2000}

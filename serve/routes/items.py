@@ -103,7 +103,7 @@ async def get_thumbnail(s: StateDep, c: CollectionDep, item_id: ItemId) -> Respo
     deadline = Deadline(s.settings.request_timeout_s)
     item = await item_or_404(c, item_id)
     try:
-        data = await s.thumbnail((item_id, item["sha256"]), lambda: inside_folder(item, item_id), deadline)
+        data = await s.thumbnail((c.name, item_id, item["sha256"]), lambda: inside_folder(item, item_id), deadline)
     except FileChanged:
         raise changed_error(item_id) from None
     except BadImage as e:
