@@ -14,6 +14,7 @@
     vectors.py    the vectors themselves: one float16 matrix file per table, memory-mapped for reading
     search.py     an opened index answering queries from many threads, and changing live (what the server holds)
     folder_state.py  whether an index folder's manifest changed, whether this process may write it
+    fulltext.py   words as well as meaning: SQLite FTS5 over file names, folders, captions, tags; fusion
     filters.py    which items a search may return (folder, capture time, tags, size, captions) as SQL
     filtered.py   a search as the API asks it: filtered inside the search, paged, near-duplicates folded
     duplicates.py exact and near-duplicate groups of a whole index (`dsmd index duplicates`)

@@ -32,12 +32,12 @@ import math
 import threading
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from dsmd.errors import UserError
-from dsmd.index import metadata
+from dsmd.index import fulltext, metadata
 from dsmd.index.filters import Filter
 from dsmd.index.search import TABLES, Hit, SearchIndex
 from dsmd.index.vectors import retrying
@@ -48,6 +48,7 @@ SCAN_CHUNK = 65_536
 PAGE_WINDOW = 100  # an ANN ranking is always searched at least this deep, so its pages agree
 DEDUP_MAX = 500  # offset + k with dedup: the folding walks the ranking one result at a time
 SUBSET_CACHE = 64 * 2**20  # bytes of filtered vectors kept per opened index
+MODES = ("vector", "hybrid", "text")
 
 
 class FilterUnavailable(UserError):
@@ -64,8 +65,14 @@ class Ask:
     offset: int = 0
     dedup: float | None = None  # cosine threshold: results this close to a better one are folded into it
     min_score: float | None = None
+    mode: str = "vector"  # or "text" (words alone) or "hybrid" (words and vector fused): index/fulltext.py
+    text: str | None = None  # the words of a text or hybrid search
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UserError(f"mode is one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.mode != "vector" and (self.target != "images" or self.dedup is not None or not self.text):
+            raise UserError(f"mode={self.mode} searches the words of a text query for images, without dedup")
         if self.where is not None and not self.where.empty() and self.target != "images":
             raise UserError("filters apply to image results (target=images)")
         if self.dedup is not None and not 0.0 < self.dedup <= 1.0:
@@ -85,8 +92,10 @@ class Answer:
     duplicates: dict[int, int] = field(default_factory=dict)  # id -> results folded into it
 
 
-def answer(index: SearchIndex, vector: np.ndarray, ask: Ask) -> Answer:
-    """The page of hits for one query vector."""
+def answer(index: SearchIndex, vector: np.ndarray | None, ask: Ask) -> Answer:
+    """The page of hits for one query vector (none for mode=text)."""
+    if ask.mode != "vector":
+        return _by_words(index, vector, ask)
     need = ask.offset + ask.k
     depth = need + 1 if ask.dedup is None else 2 * need + 1  # one more: whether a next page exists
     deepest = min(ANN_MAX, 8 * need + 64)  # dedup fetches deeper until the page is full, up to this
@@ -111,6 +120,26 @@ def answer(index: SearchIndex, vector: np.ndarray, ask: Ask) -> Answer:
     duplicates = {i: n for i, n in folded.items() if i in {h.id for h in hits}}
     return Answer(hits, strategy, sum(n for i, n in folded.items() if i in kept_ids),
                   more=len(order) > need, duplicates=duplicates)
+
+
+def _by_words(index: SearchIndex, vector: np.ndarray | None, ask: Ask) -> Answer:
+    """A text or hybrid page (index/fulltext.py): the BM25 ranking of the query's words, alone or fused
+    with the vector ranking (both at least PAGE_WINDOW deep, so pages agree); filters apply to both."""
+    need = ask.offset + ask.k
+    depth = max(need + 1, PAGE_WINDOW)
+    db = index.db
+    if not fulltext.present(db.con):
+        raise FilterUnavailable(f"the index at {index.path} has no full-text index yet, and this server may not "
+                                f"write it: open it once with write access (dsmd index info {index.path})")
+    cond, args = ask.where.sql() if ask.where is not None else ("1", [])
+    scores, ids = fulltext.ranking(db.con, ask.text, depth, cond, args)
+    if ask.mode == "hybrid":
+        _, by_vector, _ = _ranking(index, vector, depth, replace(ask, mode="vector", min_score=None))
+        scores, ids = fulltext.fuse(ids, by_vector[:depth])
+    page = ids[ask.offset:need]
+    rows = index.rows([int(i) for i in page], "images", brief=True)
+    hits = [Hit(int(i), float(s), rows[int(i)]) for s, i in zip(scores[ask.offset:need], page) if int(i) in rows]
+    return Answer(hits, ask.mode, more=len(ids) > need)
 
 
 def _ranking(index: SearchIndex, vector: np.ndarray, n: int, ask: Ask) -> tuple[np.ndarray, np.ndarray, str]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from PIL import Image
 
 from dsmd.errors import UserError
+from dsmd.index import fulltext
 
 COLUMNS = {"bytes": "INTEGER", "mtime": "REAL", "taken": "REAL", "camera": "TEXT", "folder": "TEXT"}
 UPLOAD_FOLDER = "uploads"
@@ -47,9 +48,10 @@ _EXIF_IFD, _DATETIME_ORIGINAL, _OFFSET_ORIGINAL, _DATETIME, _MODEL = 0x8769, 368
 
 
 def migrate(con: sqlite3.Connection) -> None:
-    """Add the metadata columns, the tags table and their indexes where missing (one write
+    """Add the metadata columns, the tags table, their indexes and the full-text index where missing (one write
     transaction: two processes opening an old index at once do it once)."""
-    if has_metadata(con) and con.execute("SELECT 1 FROM sqlite_master WHERE name='items_by_bytes'").fetchone():
+    if has_metadata(con) and con.execute("SELECT 1 FROM sqlite_master WHERE name='items_by_bytes'").fetchone() \
+            and fulltext.present(con):
         return
     con.execute("BEGIN IMMEDIATE")
     try:
@@ -60,6 +62,7 @@ def migrate(con: sqlite3.Connection) -> None:
         for statement in SCHEMA.split(";"):
             if statement.strip():
                 con.execute(statement)
+        fulltext.create(con)  # the words of file names, folders, captions and tags (index/fulltext.py)
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")

@@ -39,7 +39,8 @@ class Paged(BaseModel):
     offset: int = Field(description="results skipped before this page")
     next_offset: int | None = Field(description="the offset of the next page; null when this is the last")
     strategy: str = Field(description="how the search ran: ann, exact, post-filter (ANN, then the filter) "
-                          "or scan (every item the filter keeps, scored exactly)")
+                          "or scan (every item the filter keeps, scored exactly); text or hybrid for those "
+                          "modes of /search")
     collapsed: int | None = Field(None, description="with dedup: results folded into better ones")
     results: list[ImageHit] | list[TextHit]
 

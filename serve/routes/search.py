@@ -8,12 +8,15 @@ server has seen recently skips the encoder (its vector is cached).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from dsmd.errors import UserError
+from dsmd.index.filtered import MODES
 from dsmd.serve import models
 from dsmd.serve.admission import Deadline
 from dsmd.serve.deps import OPTIONS_SPEC, CollectionDep, ItemId, StateDep, Target, options_of
@@ -25,18 +28,32 @@ router = APIRouter()
 K = Annotated[int | None, Query(description="how many results (a page)")]
 
 
+MODE_SPEC = {"name": "mode", "in": "query", "required": False,
+             "schema": {"type": "string", "enum": list(MODES), "default": "vector"},
+             "description": "vector: by meaning (the embedding); text: by the words of file names, folders, captions "
+                            "and tags (BM25); hybrid: both rankings fused (reciprocal rank fusion)"}
+
+
 @router.get("/search", summary="Text → images", response_model=models.TextSearch,
-            responses=models.errors(404, 413, 422, 503), openapi_extra={"parameters": OPTIONS_SPEC})
+            responses=models.errors(404, 413, 422, 503), openapi_extra={"parameters": [*OPTIONS_SPEC, MODE_SPEC]})
 async def search_text(request: Request, s: StateDep, c: CollectionDep,
                       text: Annotated[str, Query(description="what to look for")], k: K = None) -> JSONResponse:
     t0 = time.perf_counter()
     ask = ask_for(s, k, "images", options_of(request))
     check_text(text)
+    mode = request.query_params.get("mode") or "vector"
+    if mode != "vector":  # read by hand, as the other options (serve/deps.py)
+        try:
+            ask = replace(ask, mode=mode, text=text)
+        except UserError as e:
+            raise HTTPException(422, str(e)) from None
     deadline = Deadline(s.settings.request_timeout_s)
     async with s.gates["text"].admit(s.settings.queue_wait_s(deadline.left())):
         e = c.encoders
         cached = e.text_cache.lookup(text)
-        if cached is None:
+        if mode == "text":  # words alone: no encoder
+            (vector, truncated), ans = (None, False), await search(c, None, ask, deadline)
+        elif cached is None:
             vector, truncated, ans = await encode_and_search(request, s, e.texts, (text, c.index, ask), deadline)
             e.text_cache.put(text, (vector, truncated))
             ans = settle(ans)
