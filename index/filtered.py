@@ -29,6 +29,7 @@ group always stays; the search fetches deeper until the page is full or the rank
 from __future__ import annotations
 
 import math
+import sqlite3
 import threading
 import weakref
 from collections import OrderedDict
@@ -132,7 +133,10 @@ def _by_words(index: SearchIndex, vector: np.ndarray | None, ask: Ask) -> Answer
         raise FilterUnavailable(f"the index at {index.path} has no full-text index yet, and this server may not "
                                 f"write it: open it once with write access (dsmd index info {index.path})")
     cond, args = ask.where.sql() if ask.where is not None else ("1", [])
-    scores, ids = fulltext.ranking(db.con, ask.text, depth, cond, args)
+    try:
+        scores, ids = fulltext.ranking(db.con, ask.text, depth, cond, args)
+    except sqlite3.OperationalError as e:  # e.g. the database locked beyond its timeout: a 503 to retry
+        raise UserError(f"the index database is busy ({e}); try again") from e
     if ask.mode == "hybrid":
         _, by_vector, _ = _ranking(index, vector, depth, replace(ask, mode="vector", min_score=None))
         scores, ids = fulltext.fuse(ids, by_vector[:depth])

@@ -62,7 +62,13 @@ def present(con: sqlite3.Connection) -> bool:
 def create(con: sqlite3.Connection) -> None:
     """The table, its triggers, and the rows of the items already indexed (inside the caller's transaction)."""
     fresh = not present(con)
-    for statement in SCHEMA:
+    try:
+        con.execute(SCHEMA[0])
+    except sqlite3.OperationalError as e:  # a SQLite built without FTS5: searches by words are refused (422)
+        if "fts5" not in str(e):
+            raise
+        return
+    for statement in SCHEMA[1:]:
         con.execute(statement)
     if fresh:
         con.execute(f"INSERT INTO {TABLE}(rowid, name, folder, captions, tags) SELECT id, {_name('uri')}, "

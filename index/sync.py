@@ -11,7 +11,8 @@ index's rows under it and applies the difference:
 - gone from the folder: the row is removed (its vector rows are reclaimed by the next rebuild), unless
   a recorded copy of its bytes is still there, which the row then points to;
 - unreadable (not an image, truncated, no permission): reported and recorded as skipped, and tried
-  again only once the file changes;
+  again once the file changes (its time or status: a chmod, a copy that keeps old times), or when
+  a decoder it needed is there now (pillow-heif for HEIC);
 - a recorded copy (another path of an item's bytes) is hashed again each time, nothing more;
 - written in the last `settle_s` seconds: left for the next round (a file being copied is never
   indexed half-way; `--watch` runs that round).
@@ -37,10 +38,12 @@ from tqdm import tqdm
 from dsmd.artifacts import read_manifest
 from dsmd.bundle import Bundle
 from dsmd.errors import UserError
+from dsmd.images import heif_formats
 from dsmd.index.build import _quiet, add_images, finalize
 from dsmd.index.db import IndexDB
 from dsmd.index.identity import bundle_fingerprint
 from dsmd.index.lock import folder_lock
+from dsmd.index.reclaim import upload_dirs
 from dsmd.index.sources import IMAGE_EXTENSIONS, Source, _folder
 
 log = logging.getLogger("dsmd.index")
@@ -90,13 +93,13 @@ class Plan:
     settling: list[str] = field(default_factory=list)
 
 
-def scan(root: Path, skip: Path | None = None) -> dict[str, tuple[Path, os.stat_result]]:
+def scan(root: Path, skip: tuple[Path, ...] = ()) -> dict[str, tuple[Path, os.stat_result]]:
     """Every image file under `root` by its resolved path (links followed as a build follows them),
-    with its stat; nothing under `skip` (the index's own folder, when it lies inside)."""
+    with its stat; nothing under `skip` (the index's own folder and its upload folders, when inside)."""
     out = {}
     for dirpath, dirs, files in os.walk(root, followlinks=False):
         here = Path(dirpath)
-        if skip is not None and (here == skip or skip in here.parents):
+        if any(here == s or s in here.parents for s in skip):
             dirs[:] = []
             continue
         dirs.sort()
@@ -125,16 +128,19 @@ def _sha256(path: Path) -> str:
 def plan(db: IndexDB, root: Path, index_path: Path, settle_s: float = 0.0, progress: bool = True) -> Plan:
     """Compare the folder with the index (reads only the files whose size or time changed)."""
     root = root.resolve()
-    files = scan(root, skip=index_path.resolve())
-    prefix, own = str(root) + os.sep, str(index_path.resolve()) + os.sep  # own: the index's uploads
+    own = (index_path.resolve(), *(p.resolve() for p in upload_dirs(db, index_path)))  # never the folder's
+    files = scan(root, skip=own)
+    prefix = str(root) + os.sep
     columns = "SELECT id, uri, sha256, bytes, mtime FROM items WHERE "
     rows = {uri: (i, sha, size, mtime) for i, uri, sha, size, mtime in db.con.execute(
-        columns + "substr(uri, 1, ?) = ?", (len(prefix), prefix)) if not uri.startswith(own)}
+        columns + "substr(uri, 1, ?) = ?", (len(prefix), prefix)) if not any(Path(uri).is_relative_to(o) for o in own)}
     outside = [u for u in files if not u.startswith(prefix)]  # links to files elsewhere, indexed at their target
     if outside:
         rows.update({uri: (i, sha, size, mtime) for i, uri, sha, size, mtime in db.con.execute(
             columns + "uri IN (SELECT value FROM json_each(?))", (json.dumps(outside),))})
-    skipped = dict(db.con.execute("SELECT uri, at FROM skipped WHERE substr(uri, 1, ?) = ?", (len(prefix), prefix)))
+    skipped = {u: (at, reason) for u, at, reason in db.con.execute(
+        "SELECT uri, at, reason FROM skipped WHERE substr(uri, 1, ?) = ?", (len(prefix), prefix))}
+    heif = bool(heif_formats())
     copies = dict(db.con.execute("SELECT c.uri, i.sha256 FROM copies c JOIN items i ON i.id = c.item_id "
                                  "WHERE substr(c.uri, 1, ?) = ?", (len(prefix), prefix)))
     p, now = Plan(), time.time()
@@ -143,10 +149,11 @@ def plan(db: IndexDB, root: Path, index_path: Path, settle_s: float = 0.0, progr
         row = rows.get(uri)
         if row is not None and row[2] == st.st_size and row[3] == st.st_mtime:
             p.unchanged += 1
-        elif now - st.st_mtime < settle_s:
+        elif 0 <= now - st.st_mtime < settle_s:  # (a time in the future is a camera's clock, not a copy)
             p.settling.append(uri)
-        elif row is None and uri in skipped and st.st_mtime <= skipped[uri]:
-            p.unreadable.append({"uri": uri, "reason": "unreadable when last tried, unchanged since"})
+        elif row is None and uri in skipped and max(st.st_mtime, st.st_ctime) <= skipped[uri][0] \
+                and not (heif and "pillow-heif" in skipped[uri][1]):  # retried once it or its decoders change
+            p.unreadable.append({"uri": uri, "reason": f"{skipped[uri][1]} (when last tried; unchanged since)"})
         else:
             look.append((uri, path, st))
     gone = {sha: i for uri, (i, sha, _, _) in rows.items() if uri not in files}
@@ -174,6 +181,13 @@ def plan(db: IndexDB, root: Path, index_path: Path, settle_s: float = 0.0, progr
     return p
 
 
+def _same_bytes(path: str, sha: str) -> bool:
+    try:
+        return os.path.isfile(path) and _sha256(Path(path)) == sha
+    except OSError:
+        return False
+
+
 def _apply(db: IndexDB, p: Plan, root: Path) -> tuple[int, int]:
     """Moves, touches and removals in one transaction: (moved, removed from the folder). A gone item
     with a recorded copy still on disk points to the copy instead."""
@@ -190,8 +204,9 @@ def _apply(db: IndexDB, p: Plan, root: Path) -> tuple[int, int]:
         for i, st in p.touches:
             db.con.execute("UPDATE items SET bytes=?, mtime=? WHERE id=?", (st.st_size, st.st_mtime, i))
         for i in p.gone:
+            sha = db.con.execute("SELECT sha256 FROM items WHERE id=?", (i,)).fetchone()
             copy = next((u for (u,) in db.con.execute("SELECT uri FROM copies WHERE item_id=? ORDER BY uri", (i,))
-                         if os.path.isfile(u)), None)
+                         if sha is not None and _same_bytes(u, sha[0])), None)
             if copy is not None:
                 st = os.stat(copy)
                 db.con.execute("DELETE FROM copies WHERE uri=?", (copy,))
@@ -211,11 +226,28 @@ def _apply(db: IndexDB, p: Plan, root: Path) -> tuple[int, int]:
     return moved, removed
 
 
+def _note_skips(path: Path, root: Path, failed: list[str], tried_at: float) -> None:
+    """The skipped files of this run stamped with the time before they were read; skips of files now
+    indexed or gone forgotten."""
+    db = IndexDB(path / "items.sqlite")
+    prefix = str(root) + os.sep
+    try:
+        with folder_lock(path), db.transaction():
+            db.con.executemany("UPDATE skipped SET at = ? WHERE uri = ?", [(tried_at, u) for u in failed])
+            db.con.execute("DELETE FROM skipped WHERE uri IN (SELECT uri FROM items)")
+            for (uri,) in db.con.execute("SELECT uri FROM skipped WHERE substr(uri, 1, ?) = ?",
+                                         (len(prefix), prefix)).fetchall():
+                if not os.path.exists(uri):
+                    db.con.execute("DELETE FROM skipped WHERE uri = ?", (uri,))
+    finally:
+        db.close()
+
+
 def sync(path: str | Path, bundle: Bundle, root: str | Path, kind: str | None = None, batch: int = 64,
          workers: int = 2, progress: bool = True, settle_s: float = 0.0, memory_bytes: int | None = None,
          backend: dict | None = None) -> SyncReport:
     """Make the index at `path` match the folder `root` (see the module's docstring); returns what it did."""
-    t0 = time.time()
+    t0 = time.time()  # before any file is read: a file changed after it is tried again next time
     path, root = Path(path), Path(root)
     if not root.is_dir():
         raise UserError(f"{root} is not a folder: give the folder of images to keep indexed (--folder DIR)")
@@ -233,6 +265,7 @@ def sync(path: str | Path, bundle: Bundle, root: str | Path, kind: str | None = 
         added = add_images(path, bundle, p.embed, batch=batch, workers=workers, progress=progress)
         r.added = added.added
         r.unreadable += added.skipped
+    _note_skips(path, root.resolve(), [u["uri"] for u in r.unreadable if "unchanged since" not in u["reason"]], t0)
     manifest = read_manifest(path)
     db = IndexDB(path / "items.sqlite")
     try:

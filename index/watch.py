@@ -9,6 +9,7 @@ half-way. One sync at a time, each one the same as `dsmd index sync` (index/sync
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +18,8 @@ from pathlib import Path
 from dsmd.bundle import Bundle
 from dsmd.errors import UserError
 from dsmd.index.sync import SyncReport, sync
+
+CHANGES = {"created", "deleted", "moved", "modified", "closed"}  # watchdog's events that change a folder
 
 
 def watch(path: str | Path, bundle: Bundle, root: str | Path, quiet_s: float = 2.0,
@@ -33,10 +36,15 @@ def watch(path: str | Path, bundle: Bundle, root: str | Path, quiet_s: float = 2
     own = str(Path(path).resolve())
     changed = threading.Event()
 
+    def ours(where: str) -> bool:
+        return where == own or where.startswith(own + os.sep)
+
     class Changes(FileSystemEventHandler):
         def on_any_event(self, event) -> None:
+            if event.event_type not in CHANGES:  # reads (opened, closed_no_write), by a sync or a server, are none
+                return
             where = [str(getattr(event, "src_path", "")), str(getattr(event, "dest_path", "") or "")]
-            if event.event_type != "opened" and not all(w.startswith(own) for w in where if w):
+            if not all(ours(w) for w in where if w):
                 changed.set()
 
     observer = Observer()

@@ -209,7 +209,9 @@ def test_an_index_made_before_metadata_gains_it_on_opening(tmp_path):
     db.replace([NewItem("a", "x", 1, 2, [], np.ones(DIM, np.float32) / 4)])
     db.close()
     con = sqlite3.connect(path)  # back to the schema of 2026-12-06
-    con.executescript("""DROP INDEX items_by_folder; DROP INDEX items_by_time; DROP INDEX items_by_bytes;
+    con.executescript("""DROP TABLE items_fts; DROP TRIGGER items_fts_insert; DROP TRIGGER items_fts_delete;
+        DROP TRIGGER items_fts_update; DROP TRIGGER tags_fts_insert; DROP TRIGGER tags_fts_delete;
+        DROP INDEX items_by_folder; DROP INDEX items_by_time; DROP INDEX items_by_bytes;
         DROP TABLE tags; DROP TABLE copies; ALTER TABLE items DROP COLUMN bytes;
         ALTER TABLE items DROP COLUMN mtime; ALTER TABLE items DROP COLUMN taken;
         ALTER TABLE items DROP COLUMN camera; ALTER TABLE items DROP COLUMN folder;""")
