@@ -6,6 +6,7 @@
     watch.py      `sync --watch`: sync after each burst of changes in the folder (inotify, debounced)
     sources.py    where images come from (a folder, a data set, a shard), decoded in threads
     ann.py        which FAISS index fits a size and memory, and its tuning to a recall target
+    tune_queries.py  the text queries a captionless collection's image index is tuned for too
     db.py         the SQLite tables (items, content hashes, captions, the row of each vector): the source of truth
     connect.py    how SQLite is opened: durability (DSMD_INDEX_SYNCHRONOUS), read-only connections that create no file
     metadata.py   what an item is besides its vector: file size and time, EXIF time and camera, folder, tags

@@ -290,17 +290,22 @@ def apply_search_params(index, kind: str, search: dict) -> None:
 
 
 def tune(index, kind: str, queries: np.ndarray, kth_exact: np.ndarray, vectors_of: Callable[[np.ndarray], np.ndarray],
-         target: float = TARGET_RECALL, k: int = 10) -> tuple[dict, float]:
+         target: float = TARGET_RECALL, k: int = 10, also: tuple = ()) -> tuple[dict, float]:
     """The cheapest search setting reaching recall@k >= target.
 
     Recall@k counts the returned neighbours whose *exact* score (recomputed from
     `vectors_of(ids)`, not the index's approximate one) is at least the exact k-th score
-    (`kth_exact`, per query): ties at the k-th place are all correct answers.
+    (`kth_exact`, per query): ties at the k-th place are all correct answers. `also`: more
+    (queries, kth_exact) sets the setting must reach the target for too (the text queries of a
+    captionless collection); the recall returned is the lowest of them.
     """
     def recall(search: dict) -> float:
         apply_search_params(index, kind, search)
-        _, ids = index.search(queries, k)
-        return recall_at_k(ids, queries, kth_exact, vectors_of, index.ntotal)
+        found = []
+        for q, kth in ((queries, kth_exact), *also):
+            _, ids = index.search(q, k)
+            found.append(recall_at_k(ids, q, kth, vectors_of, index.ntotal))
+        return min(found)
 
     if kind == "flat":
         return {}, recall({})

@@ -156,7 +156,8 @@ def remove(path: str | Path, ids: list[int] = (), uris: list[str] = (), bundle: 
 
 def finalize(path: str | Path, bundle: Bundle, kind: str | None = None, target: float = ann.TARGET_RECALL,
              memory_bytes: int | None = None, progress: bool = True, report: Report | None = None,
-             backend: dict | None = None, reclaim: bool | None = None) -> dict:
+             backend: dict | None = None, reclaim: bool | None = None, tune_queries: list[str] | None = None
+             ) -> dict:
     """(Re)build the FAISS files from the database, tune them, and write the manifest last.
 
     New FAISS files get new names; the manifest (replaced atomically) names the ones to use.
@@ -179,7 +180,8 @@ def finalize(path: str | Path, bundle: Bundle, kind: str | None = None, target: 
             if reclaim or (reclaim is None and reclaim_module.should_rewrite(db)):
                 for table in ("items", "texts") if db.dim else ():
                     reclaim_module.rewrite_vectors(db, table, lambda: folder_lock(path))
-            manifest = _rebuild(path, db, bundle, kind, target, memory_bytes, progress, report, t0, backend)
+            manifest = _rebuild(path, db, bundle, kind, target, memory_bytes, progress, report, t0, backend,
+                                tune_queries)
             with folder_lock(path):
                 write_json(path / MANIFEST, manifest)
                 _crash_point("manifest-written")
@@ -191,12 +193,14 @@ def finalize(path: str | Path, bundle: Bundle, kind: str | None = None, target: 
 
 
 def _rebuild(path: Path, db: IndexDB, bundle: Bundle, kind: str | None, target: float, memory_bytes: int | None,
-             progress: bool, report: Report | None, t0: float, backend: dict | None = None) -> dict:
+             progress: bool, report: Report | None, t0: float, backend: dict | None = None,
+             tune_queries: list[str] | None = None) -> dict:
     """Write new FAISS files from one snapshot of the rows; returns the manifest that names them."""
     # given settings are remembered for later finalizes, once this one has succeeded with them
     given = {"index_kind": kind, "memory_bytes": None if memory_bytes is None else str(int(memory_bytes)),
-             "backend": None if backend is None else json.dumps(backend)}
-    meta = db.meta()
+             "backend": None if backend is None else json.dumps(backend),
+             "tune_queries": json.dumps(tune_queries[:1000]) if tune_queries else None}
+    meta = {**db.meta(), **{k: v for k, v in given.items() if k == "tune_queries" and v}}
     kind = kind or meta.get("index_kind")
     memory_bytes = memory_bytes or int(meta.get("memory_bytes", 0)) or None
     backend = backend or json.loads(meta.get("backend") or '{"name": "faiss"}')
@@ -221,6 +225,8 @@ def _rebuild(path: Path, db: IndexDB, bundle: Bundle, kind: str | None, target: 
             other = "texts" if table == "items" else "items"
             q_table = other if counts[other] else table
             queries = _sample_queries(lambda t=q_table: db.vectors(t), counts[q_table])
+            # no captions: the images are asked in words all the same, and text vectors sit elsewhere
+            words = _text_queries(bundle, meta) if table == "items" and q_table == table else None
             # a kind a previous build fell back to is where this one starts (compactions repeat no failure),
             # while it is still one this size and memory would try
             by_size = ann.choose_kind(n, db.dim, memory_bytes)
@@ -228,14 +234,17 @@ def _rebuild(path: Path, db: IndexDB, bundle: Bundle, kind: str | None, target: 
             if settled not in [by_size, *ann.fallbacks(by_size, n, db.dim, memory_bytes)]:
                 settled = None
             stem = path / f"{name}.g{generation}-{stamp}"
-            index, spec, build_s, tried = _build_tuned(db, table, name, n, kind, target, memory_bytes, queries,
-                                                       progress, settled, stem)
+            index, spec, build_s, tried, by_set = _build_tuned(db, table, name, n, kind, target, memory_bytes,
+                                                               queries, progress, settled, stem, words)
             file = stem.with_name(stem.name + ".faiss")
             ann.write(index, file, before_replace=lambda: _crash_point("faiss-temp"))
             _crash_point("faiss-written")
             del index
             parts[name] = {"count": n, "file": file.name, "index": spec.to_json(), "build_seconds": round(build_s, 1),
                            "bytes": file.stat().st_size, "tuned_with_queries_from": q_table, "target_recall": target,
+                           "text_queries": None if words is None else {
+                               "from": "operator" if meta.get("tune_queries") else "built-in", "count": len(words),
+                               "recall_at_10": by_set[1], "image_queries_recall_at_10": by_set[0]},
                            "tried": tried, "settled_kind": None if kind or spec.recall_at_10 < target
                            or spec.kind == by_size else spec.kind,
                            "shortfall": None if spec.recall_at_10 >= target else shortfall_message(name, spec, target,
@@ -259,10 +268,11 @@ def _rebuild(path: Path, db: IndexDB, bundle: Bundle, kind: str | None, target: 
 
 def _build_tuned(db: IndexDB, table: str, name: str, n: int, kind: str | None, target: float,
                  memory_bytes: int | None, queries: np.ndarray, progress: bool, settled: str | None = None,
-                 stem: Path | None = None):
+                 stem: Path | None = None, text_queries: np.ndarray | None = None):
     """Build and tune the kind chosen by size (or `kind`, when the user forced one); while it falls
     short of `target`, try the next kind that fits (ann.fallbacks) and keep the first that reaches
-    it, else the best. `settled`: the kind an earlier build fell back to, tried first. Returns
+    it, else the best. `settled`: the kind an earlier build fell back to, tried first; `text_queries`:
+    a second query set the target holds for too (captionless images, index/tune_queries.py). Returns
     (index, IndexSpec, build seconds, every attempt's kind and recall)."""
 
     def chunks():
@@ -271,6 +281,7 @@ def _build_tuned(db: IndexDB, table: str, name: str, n: int, kind: str | None, t
     first = kind or settled or ann.choose_kind(n, db.dim, memory_bytes)
     order = [first] + ([] if kind else ann.fallbacks(first, n, db.dim, memory_bytes))
     kth = ann.exact_kth_score(chunks, queries)
+    also = () if text_queries is None else ((text_queries, ann.exact_kth_score(chunks, text_queries)),)
     best, tried = None, []
     for chosen in order:
         refine = ann.choose_refine(n, db.dim, memory_bytes)
@@ -283,7 +294,7 @@ def _build_tuned(db: IndexDB, table: str, name: str, n: int, kind: str | None, t
         index, params = ann.build(chosen, db.dim, chunks, n, progress=bar.update, refine=refine, vectors_of=vectors_of,
                                   data_path=stem.with_name(stem.name + ".ivfdata") if stem else None)
         bar.close()
-        search, recall = ann.tune(index, chosen, queries, kth, vectors_of, target)
+        search, recall = ann.tune(index, chosen, queries, kth, vectors_of, target, also=also)
         build_s = time.time() - t1
         tried.append({"kind": chosen, "recall_at_10": round(recall, 4), "seconds": round(build_s, 1)})
         if best is None or recall > best[1].recall_at_10:
@@ -294,7 +305,13 @@ def _build_tuned(db: IndexDB, table: str, name: str, n: int, kind: str | None, t
         if progress and chosen != order[-1]:
             tqdm.write(f"{name}: {chosen} reaches recall@10 {recall:.3f} at most, short of {target}: "
                        f"trying {order[order.index(chosen) + 1]}")
-    return (*best, tried)
+    by_set = None  # the recall of each query set at the setting kept (images, then texts)
+    if also:
+        index, spec = best[0], best[1]
+        ann.apply_search_params(index, spec.kind, spec.search)
+        by_set = [round(ann.recall_at_k(index.search(q, 10)[1], q, kq, lambda i: db.vectors_of(i, table), index.ntotal),
+                        4) for q, kq in ((queries, kth), *also)]
+    return (*best, tried, by_set)
 
 
 def shortfall_message(name: str, spec: ann.IndexSpec, target: float, tried: list[dict]) -> str:
@@ -334,6 +351,17 @@ def _crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _text_queries(bundle: Bundle, meta: dict) -> np.ndarray | None:
+    """The text queries a captionless image index is tuned with too: the operator's (--tune-queries,
+    remembered) or the built-in ones, encoded by the bundle (None for a bundle without a text encoder)."""
+    from dsmd.index.tune_queries import QUERIES
+
+    if not hasattr(bundle, "encode_texts"):
+        return None
+    texts = json.loads(meta.get("tune_queries") or "null") or list(QUERIES)
+    return np.ascontiguousarray(bundle.encode_texts(texts), np.float32)
+
+
 def _sample_queries(chunks, n: int, size: int = 1000) -> np.ndarray:
     step = max(1, n // size)
     out = []
@@ -347,7 +375,7 @@ def _sample_queries(chunks, n: int, size: int = 1000) -> np.ndarray:
 
 def build(path: str | Path, bundle: Bundle, sources: list[Source], kind: str | None = None, batch: int = 64,
           workers: int = 2, progress: bool = True, backend: dict | None = None,
-          memory_bytes: int | None = None) -> dict:
+          memory_bytes: int | None = None, tune_queries: list[str] | None = None) -> dict:
     """Add the new sources, then rebuild the searchable files (or sync Milvus: `backend`); returns the manifest."""
     if backend is not None and backend["name"] == "milvus":
         from dsmd.index import milvus
@@ -355,7 +383,7 @@ def build(path: str | Path, bundle: Bundle, sources: list[Source], kind: str | N
         milvus.disconnect(milvus.connect(backend["uri"]), backend["uri"])  # unreachable: fail now, not after embedding
     report = add_images(path, bundle, sources, batch=batch, workers=workers, progress=progress)
     return finalize(path, bundle, kind=kind, progress=progress, report=report, backend=backend,
-                    memory_bytes=memory_bytes)
+                    memory_bytes=memory_bytes, tune_queries=tune_queries)
 
 
 def info(path: str | Path) -> dict:

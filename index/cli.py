@@ -53,7 +53,7 @@ def _build(a: argparse.Namespace) -> int:
 
     sources = shard_of(_sources(a), shard)
     m = build(a.index, _bundle(a), sources, kind=a.index_type, batch=a.batch, workers=a.workers,
-              backend=_backend(a), memory_bytes=_memory_bytes(a))
+              backend=_backend(a), memory_bytes=_memory_bytes(a), tune_queries=_tune_queries(a))
     _print_build(a, m)
     return 0
 
@@ -62,7 +62,8 @@ def _sync(a: argparse.Namespace) -> int:
     from dsmd.index.sync import sync
     from dsmd.index.watch import watch
 
-    options = {"kind": a.index_type, "batch": a.batch, "workers": a.workers, "backend": _backend(a)}
+    options = {"kind": a.index_type, "batch": a.batch, "workers": a.workers, "backend": _backend(a),
+               "tune_queries": _tune_queries(a)}
     settle = a.settle_s if a.settle_s is not None else 2.0 if a.watch else 0.0
     if not a.watch:
         r = sync(a.index, _bundle(a), a.folder, settle_s=settle, **options)
@@ -140,7 +141,9 @@ def _info(a: argparse.Namespace) -> int:
             ix = p["index"]
             print(f"  {part:6s} {p['count']:>10,} vectors  {ix['kind']:5s} {ix['params']} search {ix['search']}  "
                   f"recall@10 vs exact {ix['recall_at_10']:.3f}"
-                  + (f"  {p['bytes'] / 2**20:.1f} MiB" if p.get("bytes") else f"  collection {p.get('collection')}"))
+                  + (f"  {p['bytes'] / 2**20:.1f} MiB" if p.get("bytes") else f"  collection {p.get('collection')}")
+                  + (f"\n         (no captions: image queries {q['image_queries_recall_at_10']:.3f}, {q['count']} "
+                     f"{q['from']} text queries {q['recall_at_10']:.3f})" if (q := p.get("text_queries")) else ""))
         else:
             print(f"  {part:6s} empty")
     print(f"  skipped files: {m['skipped']}")
@@ -221,7 +224,7 @@ def _finalize(a: argparse.Namespace, bundle, **kwargs) -> dict:
     """Rebuild the search files after a change, with the kind and back end of --index-type / --backend."""
     from dsmd.index.build import finalize
 
-    return finalize(a.index, bundle, kind=a.index_type, backend=_backend(a), **kwargs)
+    return finalize(a.index, bundle, kind=a.index_type, backend=_backend(a), tune_queries=_tune_queries(a), **kwargs)
 
 
 def _print_build(a: argparse.Namespace, m: dict) -> None:
@@ -284,9 +287,16 @@ def _batch_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=64, help="images per encoder batch (default: 64)")
 
 
+def _tune_queries(a: argparse.Namespace) -> list[str] | None:
+    from dsmd.index.tune_queries import read
+    return read(a.tune_queries) if getattr(a, "tune_queries", None) else None
+
+
 def _finalize_options(p: argparse.ArgumentParser, memory: bool = False) -> None:
-    """What rebuilding the search files takes: --index-type, [--memory-gib], --backend/--milvus-uri/--collection."""
+    """What rebuilding the search files takes: --index-type, [--memory-gib], --tune-queries, --backend/..."""
     p.add_argument("--index-type", choices=["flat", "hnsw", "ivfpq", "ivfdisk"], help="override the choice by size")
+    p.add_argument("--tune-queries", metavar="FILE", help="a captionless collection: tune its image index for these "
+                   "text queries (one a line; remembered) instead of the built-in ones")
     if memory:
         p.add_argument("--memory-gib", type=float, help="memory the FAISS index may take; past it the choice goes "
                                                         "to IVF-PQ on disk (ivfdisk). Remembered (default: no limit)")

@@ -245,7 +245,7 @@ def _note_skips(path: Path, root: Path, failed: list[str], tried_at: float) -> N
 
 def sync(path: str | Path, bundle: Bundle, root: str | Path, kind: str | None = None, batch: int = 64,
          workers: int = 2, progress: bool = True, settle_s: float = 0.0, memory_bytes: int | None = None,
-         backend: dict | None = None) -> SyncReport:
+         backend: dict | None = None, tune_queries: list[str] | None = None) -> SyncReport:
     """Make the index at `path` match the folder `root` (see the module's docstring); returns what it did."""
     t0 = time.time()  # before any file is read: a file changed after it is tried again next time
     path, root = Path(path), Path(root)
@@ -273,7 +273,8 @@ def sync(path: str | Path, bundle: Bundle, root: str | Path, kind: str | None = 
     finally:
         db.close()
     if manifest is None or manifest.get("generation") != generation:  # the rows changed, now or in a killed run
-        finalize(path, bundle, kind=kind, progress=progress, memory_bytes=memory_bytes, backend=backend)
+        finalize(path, bundle, kind=kind, progress=progress, memory_bytes=memory_bytes, backend=backend,
+                 tune_queries=tune_queries)
         r.finalized = True
     r.seconds = time.time() - t0
     return r

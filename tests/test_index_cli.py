@@ -8,12 +8,12 @@ import sys
 import pytest
 
 INDEX_ACTIONS = ("build", "sync", "embed", "add-texts", "remove", "merge", "info", "search", "duplicates", "recall")
-FINALIZE = {"--index-type", "--backend", "--milvus-uri", "--collection"}
+FINALIZE = {"--index-type", "--tune-queries", "--backend", "--milvus-uri", "--collection"}
 INDEX_OPTIONS = {  # what each action's --help documents
     "build": {"--bundle", "--variant", "--folder", "--data", "--images", "--split", "--from-shards", "--shard",
               "--batch", "--workers", "--memory-gib"} | FINALIZE,
-    "sync": {"--bundle", "--variant", "--folder", "--watch", "--settle-s", "--json", "--batch", "--workers",
-             "--index-type", "--backend", "--milvus-uri", "--collection"},
+    "sync": {"--bundle", "--variant", "--folder", "--watch", "--settle-s", "--json", "--batch", "--workers"}
+    | FINALIZE,
     "embed": {"--bundle", "--variant", "--folder", "--data", "--images", "--split", "--ray", "--actors",
               "--threads-per-actor", "--gpus-per-actor", "--shard-size", "--batch"},
     "add-texts": {"--file", "--bundle", "--variant"} | FINALIZE,
@@ -26,19 +26,20 @@ INDEX_OPTIONS = {  # what each action's --help documents
 }
 INDEX_COMMAND_LINES = [  # together, every option of every action
     "build idx --bundle b --variant int8 --folder f --shard 0/2 --batch 8 --workers 1 --index-type hnsw "
-    "--memory-gib 1.5 --backend milvus --milvus-uri m.db --collection c",
+    "--memory-gib 1.5 --tune-queries q.txt --backend milvus --milvus-uri m.db --collection c",
     "build idx --data d.json --images im --split test",
     "build idx --from-shards sh",
     "sync idx --folder f --bundle b --variant int8 --watch --settle-s 1.5 --json --batch 8 --workers 1 "
-    "--index-type hnsw --backend faiss --milvus-uri m --collection c",
+    "--index-type hnsw --tune-queries q.txt --backend faiss --milvus-uri m --collection c",
     "embed sh --bundle b --variant fp16 --data d.json --images im --split test --ray auto --actors 2 "
     "--threads-per-actor 2 --gpus-per-actor 0.5 --shard-size 80 --batch 16",
     "embed --folder f",
-    "add-texts idx --file t.txt --bundle b --variant fp32 --index-type flat --backend faiss --milvus-uri m "
-    "--collection c",
-    "remove idx --id 3 --id 4 --uri a.png --bundle b --variant int8 --index-type ivfpq --backend milvus "
+    "add-texts idx --file t.txt --bundle b --variant fp32 --index-type flat --tune-queries q --backend faiss "
     "--milvus-uri m --collection c",
-    "merge out s1 s2 --bundle b --variant fp32 --index-type ivfdisk --backend faiss --milvus-uri m --collection c",
+    "remove idx --id 3 --id 4 --uri a.png --bundle b --variant int8 --index-type ivfpq --tune-queries q "
+    "--backend milvus --milvus-uri m --collection c",
+    "merge out s1 s2 --bundle b --variant fp32 --index-type ivfdisk --tune-queries q --backend faiss --milvus-uri m "
+    "--collection c",
     "info idx",
     "search idx --text dogs -k 5 --bundle b --variant fp16",
     "search --image x.png",

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dsmd.artifacts import read_manifest
@@ -220,3 +221,52 @@ def test_tiff_and_heic_photos_are_indexed_and_what_cannot_be_read_says_why(photo
             f"try:\n    open_image({str(root / 'phone.HEIC')!r})\nexcept BadImage as e:\n    print(e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
     assert "a HEIC/HEIF photo; reading it needs pillow-heif: pip install 'dsmd[heic]'" in out
+
+
+def test_a_captionless_collection_is_tuned_for_text_queries_too(photos, bundle, tmp_path):
+    """Folder photos have no captions: the image index is tuned with image vectors and with text queries
+    (the built-in ones, or the operator's, remembered), and the manifest reports both recalls."""
+    from dsmd.index.tune_queries import QUERIES
+
+    root, spare = photos
+    sync(tmp_path / "index", bundle, root, progress=False)
+    q = read_manifest(tmp_path / "index")["images"]["text_queries"]
+    assert q["from"] == "built-in" and q["count"] == len(QUERIES) >= 300
+    assert q["recall_at_10"] == q["image_queries_recall_at_10"] == 1.0  # a flat index: exact for both
+    mine = tmp_path / "queries.txt"
+    mine.write_text("a red circle\n\na blue square\n")
+    r = subprocess.run([sys.executable, "-m", "dsmd.cli", "index", "build", str(tmp_path / "index"), "--bundle",
+                        str(bundle.path), "--folder", str(root), "--index-type", "hnsw", "--tune-queries", str(mine)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert r.returncode == 0, r.stderr
+    m = read_manifest(tmp_path / "index")
+    assert m["images"]["text_queries"]["from"] == "operator" and m["images"]["text_queries"]["count"] == 2
+    assert m["images"]["index"]["kind"] == "hnsw"
+    info = subprocess.run([sys.executable, "-m", "dsmd.cli", "index", "info", str(tmp_path / "index")],
+                          capture_output=True, text=True, timeout=120).stdout
+    assert "2 operator text queries" in info
+    shutil.copy(spare[0], root / "one-more.png")  # a change: the next rebuild remembers the operator's queries
+    assert sync(tmp_path / "index", bundle, root, progress=False).finalized
+    assert read_manifest(tmp_path / "index")["images"]["text_queries"]["count"] == 2
+
+
+def test_tuning_holds_the_target_for_every_query_set():
+    """ann.tune with a second query set keeps a setting at least as deep, and reports the lower recall."""
+    from dsmd.index import ann
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    near = x[:200] + 0.05 * rng.normal(size=(200, 32)).astype(np.float32)  # queries among the data
+    far = rng.normal(size=(200, 32)).astype(np.float32) + 3.0  # queries off to one side: harder for HNSW
+    near, far = (q / np.linalg.norm(q, axis=1, keepdims=True) for q in (near, far))
+    chunks = lambda: iter([(np.arange(len(x)), x)])  # noqa: E731
+    index, _ = ann.build("hnsw", 32, chunks, len(x))
+    vectors_of = lambda ids: x[ids]  # noqa: E731
+    kth_near, kth_far = ann.exact_kth_score(chunks, near), ann.exact_kth_score(chunks, far)
+    alone, r_alone = ann.tune(index, "hnsw", near, kth_near, vectors_of, 0.995)
+    both, r_both = ann.tune(index, "hnsw", near, kth_near, vectors_of, 0.995, also=((far, kth_far),))
+    assert both["efSearch"] > alone["efSearch"]  # here: 64 against 32, the far queries need the deeper search
+    ann.apply_search_params(index, "hnsw", both)
+    far_recall = ann.recall_at_k(index.search(far, 10)[1], far, kth_far, vectors_of, len(x))
+    assert r_both == min(far_recall, ann.recall_at_k(index.search(near, 10)[1], near, kth_near, vectors_of, len(x)))

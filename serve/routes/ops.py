@@ -78,7 +78,8 @@ def index_info(c: Collection) -> dict:
     index, m = c.index, c.index.manifest
     return {**{part: {"count": index.count(part), "kind": m.get(part, {}).get("index", {}).get("kind"),
                       "recall_at_10": m.get(part, {}).get("index", {}).get("recall_at_10"),
-                      "shortfall": m.get(part, {}).get("shortfall")}
+                      "shortfall": m.get(part, {}).get("shortfall"),
+                      "text_queries": m.get(part, {}).get("text_queries")}
                for part in ("images", "texts")},
             "generation": index.generation, "writes": c.writes, "backend": index.backend,
             "reload_error": c.reload_error}
