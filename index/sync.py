@@ -25,7 +25,6 @@ folder shows nothing more to do.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dsmd.artifacts import read_manifest
+from dsmd.artifacts import read_manifest, sha256_file
 from dsmd.bundle import Bundle
 from dsmd.errors import UserError
 from dsmd.images import heif_formats
@@ -117,14 +116,6 @@ def scan(root: Path, skip: tuple[Path, ...] = ()) -> dict[str, tuple[Path, os.st
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def plan(db: IndexDB, root: Path, index_path: Path, settle_s: float = 0.0, progress: bool = True) -> Plan:
     """Compare the folder with the index (reads only the files whose size or time changed)."""
     root = root.resolve()
@@ -159,7 +150,7 @@ def plan(db: IndexDB, root: Path, index_path: Path, settle_s: float = 0.0, progr
     gone = {sha: i for uri, (i, sha, _, _) in rows.items() if uri not in files}
     for uri, path, st in tqdm(look, desc="sync: hash", unit="file", dynamic_ncols=True, **_quiet(progress)):
         try:
-            sha = _sha256(path)
+            sha = sha256_file(path)
         except OSError as e:
             p.unreadable.append({"uri": uri, "reason": f"cannot read ({e.strerror})"})
             continue
@@ -183,7 +174,7 @@ def plan(db: IndexDB, root: Path, index_path: Path, settle_s: float = 0.0, progr
 
 def _same_bytes(path: str, sha: str) -> bool:
     try:
-        return os.path.isfile(path) and _sha256(Path(path)) == sha
+        return os.path.isfile(path) and sha256_file(Path(path)) == sha
     except OSError:
         return False
 
@@ -226,9 +217,9 @@ def _apply(db: IndexDB, p: Plan, root: Path) -> tuple[int, int]:
     return moved, removed
 
 
-def _note_skips(path: Path, root: Path, failed: list[str], tried_at: float) -> None:
+def _note_skips(path: Path, root: Path, failed: list[str], tried_at: float) -> int:
     """The skipped files of this run stamped with the time before they were read; skips of files now
-    indexed or gone forgotten."""
+    indexed or gone forgotten. Returns the rows' generation after it all."""
     db = IndexDB(path / "items.sqlite")
     prefix = str(root) + os.sep
     try:
@@ -239,6 +230,7 @@ def _note_skips(path: Path, root: Path, failed: list[str], tried_at: float) -> N
                                          (len(prefix), prefix)).fetchall():
                 if not os.path.exists(uri):
                     db.con.execute("DELETE FROM skipped WHERE uri = ?", (uri,))
+        return db.generation
     finally:
         db.close()
 
@@ -265,13 +257,9 @@ def sync(path: str | Path, bundle: Bundle, root: str | Path, kind: str | None = 
         added = add_images(path, bundle, p.embed, batch=batch, workers=workers, progress=progress)
         r.added = added.added
         r.unreadable += added.skipped
-    _note_skips(path, root.resolve(), [u["uri"] for u in r.unreadable if "unchanged since" not in u["reason"]], t0)
+    failed = [u["uri"] for u in r.unreadable if "unchanged since" not in u["reason"]]
+    generation = _note_skips(path, root.resolve(), failed, t0)
     manifest = read_manifest(path)
-    db = IndexDB(path / "items.sqlite")
-    try:
-        generation = db.generation
-    finally:
-        db.close()
     if manifest is None or manifest.get("generation") != generation:  # the rows changed, now or in a killed run
         finalize(path, bundle, kind=kind, progress=progress, memory_bytes=memory_bytes, backend=backend,
                  tune_queries=tune_queries)

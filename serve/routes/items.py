@@ -8,7 +8,6 @@ time; their bodies are read before they take a write slot.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from pathlib import Path
@@ -19,6 +18,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from dsmd.artifacts import sha256_file
 from dsmd.errors import UserError
 from dsmd.images import BadImage, CostlyImage
 from dsmd.index.metadata import MAX_TAG_CHARS, MAX_TAGS
@@ -77,11 +77,7 @@ def verified_file(s: State, item: dict, item_id: int) -> tuple[Path, os.stat_res
         raise HTTPException(404, f"item {item_id}'s file is gone (not a regular file)")
     version = (str(real), st.st_ino, st.st_mtime_ns, st.st_size)
     if s.verified.lookup(version) is None:
-        digest = hashlib.sha256()
-        with open(real, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        if digest.hexdigest() != item["sha256"]:
+        if sha256_file(real) != item["sha256"]:
             raise changed_error(item_id)
         s.verified.put(version, True)
     return real, st
