@@ -1,4 +1,4 @@
-"""How hard is the demo world? A bag-of-words oracle against the demo teacher.
+"""How hard is a generated world (demo or shifted)? A bag-of-words oracle against the demo teacher.
 
 The bag-of-words matcher is given each test image's true objects as words (shape, colour,
 size and place of every object: a perfect detector that does not bind attributes to
@@ -22,12 +22,19 @@ import numpy as np
 from common import ROOT, machine, machine_line
 
 from dsmd.retrieval import Recall, evaluate, format_table
-from dsmd.world import bow_scores
+from dsmd.world_captions import bow_scores
+from dsmd.world_specs import DEMO, WorldSpec, world_spec
 
 
 def world_images(data: Path, split: str) -> list[dict]:
     path = data / "dataset_world.json" if data.is_dir() else data
     return [im for im in json.loads(path.read_text())["images"] if im["split"] == split]
+
+
+def world_of(data: Path) -> WorldSpec:
+    """The spec a generated world was made from (the demo world's file names none)."""
+    path = data / "dataset_world.json" if data.is_dir() else data
+    return world_spec(json.loads(path.read_text()).get("world", "demo"))
 
 
 def sibling_accuracy(scores: np.ndarray, owner: np.ndarray, image_ids: np.ndarray, pair: dict[int, int]) -> float:
@@ -41,10 +48,10 @@ def sibling_accuracy(scores: np.ndarray, owner: np.ndarray, image_ids: np.ndarra
     return float((scores[idx, owner] > scores[idx, sib]).mean())
 
 
-def bow_recall(images: list[dict]) -> tuple[Recall, float]:
+def bow_recall(images: list[dict], world: WorldSpec = DEMO) -> tuple[Recall, float]:
     captions = [s["raw"] for im in images for s in im["sentences"]]
     owner = np.array([i for i, im in enumerate(images) for _ in im["sentences"]])
-    scores = bow_scores(captions, [im["scene"] for im in images]).astype(np.float32)
+    scores = bow_scores(captions, [im["scene"] for im in images], world).astype(np.float32)
     # Bags tie often; our protocol counts ties against the query, which would understate the
     # baseline. Break ties at random instead (a fair guess among equals), seeded.
     scores += np.random.default_rng(0).uniform(0, 1e-4, scores.shape).astype(np.float32)
@@ -62,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="bench/results/world-difficulty")
     a = p.parse_args(argv)
     images = world_images(a.data, a.split)
-    bow, bow_sib = bow_recall(images)
+    bow, bow_sib = bow_recall(images, world_of(a.data))
     rows, sib = {"bag of words (oracle objects, unbound)": bow}, {"bag of words (oracle objects, unbound)": bow_sib}
     if a.features:
         from dsmd.distill.features import FeatureStore

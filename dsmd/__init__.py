@@ -12,7 +12,9 @@ without torch; none of them imports a stage, except cli.py, the dispatcher on to
 
     cli.py         the `dsmd` command: one sub-command per step; each stage adds its own
     datasets.py    captioned-image data sets (Karpathy JSON, JSONL), validated when opened
-    world.py       the generated demo world
+    world.py       the generated worlds: scenes, rendering, the data set files
+    world_specs.py what each world is made of (demo, shifted)
+    world_captions.py  their captions, and the bag-of-words baseline
     images.py      opening images safely (corrupt files, decompression bombs, EXIF orientation)
     preprocess.py  the preprocessing spec and its one implementation
     bundle.py      the encoder bundle at run time (ONNX Runtime, tokenizers)

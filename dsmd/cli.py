@@ -30,6 +30,7 @@ from dsmd.distill import cli as distill_cli
 from dsmd.export import cli as export_cli
 from dsmd.index import cli as index_cli
 from dsmd.serve import cli as serve_cli
+from dsmd.world_specs import WORLDS
 
 
 def _generate(a: argparse.Namespace) -> int:
@@ -39,8 +40,10 @@ def _generate(a: argparse.Namespace) -> int:
 
     sizes = {"train": a.train, "val": a.val, "test": a.test}
     with tqdm(total=sum(sizes.values()), desc="generate", unit="img") as bar:
-        path = generate(a.out, seed=a.seed, image_size=a.image_size, split_sizes=sizes, progress=bar.update)
-    print(f"wrote {path} ({sizes['train']} train / {sizes['val']} val / {sizes['test']} test images, 5 captions each)")
+        path = generate(a.out, seed=a.seed, image_size=a.image_size, split_sizes=sizes, progress=bar.update,
+                        world=a.world)
+    print(f"wrote {path}: the {a.world} world, {sizes['train']} train / {sizes['val']} val / {sizes['test']} test "
+          "images, 5 captions each")
     return 0
 
 
@@ -92,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train", type=int, default=8000, help="train images (even: scenes come in pairs)")
     g.add_argument("--val", type=int, default=500)
     g.add_argument("--test", type=int, default=1000)
+    g.add_argument("--world", choices=list(WORLDS), default="demo",
+                   help="demo, or shifted: other words, more shapes and colours, a 4x4 grid, other captions")
     g.set_defaults(run=_generate)
 
     c = sub.add_parser("check-data", help="validate a data set (Karpathy JSON or JSONL) and print its splits")

@@ -10,13 +10,17 @@ blue"); a bag-of-words matcher cannot tell a pair apart (see `bow_scores`).
 
 Output: the Karpathy layout, `dataset_world.json` plus `images/NNNNNN.png`, deterministic
 from the seed. Each image entry also keeps its `scene` (ignored by Karpathy readers).
+
+`world="shifted"` makes a second world from the same rules with other words, more shapes and
+colours, three sizes, a 4x4 grid and other captions (dsmd/world_specs.py), to check that what
+was tuned on the demo world carries over. Captions and the bag-of-words baseline live in
+dsmd/world_captions.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,33 +29,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dsmd.errors import UserError
+from dsmd.world_captions import captions_for
+from dsmd.world_specs import DEMO, WorldSpec, world_spec
 
-SHAPES = {  # canonical name -> synonyms used in captions
-    "circle": ["circle", "disc", "dot"],
-    "square": ["square", "box", "block"],
-    "triangle": ["triangle"],
-    "star": ["star"],
-    "cross": ["cross", "plus sign"],
-    "diamond": ["diamond", "rhombus"],
-}
-COLOURS = {  # canonical name -> (RGB, synonyms)
-    "red": ((220, 40, 40), ["red", "crimson"]),
-    "green": ((40, 170, 60), ["green"]),
-    "blue": ((40, 80, 220), ["blue", "navy"]),
-    "yellow": ((235, 205, 40), ["yellow", "golden"]),
-    "purple": ((140, 60, 180), ["purple", "violet"]),
-    "orange": ((245, 130, 30), ["orange"]),
-    "white": ((245, 245, 245), ["white"]),
-    "black": ((25, 25, 25), ["black", "dark"]),
-}
-SIZES = {"small": (0.09, ["small", "little", "tiny"]), "large": (0.16, ["large", "big"])}
-ROW_WORDS = ["top", "middle", "bottom"]
-COL_WORDS = ["left", "centre", "right"]
-STOPWORDS = {"a", "an", "the", "and", "is", "there", "of", "to", "in", "on", "at", "with", "that", "sits",
-             "picture", "image", "shows", "we", "see", "one", "shape", "shapes", "two", "three", "objects",
-             "it", "its", "which", "corner", "side", "next", "also", "has", "are", "some"}
 SPLIT_SIZES = {"train": 8000, "val": 500, "test": 1000}
-CAPTIONS_PER_IMAGE = 5
 
 
 @dataclass(frozen=True)
@@ -69,22 +50,23 @@ class Obj:
 # ---------------------------------------------------------------- scenes
 
 
-def random_scene(rng: np.random.Generator) -> list[Obj]:
-    n = int(rng.choice([1, 2, 3], p=[0.2, 0.45, 0.35]))
-    cells = rng.choice(9, size=n, replace=False)
+def random_scene(rng: np.random.Generator, world: WorldSpec = DEMO) -> list[Obj]:
+    n = int(rng.choice(list(world.objects), p=list(world.objects_p)))
+    g = world.grid
+    cells = rng.choice(g * g, size=n, replace=False)
     return [
         Obj(
-            shape=str(rng.choice(list(SHAPES))),
-            colour=str(rng.choice(list(COLOURS))),
-            size=str(rng.choice(list(SIZES))),
-            row=int(c // 3),
-            col=int(c % 3),
+            shape=str(rng.choice(list(world.shapes))),
+            colour=str(rng.choice(list(world.colours))),
+            size=str(rng.choice(list(world.sizes))),
+            row=int(c // g),
+            col=int(c % g),
         )
         for c in cells
     ]
 
 
-def sibling(scene: list[Obj], rng: np.random.Generator) -> list[Obj]:
+def sibling(scene: list[Obj], rng: np.random.Generator, grid: int = 3) -> list[Obj]:
     """A scene with the same bag of words whose binding differs.
 
     Two objects swap colours, sizes, shapes or places; a lone object moves to another
@@ -92,9 +74,9 @@ def sibling(scene: list[Obj], rng: np.random.Generator) -> list[Obj]:
     """
     if len(scene) == 1:
         (o,) = scene
-        cells = [c for c in range(9) if c != o.row * 3 + o.col]
+        cells = [c for c in range(grid * grid) if c != o.row * grid + o.col]
         c = int(rng.choice(cells))
-        return [Obj(o.shape, o.colour, o.size, c // 3, c % 3)]
+        return [Obj(o.shape, o.colour, o.size, c // grid, c % grid)]
     options = []
     for i in range(len(scene)):
         for j in range(i + 1, len(scene)):
@@ -107,9 +89,9 @@ def sibling(scene: list[Obj], rng: np.random.Generator) -> list[Obj]:
     if not options:  # identical objects: move one instead
         o = scene[0]
         used = {(x.row, x.col) for x in scene}
-        free = [c for c in range(9) if (c // 3, c % 3) not in used]
+        free = [c for c in range(grid * grid) if (c // grid, c % grid) not in used]
         c = int(rng.choice(free))
-        return [Obj(o.shape, o.colour, o.size, c // 3, c % 3)] + scene[1:]
+        return [Obj(o.shape, o.colour, o.size, c // grid, c % grid)] + scene[1:]
     i, j, attr = options[int(rng.integers(len(options)))]
     a, b = scene[i], scene[j]
     if attr == "place":
@@ -125,7 +107,7 @@ def sibling(scene: list[Obj], rng: np.random.Generator) -> list[Obj]:
 # ---------------------------------------------------------------- rendering
 
 
-def render(scene: list[Obj], size: int, rng: np.random.Generator) -> Image.Image:
+def render(scene: list[Obj], size: int, rng: np.random.Generator, world: WorldSpec = DEMO) -> Image.Image:
     """Draw a scene on a noisy background, with jitter in place, size and colour."""
     scale = 4  # draw large, then downsample: smooth edges at small sizes
     big = size * scale
@@ -133,11 +115,11 @@ def render(scene: list[Obj], size: int, rng: np.random.Generator) -> Image.Image
     tint = tuple(int(grey + t) for t in rng.integers(-12, 13, size=3))  # low-saturation backgrounds
     img = Image.new("RGB", (big, big), tint)
     draw = ImageDraw.Draw(img)
-    cell = big / 3
+    cell = big / world.grid
     for o in scene:
-        rgb, _ = COLOURS[o.colour]
+        rgb, _ = world.colours[o.colour]
         rgb = tuple(int(np.clip(v + rng.normal(0, 12), 0, 255)) for v in rgb)
-        r = SIZES[o.size][0] * big * rng.uniform(0.9, 1.1)
+        r = world.sizes[o.size][0] * big * rng.uniform(0.9, 1.1)
         cx = (o.col + 0.5) * cell + rng.uniform(-0.12, 0.12) * cell
         cy = (o.row + 0.5) * cell + rng.uniform(-0.12, 0.12) * cell
         _draw_shape(draw, o.shape, cx, cy, r, rgb, rng.uniform(-0.25, 0.25))
@@ -171,147 +153,34 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         t = r * 0.33
         poly([(-t, -r), (t, -r), (t, -t), (r, -t), (r, t), (t, t), (t, r), (-t, r), (-t, t), (-r, t), (-r, -t),
               (-t, -t)])
+    elif shape in ("pentagon", "hexagon"):
+        k = 5 if shape == "pentagon" else 6
+        poly([(r * math.cos(-math.pi / 2 + 2 * math.pi * i / k), r * math.sin(-math.pi / 2 + 2 * math.pi * i / k))
+              for i in range(k)])
+    elif shape == "ring":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=rgb, width=max(1, int(r * 0.35)))
+    elif shape == "arrow":
+        t = r * 0.3
+        poly([(-r, -t), (r * 0.2, -t), (r * 0.2, -r * 0.7), (r, 0), (r * 0.2, r * 0.7), (r * 0.2, t), (-r, t)])
     else:
         raise ValueError(f"unknown shape {shape!r}")
 
 
-# ---------------------------------------------------------------- captions
-
-
-def _pick(rng: np.random.Generator, options: list[str]) -> str:
-    return options[int(rng.integers(len(options)))]
-
-
-def _noun(o: Obj, rng: np.random.Generator, with_size: bool = True) -> str:
-    colour = _pick(rng, COLOURS[o.colour][1])
-    shape = _pick(rng, SHAPES[o.shape])
-    size = _pick(rng, SIZES[o.size][1])
-    if not with_size:
-        return f"{colour} {shape}"
-    form = rng.integers(4)
-    if form == 0:
-        return f"{shape} that is {size} and {colour}"
-    if form == 1:
-        return f"{colour} {shape} , {size} ,"
-    return f"{size} {colour} {shape}"
-
-
-def _place(o: Obj, rng: np.random.Generator) -> str:
-    r, c = ROW_WORDS[o.row], COL_WORDS[o.col]
-    if (o.row, o.col) == (1, 1):
-        return _pick(rng, ["in the centre", "in the middle"])
-    if o.row == 1:
-        return f"on the {c} side" if rng.random() < 0.5 else f"on the {c}"
-    if o.col == 1:
-        return f"at the {r}"
-    return f"in the {r} {c} corner" if rng.random() < 0.5 else f"at the {r} {c}"
-
-
-def _relation(a: Obj, b: Obj, rng: np.random.Generator) -> str:
-    """A phrase 'R' such that 'a R b' is true, horizontal or vertical."""
-    opts = []
-    if a.col < b.col:
-        opts += ["to the left of", "left of"]
-    if a.col > b.col:
-        opts += ["to the right of", "right of"]
-    if a.row < b.row:
-        opts += ["above", "over"]
-    if a.row > b.row:
-        opts += ["below", "under", "beneath"]
-    return _pick(rng, opts)
-
-
-def captions_for(scene: list[Obj], rng: np.random.Generator) -> list[str]:
-    """Five distinct captions, each true of the scene and enough to bind its attributes."""
-    out: list[str] = []
-    for _ in range(50):
-        if len(out) == CAPTIONS_PER_IMAGE:
-            break
-        cap = _one_caption(scene, rng)
-        if cap not in out:
-            out.append(cap)
-    while len(out) < CAPTIONS_PER_IMAGE:  # tiny scenes can run out of distinct phrasings
-        out.append(out[len(out) % len(out)] + " .")
-    return out
-
-
-def _one_caption(scene: list[Obj], rng: np.random.Generator) -> str:
-    art = _pick(rng, ["a", "one"])
-    if len(scene) == 1:
-        o = scene[0]
-        t = rng.integers(4)
-        if t == 0:
-            return f"a {_noun(o, rng)} {_place(o, rng)}"
-        if t == 1:
-            return f"{_place(o, rng)} there is a {_noun(o, rng)}"
-        if t == 2:
-            return f"a picture of a {_noun(o, rng)} {_place(o, rng)}"
-        return f"{art} {_noun(o, rng)} sits {_place(o, rng)}"
-    order = rng.permutation(len(scene))
-    a, b = scene[order[0]], scene[order[1]]
-    ws = rng.random() < 0.85
-    rel = _relation(a, b, rng)
-    t = rng.integers(4)
-    if t == 0:
-        core = f"a {_noun(a, rng, ws)} {rel} a {_noun(b, rng, ws)}"
-    elif t == 1:
-        core = f"there is a {_noun(a, rng, ws)} {rel} a {_noun(b, rng, ws)}"
-    elif t == 2:
-        core = f"a {_noun(a, rng, ws)} and a {_noun(b, rng, ws)} , the {_pick(rng, SHAPES[a.shape])} is {rel} it"
-        if a.shape == b.shape:
-            core = f"a {_noun(a, rng, ws)} {rel} a {_noun(b, rng, ws)}"
-    else:
-        core = f"the picture shows a {_noun(a, rng, ws)} {rel} a {_noun(b, rng, ws)}"
-    if len(scene) == 3:
-        c = scene[order[2]]
-        tail = _pick(rng, ["and a", "with a", "; also a", "next to a"])
-        core = f"{core} {tail} {_noun(c, rng, ws)} {_place(c, rng)}"
-    return core
-
-
-# ---------------------------------------------------------------- bag-of-words baseline
-
-_SYNONYM = {syn: name for name, syns in SHAPES.items() for syn in syns}
-_SYNONYM.update({syn: name for name, (_, syns) in COLOURS.items() for syn in syns})
-_SYNONYM.update({syn: name for name, (_, syns) in SIZES.items() for syn in syns})
-_SYNONYM.update({"middle": "centre", "over": "above", "under": "below", "beneath": "below"})
-
-
-def bag_of_words(text: str) -> list[str]:
-    """Canonical content words of a caption: synonyms merged, stop-words dropped."""
-    words = re.findall(r"[a-z]+", text.lower().replace("plus sign", "cross"))
-    return [_SYNONYM.get(w, w) for w in words if w not in STOPWORDS]
-
-
-def scene_words(scene: list[dict]) -> list[str]:
-    """What a perfect object detector that does not bind would say: each object's shape,
-    colour, size and absolute place, as one unordered bag."""
-    words = []
-    for o in scene:
-        words += [o["shape"], o["colour"], o["size"], ROW_WORDS[o["row"]], COL_WORDS[o["col"]]]
-    return words
-
-
-def bow_scores(captions: list[str], scenes: list[list[dict]]) -> np.ndarray:
-    """Caption x scene cosine similarity of word-count vectors (the bag-of-words baseline)."""
-    vocab: dict[str, int] = {}
-    rows = [bag_of_words(c) for c in captions]
-    cols = [scene_words(s) for s in scenes]
-    for bag in rows + cols:
-        for w in bag:
-            vocab.setdefault(w, len(vocab))
-
-    def mat(bags):
-        m = np.zeros((len(bags), len(vocab)), np.float32)
-        for i, bag in enumerate(bags):
-            for w in bag:
-                m[i, vocab[w]] += 1
-        return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-9)
-
-    return mat(rows) @ mat(cols).T
-
-
 # ---------------------------------------------------------------- writing the data set
+
+
+def scene_pair(seed: int, first_id: int, image_size: int = 64, world: WorldSpec = DEMO
+               ) -> list[tuple[list[Obj], Image.Image, list[str]]]:
+    """Images `first_id` and `first_id + 1` of the world of `seed` (a sibling pair), in memory:
+    (scene, image, captions) each, exactly as `generate` writes them."""
+    pair_rng = np.random.default_rng([seed, first_id])
+    first = random_scene(pair_rng, world)
+    out = []
+    for img_id, scene in ((first_id, first), (first_id + 1, sibling(first, pair_rng, world.grid))):
+        rng = np.random.default_rng([seed, img_id, 1])
+        image = render(scene, image_size, rng, world)
+        out.append((scene, image, captions_for(scene, rng, world)))
+    return out
 
 
 def generate(
@@ -320,12 +189,15 @@ def generate(
     image_size: int = 64,
     split_sizes: dict[str, int] | None = None,
     progress: Callable[[int], None] | None = None,
+    world: str = "demo",
 ) -> Path:
     """Write the demo world under `out` and return the path of its Karpathy JSON.
 
     Image i of the data set depends only on (seed, i), so the result is the same on every
     machine and for every order of work. Split sizes must be even: scenes come in pairs.
+    `world`: "demo" or "shifted" (dsmd/world_specs.py).
     """
+    spec = world_spec(world)
     sizes = dict(split_sizes or SPLIT_SIZES)
     if any(n % 2 for n in sizes.values()):
         raise UserError(f"split sizes must be even (scenes come in sibling pairs): {sizes}")
@@ -334,13 +206,9 @@ def generate(
     images, sent_id, img_id = [], 0, 0
     for split in ("train", "val", "test"):
         for _ in range(sizes.get(split, 0) // 2):
-            pair_rng = np.random.default_rng([seed, img_id])
-            first = random_scene(pair_rng)
-            for scene in (first, sibling(first, pair_rng)):
-                rng = np.random.default_rng([seed, img_id, 1])
+            for scene, image, caps in scene_pair(seed, img_id, image_size, spec):
                 fname = f"{img_id:06d}.png"
-                render(scene, image_size, rng).save(out / "images" / fname, optimize=False, compress_level=1)
-                caps = captions_for(scene, rng)
+                image.save(out / "images" / fname, optimize=False, compress_level=1)
                 images.append(
                     {
                         "filename": fname,
@@ -361,6 +229,8 @@ def generate(
                     progress(1)
     path = out / "dataset_world.json"
     doc = {"dataset": "dsmd-world", "seed": seed, "image_size": image_size, "images": images}
+    if world != "demo":  # the demo world's file stays as it always was
+        doc["world"] = world
     from dsmd.artifacts import atomic_write_bytes
 
     atomic_write_bytes(path, json.dumps(doc).encode())

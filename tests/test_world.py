@@ -7,7 +7,8 @@ import numpy as np
 
 from dsmd.datasets import load_dataset
 from dsmd.retrieval import evaluate
-from dsmd.world import bag_of_words, bow_scores, generate, scene_words
+from dsmd.world import generate
+from dsmd.world_captions import bag_of_words, bow_scores, scene_words
 
 
 def test_world_is_a_valid_karpathy_dataset(tiny_world):
@@ -69,3 +70,45 @@ def test_world_difficulty_bench_runs_on_a_small_world(tiny_world):
 
     recall, sibling = bow_recall(world_images(tiny_world, "test"))
     assert recall.n_images == 24 and 0.3 < sibling < 0.8
+
+
+def test_the_demo_world_is_still_the_world_every_config_was_tuned_on(tmp_path):
+    """The second world came in through the same code: the demo world's bytes must not have moved
+    (this digest was taken before the worlds were parametrised)."""
+    import hashlib
+
+    generate(tmp_path, seed=3, image_size=32, split_sizes={"train": 60, "val": 10, "test": 10})
+    h = hashlib.sha256()
+    for f in sorted(p for p in tmp_path.rglob("*") if p.is_file()):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    assert h.hexdigest() == "a349e5b7c9c802395d10eeb0bde94674ad49af2d505f70d344946981a055f479"
+
+
+def test_the_shifted_world_is_another_valid_world_still_hard_for_a_bag_of_words(tmp_path):
+    from dsmd.world_specs import DEMO, SHIFTED
+
+    generate(tmp_path, seed=1, image_size=32, split_sizes={"train": 8, "val": 2, "test": 120}, world="shifted")
+    doc = json.loads((tmp_path / "dataset_world.json").read_text())
+    assert doc["world"] == "shifted"
+    ds = load_dataset(tmp_path)
+    assert all(len(set(it.captions)) == 5 for it in ds.items)
+    scenes = [o for im in doc["images"] for o in im["scene"]]
+    # its own shapes, colours, grid and scene sizes, beyond the demo world's
+    assert {o["shape"] for o in scenes} - set(DEMO.shapes) and {o["colour"] for o in scenes} - set(DEMO.colours)
+    assert max(o["row"] for o in scenes) == 3 and max(len(im["scene"]) for im in doc["images"]) == 4
+    words = {w for im in doc["images"] for s in im["sentences"] for w in s["raw"].split()}
+    demo_words = {w for syns in DEMO.shapes.values() for w in syns} | {w for _, ws in DEMO.colours.values() for w in ws}
+    assert len(words & demo_words) < 5  # another vocabulary (a few words are the only names a shape has)
+    lengths = [len(s["raw"].split()) for im in doc["images"] for s in im["sentences"]]
+    assert min(lengths) <= 6 and max(lengths) >= 30  # terse and long (demo world: 7 to 40 words)
+    for im in doc["images"]:
+        for s in im["sentences"]:
+            bag = set(bag_of_words(s["raw"], SHIFTED))
+            assert all(o["shape"] in bag and o["colour"] in bag for o in im["scene"]), (s["raw"], im["scene"])
+    test = [im for im in doc["images"] if im["split"] == "test"]
+    caps = [s["raw"] for im in test for s in im["sentences"]]
+    owner = np.array([i for i, im in enumerate(test) for _ in im["sentences"]])
+    r = evaluate(np.eye(len(test), dtype=np.float32), bow_scores(caps, [im["scene"] for im in test], SHIFTED),
+                 owner)
+    assert r.t2i[5] > 60 and r.t2i[1] < 65  # finds the pair, cannot pick its scene
