@@ -32,6 +32,9 @@ from common import ROOT, machine, machine_line
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dsmd": ("DSMD: CD+FD+SD+HND, dynamic balancer", []),
     "clip": ("direct training, CLIP loss (no teacher)", ["method=clip"]),
+    # its settings are the winner of bench/direct_sweep.py, given with --tuned-direct
+    "clip-tuned": ("direct training, tuned on val (bench/direct_sweep.py)", ["method=clip"]),
+    "dsmd-unpaired": ("DSMD + unpaired images (the training images past the pairs)", ['data.unpaired=["images"]']),
     "no-cd": ("w/o CD", ['loss.use=["fd","sd","hnd"]']),
     "no-fd": ("w/o FD", ['loss.use=["cd","sd","hnd"]']),
     "no-sd": ("w/o SD", ['loss.use=["cd","fd","hnd"]']),
@@ -58,7 +61,8 @@ def _records(out: Path) -> list[dict]:
 
 def _setup_of(r: dict) -> tuple[str, list[str]]:
     """A record's setup; one without (older ones) counts as the default config with no overrides."""
-    own = [x for x in r.get("settings", []) if x not in VARIANTS.get(r["variant"], ("", []))[1]]
+    mine = r.get("variant_settings", VARIANTS.get(r["variant"], ("", []))[1])
+    own = [x for x in r.get("settings", []) if x not in mine]
     return _setup(r.get("config", "configs/demo.json"), own)
 
 
@@ -75,13 +79,23 @@ def other_setups(out: Path, config: str, sets: list[str] | None) -> set[str]:
     return {" ".join([c, *o]) for c, o in map(_setup_of, _records(out)) if (c, o) != want}
 
 
+def variant_settings(name: str, args) -> list[str]:
+    """A variant's own --set overrides; clip-tuned's are the sweep's winner (--tuned-direct)."""
+    if name != "clip-tuned":
+        return VARIANTS[name][1]
+    if not getattr(args, "tuned_direct", None):
+        sys.exit("clip-tuned takes its settings from bench/direct_sweep.py: give its best.json with --tuned-direct")
+    return json.loads(Path(args.tuned_direct).read_text())["settings"]
+
+
 def run_variant(name: str, seed: int, args) -> dict:
     out = Path(args.out) / f"{name}-s{seed}"
     result = out / "test_recall.json"
     kept = kept_records(Path(args.out)).get((name, seed))
     if kept is not None:
         return {**kept, "reused": True}
-    sets = VARIANTS[name][1] + [f"run.seed={seed}"] + list(args.set or [])
+    mine = variant_settings(name, args)
+    sets = [f"run.seed={seed}"] + list(args.set or []) + mine  # the variant's own last: they win
     cmd = [sys.executable, "-m", "dsmd.cli", "distill", "--config", args.config, "--out", str(out)]
     for s in sets:
         cmd += ["--set", s]
@@ -91,7 +105,7 @@ def run_variant(name: str, seed: int, args) -> dict:
     seconds = time.time() - t0
     (Path(args.out) / f"{name}-s{seed}.log").write_text(done.stdout + done.stderr)
     record = {"variant": name, "seed": seed, "seconds": round(seconds, 1), "returncode": done.returncode,
-              "config": args.config, "settings": sets, "date": time.strftime("%Y-%m-%d"),
+              "config": args.config, "settings": sets, "variant_settings": mine, "date": time.strftime("%Y-%m-%d"),
               "machine": machine()}
     if (out / "best" / "student.json").exists():
         from dsmd.distill.config import load_config
@@ -115,7 +129,7 @@ def table(records: list[dict]) -> str:
     for r in records:
         by.setdefault(r["variant"], []).append(r)
     teacher = next(r["teacher"] for r in records if "teacher" in r)
-    direct = by.get("clip")
+    direct = by.get("clip-tuned") or by.get("clip")
     direct_rsum = _mean([r["student"]["rsum"] for r in direct if "student" in r]) if direct else None
     lines = ["| variant | seeds | i→t R@1 | R@5 | R@10 | t→i R@1 | R@5 | R@10 | RSUM (mean ± sd) | % of teacher "
              "| vs direct |",
@@ -188,7 +202,8 @@ def chart(records: list[dict], path: Path) -> None:
         xs = [r["student"]["rsum"] for r in records if r["variant"] == n and "student" in r] or [0.0]
         vals.append(_mean(xs))
         errs.append(statistics.stdev(xs) if len(xs) > 1 else 0.0)  # sample sd, as in the table
-    colours = ["tab:green" if n == "dsmd" else "tab:red" if n == "clip" else "tab:blue" for n in names]
+    colours = ["tab:green" if n.startswith("dsmd") else "tab:red" if n.startswith("clip") else "tab:blue"
+               for n in names]
     fig, ax = plt.subplots(figsize=(12, 5))
     ax.barh([VARIANTS[n][0] for n in names], vals, xerr=errs, color=colours)
     ax.axvline(teacher, color="black", linestyle="--", label=f"teacher {teacher:.1f}")
@@ -209,6 +224,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--only", nargs="+", choices=list(VARIANTS), help="variants to run (default: all)")
     p.add_argument("--set", action="append", help="override for every variant, e.g. optim.epochs=1")
+    p.add_argument("--tuned-direct", help="best.json of bench/direct_sweep.py: the settings of variant clip-tuned")
     args = p.parse_args()
     os.chdir(ROOT)
     Path(args.out).mkdir(parents=True, exist_ok=True)

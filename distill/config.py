@@ -22,6 +22,7 @@ from dsmd.errors import UserError
 
 LOSSES = ("cd", "fd", "sd", "hnd", "kl")  # the paper's four, and the peers' similarity KL (off by default)
 METHODS = ("dsmd", "clip")  # distil from the teacher, or train directly on the pairs (the baseline)
+UNPAIRED = ("images", "captions")
 
 
 @dataclass
@@ -31,6 +32,21 @@ class DataConfig:
     features: str = "artifacts/features"  # the teacher's feature store of that data set
     train_split: str = "train"
     val_split: str = "val"
+    # the share of the captioned training images whose captions are trained on as pairs (the first
+    # ones, in data-set order); the teacher's features cover them all, so the rest can be unpaired rows
+    pairs_fraction: float = 1.0
+    # rows with one side only, beside the pairs (dsmd method): "images" (training images without
+    # captions, and those past pairs_fraction), "captions" (the captions of images past pairs_fraction)
+    unpaired: list[str] = field(default_factory=list)
+    unpaired_ratio: float = 1.0  # unpaired rows of each kind per pair in a batch
+
+    def __post_init__(self):
+        if not 0 < self.pairs_fraction <= 1:
+            raise UserError(f"data.pairs_fraction must be in (0, 1], not {self.pairs_fraction}")
+        bad = [u for u in self.unpaired if u not in UNPAIRED]
+        if bad:
+            raise UserError(f"data.unpaired lists some of {', '.join(UNPAIRED)}, not {bad}")
+        _positive("data", unpaired_ratio=self.unpaired_ratio)
 
 
 @dataclass
@@ -53,12 +69,14 @@ class LossConfig:
     queue_size: int = 8192  # K, per modality
     margin: float = 0.0  # triplet margin: the paper's 0 can collapse (METHOD.md §7)
     kl_temperature: float = 0.05  # of both similarity matrices in the "kl" loss
+    clip_temperature: float = 0.07  # method clip: where its learnt temperature starts (CLIP's 0.07)
 
     def __post_init__(self):
         bad = [n for n in self.use if n not in LOSSES]
         if bad or not self.use:
             raise UserError(f"loss.use must list some of {', '.join(LOSSES)} (got {self.use})")
-        _positive("loss", tau=self.tau, queue_size=self.queue_size, kl_temperature=self.kl_temperature)
+        _positive("loss", tau=self.tau, queue_size=self.queue_size, kl_temperature=self.kl_temperature,
+                  clip_temperature=self.clip_temperature)
 
 
 @dataclass
@@ -66,6 +84,7 @@ class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-4
     epochs: int = 20
+    steps: int = 0  # optimiser steps in all, when set (not 0): a budget that holds whatever the data set's size
     decay_epochs: list[int] = field(default_factory=lambda: [10])  # lr x `decay` at each of these epochs
     decay: float = 0.1
     schedule: str = "step"  # step: the paper's step decay; cosine: from lr to 0 over the run (decay_epochs unused)
@@ -78,8 +97,8 @@ class OptimConfig:
         _positive("optim", epochs=self.epochs, batch_size=self.batch_size, accum_steps=self.accum_steps)
         if self.schedule not in ("step", "cosine"):
             raise UserError(f"optim.schedule must be step or cosine, not {self.schedule!r}")
-        if self.lr < 0 or self.weight_decay < 0 or self.warmup_steps < 0:
-            raise UserError("optim.lr, optim.weight_decay and optim.warmup_steps must not be negative")
+        if self.lr < 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.steps < 0:
+            raise UserError("optim.lr, optim.weight_decay, optim.warmup_steps and optim.steps must not be negative")
 
 
 @dataclass
@@ -122,7 +141,9 @@ RESUMABLE_CHANGES = ("run.workers", "run.threads", "run.eval_batch", "run.checkp
 
 # Settings added after runs had been started, with the value that gives the earlier behaviour: a
 # run whose saved config lacks one ran with that value. Add a key here whenever one is added.
-ADDED_SETTINGS = {"optim.schedule": "step", "balancer.window": 0}
+ADDED_SETTINGS = {"optim.schedule": "step", "balancer.window": 0, "optim.steps": 0, "data.pairs_fraction": 1.0,
+                  "data.unpaired": [], "data.unpaired_ratio": 1.0,
+                  "loss.clip_temperature": 0.07}
 
 
 def _positive(section: str, **values) -> None:
@@ -145,6 +166,8 @@ class DistillConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise UserError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if self.method == "clip" and self.data.unpaired:
+            raise UserError("data.unpaired needs the teacher (method dsmd): direct training learns from pairs only")
         _positive("balancer", temperature=self.balancer.temperature, max_scale=self.balancer.max_scale)
         if self.balancer.mode == "fixed" and set(self.balancer.fixed) != set(self.loss.use):
             raise UserError(f"balancer.fixed must give a weight to each of loss.use {self.loss.use}, "

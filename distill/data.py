@@ -41,6 +41,39 @@ class Pairs:
         return len(self.item)
 
 
+@dataclass
+class Unpaired:
+    """Training rows with one side only, learnt from the teacher's embedding of that side alone."""
+
+    images: list[Item]  # images seen without their captions
+    captions: list[tuple[Item, int]]  # (item, caption index): captions seen without their image
+
+
+def split_pairs(items: list[Item], fraction: float, unpaired: list[str]) -> tuple[list[Item], Unpaired]:
+    """The items whose captions are trained on as pairs, the first `fraction` of the captioned ones in
+    data-set order (sibling scenes stay together), and the unpaired rows the rest gives (`unpaired`:
+    "images" and/or "captions"; images without captions count as unpaired images)."""
+    captioned = [it for it in items if it.captions]
+    n = len(captioned) if fraction >= 1 else max(1, round(fraction * len(captioned)))
+    paired = {it.image_id for it in captioned[:n]}
+    rest = [it for it in items if it.image_id not in paired]
+    return [it for it in captioned[:n]], Unpaired(
+        images=rest if "images" in unpaired else [],
+        captions=[(it, c) for it in rest for c in range(len(it.captions))] if "captions" in unpaired else [])
+
+
+def unpaired_rows(n: int, seed: int, start: int, count: int) -> np.ndarray:
+    """Rows [start, start + count) of an endless stream over n unpaired rows, each pass over them in
+    a new order drawn from (seed, pass): row k of the stream depends on k alone, so a resumed run
+    draws what the uninterrupted one would have."""
+    pos = np.arange(start, start + count)
+    out = np.empty(count, np.int64)
+    for p in np.unique(pos // n):
+        at = pos // n == p
+        out[at] = np.random.default_rng([seed, 7, int(p)]).permutation(n)[pos[at] % n]
+    return out
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The pairs' order in an epoch: a function of (seed, epoch) only, so a resumed run sees the same order."""
     return np.random.default_rng([seed, epoch]).permutation(n)
@@ -82,10 +115,13 @@ class TrainBatches(torch.utils.data.Dataset):
     """Micro-batches of one rank for the steps [start, stop) of an epoch (DataLoader, batch_size=None)."""
 
     def __init__(self, pairs: Pairs, order: np.ndarray, steps: range, *, batch: int, accum: int, rank: int,
-                 world: int, pre: PreprocessConfig, aug: AugmentConfig, tok: Tokenizer, seed: int, epoch: int):
+                 world: int, pre: PreprocessConfig, aug: AugmentConfig, tok: Tokenizer, seed: int, epoch: int,
+                 unpaired: Unpaired | None = None, unpaired_per: int = 0, steps_per_epoch: int = 0):
         self.pairs, self.order, self.steps = pairs, order, steps
         self.batch, self.accum, self.rank, self.world = batch, accum, rank, world
         self.pre, self.aug, self.tok, self.seed, self.epoch = pre, aug, tok, seed, epoch
+        # unpaired rows per micro-batch, of each kind there is; the stream position counts global steps
+        self.unpaired, self.unpaired_per, self.steps_per_epoch = unpaired, unpaired_per, steps_per_epoch
 
     def __len__(self) -> int:
         return len(self.steps) * self.accum
@@ -94,17 +130,35 @@ class TrainBatches(torch.utils.data.Dataset):
         step, micro = self.steps[k // self.accum], k % self.accum
         idx = micro_batch(self.order, step, self.batch, self.accum, self.rank, self.world, micro)
         items = [self.pairs.items[i] for i in self.pairs.item[idx]]
-        pixels = np.stack([self._pixels(it, int(p)) for it, p in zip(items, idx)])
+        pixels = [self._pixels(it, int(p)) for it, p in zip(items, idx)]
+        image_ids = [it.image_id for it in items]
         texts = [it.captions[c] for it, c in zip(items, self.pairs.caption[idx])]
+        caption_ids = [it.caption_ids[c] for it, c in zip(items, self.pairs.caption[idx])]
+        caption_image_ids = list(image_ids)
+        if self.unpaired is not None and self.unpaired_per:
+            # after the pairs: rows [pairs:] of the images and of the texts have no other side
+            start = (((self.epoch * self.steps_per_epoch + step) * self.accum + micro) * self.world
+                     + self.rank) * self.unpaired_per
+            if self.unpaired.images:
+                for k, r in enumerate(unpaired_rows(len(self.unpaired.images), self.seed, start, self.unpaired_per)):
+                    it = self.unpaired.images[r]
+                    pixels.append(self._pixels(it, None, np.random.default_rng([self.seed, 8, start + k])))
+                    image_ids.append(it.image_id)
+            if self.unpaired.captions:
+                for r in unpaired_rows(len(self.unpaired.captions), self.seed + 1, start, self.unpaired_per):
+                    it, c = self.unpaired.captions[r]
+                    texts.append(it.captions[c])
+                    caption_ids.append(it.caption_ids[c])
+                    caption_image_ids.append(it.image_id)
         ids, mask = tokenize(self.tok, texts)
         return {
-            "pixels": torch.from_numpy(pixels), "input_ids": ids, "attention_mask": mask,
-            "image_ids": torch.tensor([it.image_id for it in items]),
-            "caption_ids": torch.tensor([it.caption_ids[c] for it, c in zip(items, self.pairs.caption[idx])]),
+            "pixels": torch.from_numpy(np.stack(pixels)), "input_ids": ids, "attention_mask": mask,
+            "image_ids": torch.tensor(image_ids), "caption_ids": torch.tensor(caption_ids),
+            "caption_image_ids": torch.tensor(caption_image_ids), "pairs": len(idx),
         }
 
-    def _pixels(self, item: Item, pair: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, self.epoch, pair])
+    def _pixels(self, item: Item, pair: int | None, rng: np.random.Generator | None = None) -> np.ndarray:
+        rng = rng or np.random.default_rng([self.seed, self.epoch, pair])
         try:
             return train_pixels(open_image(item.path), self.pre, self.aug, rng)
         except BadImage as e:  # the feature store read it; it changed on disk since

@@ -66,10 +66,17 @@ def hardest_triplet(a: torch.Tensor, b: torch.Tensor, ids: torch.Tensor, margin:
 
 
 def hard_negative_distill(s_img: torch.Tensor, t_img: torch.Tensor, s_txt: torch.Tensor, t_txt: torch.Tensor,
-                          ids: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
-    """Hard-negative distillation (Eq. 14) over the four pairs (sI,tI), (sT,tT), (sI,tT), (sT,tI)."""
-    return (hardest_triplet(s_img, t_img, ids, margin) + hardest_triplet(s_txt, t_txt, ids, margin)
-            + hardest_triplet(s_img, t_txt, ids, margin) + hardest_triplet(s_txt, t_img, ids, margin))
+                          ids: torch.Tensor, margin: float = 0.0, img_ids: torch.Tensor | None = None,
+                          txt_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Hard-negative distillation (Eq. 14) over the four pairs (sI,tI), (sT,tT), (sI,tT), (sT,tI).
+
+    The first len(ids) image and text rows are pairs; rows past them (unpaired, with their own
+    `img_ids`/`txt_ids`) join the within-modality terms only."""
+    n = len(ids)
+    img_ids = ids if img_ids is None else img_ids
+    txt_ids = ids if txt_ids is None else txt_ids
+    return (hardest_triplet(s_img, t_img, img_ids, margin) + hardest_triplet(s_txt, t_txt, txt_ids, margin)
+            + hardest_triplet(s_img[:n], t_txt[:n], ids, margin) + hardest_triplet(s_txt[:n], t_img[:n], ids, margin))
 
 
 def similarity_kl(s_img: torch.Tensor, s_txt: torch.Tensor, t_img: torch.Tensor, t_txt: torch.Tensor,

@@ -43,7 +43,7 @@ from dsmd.datasets import load_dataset
 from dsmd.distill.balancer import Balancer
 from dsmd.distill.checkpoint import load_train_state, open_run, save_checkpoint, truncate_jsonl
 from dsmd.distill.config import DistillConfig, OptimConfig
-from dsmd.distill.data import Pairs, TrainBatches, epoch_order
+from dsmd.distill.data import Pairs, TrainBatches, epoch_order, split_pairs
 from dsmd.distill.distributed import Dist, amp_dtype, close_dist, init_dist, resolve_device
 from dsmd.distill.evaluate import CollapsedError, evaluate_epoch, open_store, usable_items
 from dsmd.distill.features import SplitFeatures, StoreMismatch
@@ -96,7 +96,7 @@ def lr_at(step: int, steps_per_epoch: int, cfg: OptimConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "cosine":
-        total = steps_per_epoch * cfg.epochs
+        total = cfg.steps or steps_per_epoch * cfg.epochs
         done = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, done)))
     epoch = step // steps_per_epoch
@@ -144,11 +144,13 @@ def _train(cfg: DistillConfig, out: Path, restart: bool, dist: Dist, device_kind
     train_feats, val_feats = store.split(cfg.data.train_split), store.split(cfg.data.val_split)
     train_items = usable_items(ds, cfg.data.train_split, train_feats)
     val_items = usable_items(ds, cfg.data.val_split, val_feats)
+    train_items, unpaired = split_pairs(train_items, cfg.data.pairs_fraction, cfg.data.unpaired)
     pairs = Pairs.of(train_items)
     steps_per_epoch = len(pairs) // o.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"{len(pairs)} training pairs make no full batch of {o.batch_size}")
-    total_steps = o.epochs * steps_per_epoch
+    total_steps = o.steps or o.epochs * steps_per_epoch
+    epochs = -(-total_steps // steps_per_epoch)
 
     # -- student
     if resume is not None:
@@ -161,7 +163,8 @@ def _train(cfg: DistillConfig, out: Path, restart: bool, dist: Dist, device_kind
         shared = out / "tokenizer.json"
         if dist.main:
             sizes = preset_config(cfg.student.preset, store.dim, **cfg.student.overrides)
-            tok = make_tokenizer(cfg.student.text_init, [c for it in train_items for c in it.captions],
+            texts = [c for it in train_items for c in it.captions] + [it.captions[c] for it, c in unpaired.captions]
+            tok = make_tokenizer(cfg.student.text_init, texts,
                                  sizes.vocab_size, sizes.max_tokens)
             tok.save(str(shared))
         dist.barrier()
@@ -169,6 +172,8 @@ def _train(cfg: DistillConfig, out: Path, restart: bool, dist: Dist, device_kind
         model, tok = create_student(cfg.student.preset, store.dim, cfg.student.image_init, cfg.student.text_init,
                                     tokenizer=Tokenizer.from_file(str(shared)), log=log,
                                     logit_scale=cfg.method == "clip", **cfg.student.overrides)
+        if cfg.method == "clip":
+            model.logit_scale.data.fill_(math.log(1 / cfg.loss.clip_temperature))
     model.to(device).train()
     counts = model.parameter_counts()
     log(f"student {cfg.student.preset}: {counts['total'] / 1e6:.1f}M parameters (image {counts['image'] / 1e6:.1f}M, "
@@ -209,7 +214,11 @@ def _train(cfg: DistillConfig, out: Path, restart: bool, dist: Dist, device_kind
 
     writer = tensorboard(out / "tb") if dist.main else None
     step_log = open(out / "steps.jsonl", "a") if dist.main else None
-    log(f"{len(train_items)} train images, {len(pairs)} pairs: {o.epochs} epochs x {steps_per_epoch} steps of "
+    unpaired_per = round(cfg.data.unpaired_ratio * micro) if unpaired.images or unpaired.captions else 0
+    log(f"{len(train_items)} train images, {len(pairs)} pairs"
+        + (f", unpaired {len(unpaired.images)} images and {len(unpaired.captions)} captions ({unpaired_per} of each "
+           f"kind a micro-batch)" if unpaired_per else "")
+        + f": {total_steps} steps ({epochs} epochs of {steps_per_epoch}) of "
         f"{o.batch_size} ({dist.world} process(es) x {o.accum_steps} accumulation x {micro}); "
         f"losses {'+'.join(names)}, balancer {balancer.cfg.mode}, amp {amp or 'off'}, device {device}")
     bar = tqdm(total=total_steps, initial=step, desc="distil", unit="step", dynamic_ncols=True,
@@ -220,14 +229,16 @@ def _train(cfg: DistillConfig, out: Path, restart: bool, dist: Dist, device_kind
         epoch = step // steps_per_epoch
         order = epoch_order(len(pairs), cfg.run.seed, epoch)
         first = step % steps_per_epoch
-        batches = TrainBatches(pairs, order, range(first, steps_per_epoch), batch=o.batch_size, accum=o.accum_steps,
+        last = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)  # optim.steps may end mid-epoch
+        batches = TrainBatches(pairs, order, range(first, last), batch=o.batch_size, accum=o.accum_steps,
                                rank=dist.rank, world=dist.world, pre=pre, aug=cfg.augment, tok=tok,
-                               seed=cfg.run.seed, epoch=epoch)
+                               seed=cfg.run.seed, epoch=epoch, unpaired=unpaired, unpaired_per=unpaired_per,
+                               steps_per_epoch=steps_per_epoch)
         loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.run.workers,
                                              prefetch_factor=4 if cfg.run.workers else None,
                                              persistent_workers=False)
         it = iter(loader)
-        for _ in range(first, steps_per_epoch):
+        for _ in range(first, last):
             torch.manual_seed(hash((cfg.run.seed, step, dist.rank)) % 2**62)  # dropout: a function of the step
             lr = lr_at(step, steps_per_epoch, o)
             for g in opt.param_groups:
@@ -265,9 +276,9 @@ def _train(cfg: DistillConfig, out: Path, restart: bool, dist: Dist, device_kind
                     writer.add_scalar("lr", lr, step)
                 rate = seen_steps * o.batch_size / max(1e-9, time.time() - seen_t0)
                 bar.update(1)
-                bar.set_postfix(epoch=f"{epoch + 1}/{o.epochs}", loss=f"{sum(raw_sum.values()):.3f}",
+                bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{sum(raw_sum.values()):.3f}",
                                 pairs_s=f"{rate:.0f}")
-            end_of_epoch = step % steps_per_epoch == 0
+            end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
             if end_of_epoch and ((epoch + 1) % cfg.run.eval_every == 0 or step == total_steps):
                 stop = evaluate_epoch(out, model, tok, cfg, val_items, device, amp, dist, epoch, step, best,
                                        writer, bar)
@@ -317,8 +328,15 @@ def _with_logit_scale(model: Student, tok):
 
 def _forward(ddp, model: Student, b: dict, feats: SplitFeatures, queues: dict[str, Queue], balancer: Balancer,
              cfg: DistillConfig, names: list[str], device: torch.device, amp, dist: Dist):
-    """One micro-batch: student forward, the losses, the balanced objective; enqueue the teacher rows."""
-    ids = b["image_ids"].to(device)
+    """One micro-batch: student forward, the losses, the balanced objective; enqueue the teacher rows.
+
+    The batch's first `pairs` image and text rows are pairs; rows past them (data.unpaired) have one
+    side only and enter the losses that compare a student row with the teacher's row of the same
+    input: contrastive, feature, similarity and the within-modality triplets."""
+    n = b["pairs"]
+    img_ids = b["image_ids"].to(device)
+    txt_ids = b["caption_image_ids"].to(device)
+    ids = img_ids[:n]
     with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
         s_img, s_txt = ddp(b["pixels"].to(device, non_blocking=True), b["input_ids"].to(device),
                            b["attention_mask"].to(device))
@@ -327,7 +345,7 @@ def _forward(ddp, model: Student, b: dict, feats: SplitFeatures, queues: dict[st
     enqueue = None
     if cfg.method == "clip":
         scale = model.logit_scale.exp().clamp(max=100)
-        losses["clip"] = clip_contrastive(s_img, s_txt, ids, scale=scale)
+        losses["clip"] = clip_contrastive(s_img[:n], s_txt[:n], ids, scale=scale)
     else:
         # teacher knowledge by id, never by position in the batch
         t_img = torch.from_numpy(np.asarray(feats.image_emb[feats.image_rows(b["image_ids"].numpy())],
@@ -338,18 +356,19 @@ def _forward(ddp, model: Student, b: dict, feats: SplitFeatures, queues: dict[st
         t_img, t_txt = torch.nn.functional.normalize(t_img, dim=-1), torch.nn.functional.normalize(t_txt, dim=-1)
         lc = cfg.loss
         if "cd" in names:
-            losses["cd"] = (contrastive_distill(s_img, t_img, queues["image"].emb, ids, queues["image"].ids, lc.tau)
-                            + contrastive_distill(s_txt, t_txt, queues["text"].emb, ids, queues["text"].ids, lc.tau))
+            losses["cd"] = (contrastive_distill(s_img, t_img, queues["image"].emb, img_ids, queues["image"].ids, lc.tau)
+                            + contrastive_distill(s_txt, t_txt, queues["text"].emb, txt_ids, queues["text"].ids,
+                                                  lc.tau))
         if "fd" in names:
             losses["fd"] = feature_distill(s_img, t_img, s_txt, t_txt)
         if "sd" in names:
             losses["sd"] = similarity_distill(s_img, t_img, s_txt, t_txt)
         if "hnd" in names:
-            losses["hnd"] = hard_negative_distill(s_img, t_img, s_txt, t_txt, ids, lc.margin)
+            losses["hnd"] = hard_negative_distill(s_img, t_img, s_txt, t_txt, ids, lc.margin, img_ids, txt_ids)
         if "kl" in names:
             scale = 1 / lc.kl_temperature
-            losses["kl"] = similarity_kl(s_img, s_txt, t_img, t_txt, scale, scale)
-        enqueue = (t_img, t_txt, ids)
+            losses["kl"] = similarity_kl(s_img[:n], s_txt[:n], t_img[:n], t_txt[:n], scale, scale)
+        enqueue = (t_img, img_ids, t_txt, txt_ids)
     total, factors = balancer(losses, reduce=dist.mean if dist.world > 1 else None)
     return {n: v.detach() for n, v in losses.items()}, total, factors, enqueue
 
@@ -358,8 +377,7 @@ def _enqueue(queues: dict[str, Queue], rows, dist: Dist) -> None:
     """After the backward pass (the loss graph holds the queues): this batch's teacher rows,
     gathered from every rank as MoCo does, join the FIFOs."""
     if rows is not None:
-        t_img, t_txt, ids = rows
-        all_ids = dist.gather(ids)
-        queues["image"].push(dist.gather(t_img), all_ids)
-        queues["text"].push(dist.gather(t_txt), all_ids)
+        t_img, img_ids, t_txt, txt_ids = rows
+        queues["image"].push(dist.gather(t_img), dist.gather(img_ids))
+        queues["text"].push(dist.gather(t_txt), dist.gather(txt_ids))
 

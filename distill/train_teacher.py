@@ -91,6 +91,7 @@ def train_teacher(data: str | Path, out: str | Path, cfg: TeacherTrainConfig | N
     rng = np.random.default_rng(cfg.seed)
     ds: Dataset = load_dataset(data, images=images)
     train, val = ds.split("train"), ds.split("val")
+    train = [it for it in train if it.captions]  # the teacher learns from pairs; captionless images are for students
     if not train or not val:
         raise UserError(f"{ds.source} needs train and val splits to train a teacher (has {ds.counts()})")
 

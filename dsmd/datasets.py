@@ -11,6 +11,9 @@ Formats:
   `train`, as in the Karpathy split's usual use.
 - JSONL: one `{"image": path, "captions": [...], "split": ..., "id"?: int}` per line; a
   relative `image` is relative to `--images` (default: the JSONL file's folder).
+
+A training image may come without captions: distillation learns from the teacher's embedding
+of it alone (`data.unpaired`, docs/distillation.md). Val and test images need captions.
 """
 
 from __future__ import annotations
@@ -187,7 +190,8 @@ def _build(rows: list[dict], name: str, source: Path, root: Path, check_files: b
                            "string, id an integer")
     no_file = [r["line"] for r in rows if not r["file"]]
     bad_split = Counter(str(r["split"]) for r in rows if _SPLIT_ALIASES.get(r["split"], r["split"]) not in SPLITS)
-    no_caps = [r["line"] for r in rows if not r["captions"]]
+    # a training image may have none: distillation learns from its teacher embedding alone (data.unpaired)
+    no_caps = [r["line"] for r in rows if not r["captions"] and _SPLIT_ALIASES.get(r["split"], r["split"]) != "train"]
     empty_caps = [r["line"] for r in rows if any(not isinstance(c, str) or not c.strip() for c in r["captions"])]
     bad_ids = [r["line"] for r in rows if not isinstance(r["id"], int) or isinstance(r["id"], bool)]
     dup_ids = [k for k, n in Counter(r["id"] for r in rows).items() if n > 1]
@@ -200,7 +204,8 @@ def _build(rows: list[dict], name: str, source: Path, root: Path, check_files: b
             f"unknown split values {dict(bad_split)}; expected one of {', '.join(SPLITS)} (or restval)"
         )
     if no_caps:
-        problems.append(f"{len(no_caps)} images have no captions (entries {_few(no_caps)})")
+        problems.append(f"{len(no_caps)} val/test images have no captions (entries {_few(no_caps)}); only training "
+                        "images may have none")
     if empty_caps:
         problems.append(f"{len(empty_caps)} images have an empty caption (entries {_few(empty_caps)})")
     if bad_ids:
