@@ -1,7 +1,8 @@
 """The README's first path for someone with photos and no training: export an off-the-shelf CLIP by its
 hub name into a bundle, `dsmd index sync` a photo folder, `dsmd serve` it. The same three commands as
 processes, the hub a loopback stand-in serving a tiny random CLIP, the folder generated: sub-folders,
-EXIF orientations, an unreadable file, and a file deleted before a second sync."""
+EXIF orientations, an unreadable file, a file deleted before a second sync, and a third sync while the
+server runs, which it picks up."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 
 import httpx
 import numpy as np
@@ -63,3 +65,17 @@ def test_export_by_name_sync_a_folder_and_serve_it(tmp_path):
         assert thumb.size[1] > thumb.size[0]  # shown as seen: portrait
         in_june = httpx.get(f"{s.url}/search", params={"text": "a photo", "folder": "2024/june"}).json()["results"]
         assert sorted(r["name"] for r in in_june) == ["img3.jpg", "img4.jpg", "img5.jpg"]
+
+        # photos arrive and go while it serves: a sync in another process, picked up without a restart
+        photo(photos / "2025" / "img6.jpg", 6)
+        (photos / "2023" / "img1.jpg").unlink()
+        out = dsmd("index", "sync", str(index), "--bundle", str(bundle), "--folder", str(photos), env=env)
+        assert "1 embedded" in out and "1 removed" in out, out
+        want = ["img2.jpg", "img3.jpg", "img4.jpg", "img5.jpg", "img6.jpg"]
+        deadline = time.time() + 30  # the server looks for another process's rebuild every 2 s
+        while time.time() < deadline:
+            found = httpx.get(f"{s.url}/search", params={"text": "a photo", "k": 10}).json()["results"]
+            if sorted(r["name"] for r in found) == want:
+                break
+            time.sleep(0.2)
+        assert sorted(r["name"] for r in found) == want
