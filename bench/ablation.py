@@ -79,10 +79,10 @@ def other_setups(out: Path, config: str, sets: list[str] | None) -> set[str]:
     return {" ".join([c, *o]) for c, o in map(_setup_of, _records(out)) if (c, o) != want}
 
 
-def variant_settings(name: str, args) -> list[str]:
-    """A variant's own --set overrides; clip-tuned's are the sweep's winner (--tuned-direct)."""
+def tuned_settings(name: str, args) -> list[str]:
+    """clip-tuned's settings: the winner of bench/direct_sweep.py (--tuned-direct); none for the others."""
     if name != "clip-tuned":
-        return VARIANTS[name][1]
+        return []
     if not getattr(args, "tuned_direct", None):
         sys.exit("clip-tuned takes its settings from bench/direct_sweep.py: give its best.json with --tuned-direct")
     return json.loads(Path(args.tuned_direct).read_text())["settings"]
@@ -91,11 +91,15 @@ def variant_settings(name: str, args) -> list[str]:
 def run_variant(name: str, seed: int, args) -> dict:
     out = Path(args.out) / f"{name}-s{seed}"
     result = out / "test_recall.json"
+    mine = VARIANTS[name][1] + tuned_settings(name, args)
     kept = kept_records(Path(args.out)).get((name, seed))
     if kept is not None:
+        if kept.get("variant_settings", mine) != mine:
+            sys.exit(f"{args.out} holds {name} seed {seed} trained with {kept['variant_settings']}, not {mine}: "
+                     "give these settings their own --out")
         return {**kept, "reused": True}
-    mine = variant_settings(name, args)
-    sets = [f"run.seed={seed}"] + list(args.set or []) + mine  # the variant's own last: they win
+    # the overrides for every variant win over a variant's own, but not over the tuned baseline's settings
+    sets = VARIANTS[name][1] + [f"run.seed={seed}"] + list(args.set or []) + tuned_settings(name, args)
     cmd = [sys.executable, "-m", "dsmd.cli", "distill", "--config", args.config, "--out", str(out)]
     for s in sets:
         cmd += ["--set", s]

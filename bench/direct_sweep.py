@@ -62,9 +62,13 @@ def main() -> None:
             r = run(f"lr{lr:g}-t{temp:g}", [f"optim.lr={lr}", f"loss.clip_temperature={temp}"], args)
             results.append(r)
             print(f"{r['name']:18s} val RSUM {r['val_rsum']}", flush=True)
-    best = max((r for r in results if r["val_rsum"] is not None), key=lambda r: r["val_rsum"])
+    finished = [r for r in results if r["val_rsum"] is not None]
+    if not finished:
+        sys.exit(f"every run of the sweep stopped (their logs are in {args.out}): nothing to pick")
+    best = max(finished, key=lambda r: r["val_rsum"])
     # the paper's step decay (x0.1 half way) at the best learning rate and temperature
-    epochs = len((Path(args.out) / best["name"] / "metrics.jsonl").read_text().splitlines())  # evaluated each epoch
+    metrics = (Path(args.out) / best["name"] / "metrics.jsonl").read_text().splitlines()
+    epochs = max(json.loads(line)["epoch"] for line in metrics)
     step = run(best["name"] + "-step", best["settings"] + ["optim.schedule=step",
                                                            f"optim.decay_epochs=[{max(1, epochs // 2)}]"], args)
     results.append(step)
@@ -75,7 +79,8 @@ def main() -> None:
                                                               "config": args.config, "set": args.set or [],
                                                               "machine": machine()}, indent=2))
     (Path(args.out) / "best.json").write_text(json.dumps({"settings": best["settings"], "val_rsum": best["val_rsum"],
-                                                           "from": str(args.out)}, indent=2))
+                                                           "from": str(args.out), "config": args.config,
+                                                           "set": args.set or []}, indent=2))
     lines = [f"Command: `.venv/bin/python bench/direct_sweep.py {' '.join(sys.argv[1:])}`  ", machine_line(), "",
              "| run | settings | best val RSUM |", "|---|---|---:|"]
     lines += [f"| {r['name']}{' (kept)' if r is best else ''} | {' '.join(r['settings'])} | "

@@ -51,10 +51,12 @@ class Unpaired:
 
 def split_pairs(items: list[Item], fraction: float, unpaired: list[str]) -> tuple[list[Item], Unpaired]:
     """The items whose captions are trained on as pairs, the first `fraction` of the captioned ones in
-    data-set order (sibling scenes stay together), and the unpaired rows the rest gives (`unpaired`:
-    "images" and/or "captions"; images without captions count as unpaired images)."""
+    data-set order, rounded up to an even count (the generated worlds' sibling scenes stay together),
+    and the unpaired rows the rest gives (`unpaired`: "images" and/or "captions"; images without
+    captions count as unpaired images)."""
     captioned = [it for it in items if it.captions]
     n = len(captioned) if fraction >= 1 else max(1, round(fraction * len(captioned)))
+    n = min(len(captioned), n + n % 2)
     paired = {it.image_id for it in captioned[:n]}
     rest = [it for it in items if it.image_id not in paired]
     return [it for it in captioned[:n]], Unpaired(
@@ -62,15 +64,19 @@ def split_pairs(items: list[Item], fraction: float, unpaired: list[str]) -> tupl
         captions=[(it, c) for it in rest for c in range(len(it.captions))] if "captions" in unpaired else [])
 
 
-def unpaired_rows(n: int, seed: int, start: int, count: int) -> np.ndarray:
+# a tag in the random keys of the unpaired streams: no key of theirs equals a pair's (seed, epoch, pair)
+UNPAIRED_TAG = 0x5EED
+
+
+def unpaired_rows(n: int, seed: int, start: int, count: int, kind: int = 0) -> np.ndarray:
     """Rows [start, start + count) of an endless stream over n unpaired rows, each pass over them in
-    a new order drawn from (seed, pass): row k of the stream depends on k alone, so a resumed run
-    draws what the uninterrupted one would have."""
+    a new order drawn from (seed, kind, pass): row k of the stream depends on k alone, so a resumed run
+    draws what the uninterrupted one would have. `kind`: 0 for images, 1 for captions."""
     pos = np.arange(start, start + count)
     out = np.empty(count, np.int64)
     for p in np.unique(pos // n):
         at = pos // n == p
-        out[at] = np.random.default_rng([seed, 7, int(p)]).permutation(n)[pos[at] % n]
+        out[at] = np.random.default_rng([seed, UNPAIRED_TAG, kind, int(p)]).permutation(n)[pos[at] % n]
     return out
 
 
@@ -116,7 +122,7 @@ class TrainBatches(torch.utils.data.Dataset):
 
     def __init__(self, pairs: Pairs, order: np.ndarray, steps: range, *, batch: int, accum: int, rank: int,
                  world: int, pre: PreprocessConfig, aug: AugmentConfig, tok: Tokenizer, seed: int, epoch: int,
-                 unpaired: Unpaired | None = None, unpaired_per: int = 0, steps_per_epoch: int = 0):
+                 steps_per_epoch: int, unpaired: Unpaired | None = None, unpaired_per: int = 0):
         self.pairs, self.order, self.steps = pairs, order, steps
         self.batch, self.accum, self.rank, self.world = batch, accum, rank, world
         self.pre, self.aug, self.tok, self.seed, self.epoch = pre, aug, tok, seed, epoch
@@ -139,13 +145,16 @@ class TrainBatches(torch.utils.data.Dataset):
             # after the pairs: rows [pairs:] of the images and of the texts have no other side
             start = (((self.epoch * self.steps_per_epoch + step) * self.accum + micro) * self.world
                      + self.rank) * self.unpaired_per
-            if self.unpaired.images:
-                for k, r in enumerate(unpaired_rows(len(self.unpaired.images), self.seed, start, self.unpaired_per)):
-                    it = self.unpaired.images[r]
-                    pixels.append(self._pixels(it, None, np.random.default_rng([self.seed, 8, start + k])))
+            images, captions = self.unpaired.images, self.unpaired.captions
+            if images:  # never more rows of a kind than it has: a few would repeat within a batch
+                rows = unpaired_rows(len(images), self.seed, start, min(self.unpaired_per, len(images)))
+                for k, r in enumerate(rows):
+                    it = images[r]
+                    rng = np.random.default_rng([self.seed, UNPAIRED_TAG, 2, start + k])
+                    pixels.append(self._pixels(it, None, rng))
                     image_ids.append(it.image_id)
-            if self.unpaired.captions:
-                for r in unpaired_rows(len(self.unpaired.captions), self.seed + 1, start, self.unpaired_per):
+            if captions:
+                for r in unpaired_rows(len(captions), self.seed, start, min(self.unpaired_per, len(captions)), kind=1):
                     it, c = self.unpaired.captions[r]
                     texts.append(it.captions[c])
                     caption_ids.append(it.caption_ids[c])

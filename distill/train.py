@@ -214,7 +214,12 @@ def _train(cfg: DistillConfig, out: Path, restart: bool, dist: Dist, device_kind
 
     writer = tensorboard(out / "tb") if dist.main else None
     step_log = open(out / "steps.jsonl", "a") if dist.main else None
-    unpaired_per = round(cfg.data.unpaired_ratio * micro) if unpaired.images or unpaired.captions else 0
+    missing = [k for k in cfg.data.unpaired if not getattr(unpaired, k)]
+    if missing:
+        raise UserError(f"data.unpaired asks for {' and '.join(missing)}, but the training split has none to spare: "
+                        f"every captioned image is a pair (lower data.pairs_fraction) and "
+                        f"{'no image lacks captions' if 'images' in missing else 'no caption is left over'}")
+    unpaired_per = max(1, round(cfg.data.unpaired_ratio * micro)) if unpaired.images or unpaired.captions else 0
     log(f"{len(train_items)} train images, {len(pairs)} pairs"
         + (f", unpaired {len(unpaired.images)} images and {len(unpaired.captions)} captions ({unpaired_per} of each "
            f"kind a micro-batch)" if unpaired_per else "")
@@ -232,8 +237,8 @@ def _train(cfg: DistillConfig, out: Path, restart: bool, dist: Dist, device_kind
         last = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)  # optim.steps may end mid-epoch
         batches = TrainBatches(pairs, order, range(first, last), batch=o.batch_size, accum=o.accum_steps,
                                rank=dist.rank, world=dist.world, pre=pre, aug=cfg.augment, tok=tok,
-                               seed=cfg.run.seed, epoch=epoch, unpaired=unpaired, unpaired_per=unpaired_per,
-                               steps_per_epoch=steps_per_epoch)
+                               seed=cfg.run.seed, epoch=epoch, steps_per_epoch=steps_per_epoch, unpaired=unpaired,
+                               unpaired_per=unpaired_per)
         loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.run.workers,
                                              prefetch_factor=4 if cfg.run.workers else None,
                                              persistent_workers=False)

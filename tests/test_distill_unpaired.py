@@ -31,13 +31,20 @@ def _items(n: int, captionless: tuple[int, ...] = ()) -> list[Item]:
 def test_the_first_share_of_captioned_images_are_pairs_and_the_rest_unpaired_rows():
     items = _items(11, captionless=(3,))
     paired, unpaired = split_pairs(items, 0.5, ["images", "captions"])
-    assert [it.image_id for it in paired] == [0, 1, 2, 4, 5]  # half of the 10 captioned, in order
-    assert [it.image_id for it in unpaired.images] == [3, 6, 7, 8, 9, 10]  # the captionless one too
-    assert [(it.image_id, c) for it, c in unpaired.captions] == [(i, c) for i in (6, 7, 8, 9, 10) for c in (0, 1)]
+    # half of the 10 captioned, in order, rounded up to an even count (sibling scenes come in pairs)
+    assert [it.image_id for it in paired] == [0, 1, 2, 4, 5, 6]
+    assert [it.image_id for it in unpaired.images] == [3, 7, 8, 9, 10]  # the captionless one too
+    assert [(it.image_id, c) for it, c in unpaired.captions] == [(i, c) for i in (7, 8, 9, 10) for c in (0, 1)]
     assert split_pairs(items, 0.5, [])[1].images == [] and split_pairs(items, 0.5, [])[1].captions == []
     assert split_pairs(items, 0.5, ["images"])[1].captions == []
+    assert len(split_pairs(items, 0.4, [])[0]) == 4
     everything, rest = split_pairs(items, 1.0, ["images", "captions"])
     assert len(everything) == 10 and [it.image_id for it in rest.images] == [3] and rest.captions == []
+
+
+def test_asking_for_unpaired_rows_that_do_not_exist_is_refused(tiny_world, tiny_store, tmp_path):
+    with pytest.raises(UserError, match="data.unpaired asks for images.*lower data.pairs_fraction"):
+        train(tiny_cfg(tiny_world, tiny_store, **{"data.unpaired": '["images"]'}), tmp_path / "run")
 
 
 def test_the_unpaired_stream_visits_every_row_once_a_pass_and_any_slice_of_it_is_the_same():
@@ -62,6 +69,10 @@ def test_a_batch_holds_its_pairs_then_unpaired_images_and_captions(tiny_world):
                             pre=pre, aug=aug, tok=tok, seed=0, epoch=epoch, unpaired=unpaired, unpaired_per=3,
                             steps_per_epoch=len(pairs) // 8)
 
+    few = TrainBatches(pairs, epoch_order(len(pairs), 0, 0), range(0, 1), batch=8, accum=1, rank=0, world=1, pre=pre,
+                       aug=aug, tok=tok, seed=0, epoch=0, steps_per_epoch=len(pairs) // 8,
+                       unpaired=type(unpaired)(images=unpaired.images[:2], captions=[]), unpaired_per=5)[0]
+    assert len(few["pixels"]) == 8 + 2 and len(few["input_ids"]) == 8  # never more rows than a kind has
     b = batches(range(0, 2))[1]  # step 0, second micro-batch: 4 pairs, 3 unpaired rows of each kind
     assert b["pairs"] == 4 and b["pixels"].shape[0] == 7 and b["input_ids"].shape[0] == 7
     paired_ids = {it.image_id for it in paired}

@@ -73,16 +73,19 @@ def test_world_difficulty_bench_runs_on_a_small_world(tiny_world):
 
 
 def test_the_demo_world_is_still_the_world_every_config_was_tuned_on(tmp_path):
-    """The second world came in through the same code: the demo world's bytes must not have moved
-    (this digest was taken before the worlds were parametrised)."""
+    """The second world came in through the same code: the demo world must not have moved. The digest
+    (annotation file, then every image's decoded pixels: not PNG bytes, which a zlib build can change)
+    was taken with the code from before the worlds were parametrised."""
     import hashlib
 
+    from PIL import Image
+
     generate(tmp_path, seed=3, image_size=32, split_sizes={"train": 60, "val": 10, "test": 10})
-    h = hashlib.sha256()
-    for f in sorted(p for p in tmp_path.rglob("*") if p.is_file()):
+    h = hashlib.sha256((tmp_path / "dataset_world.json").read_bytes())
+    for f in sorted((tmp_path / "images").iterdir()):
         h.update(f.name.encode())
-        h.update(f.read_bytes())
-    assert h.hexdigest() == "a349e5b7c9c802395d10eeb0bde94674ad49af2d505f70d344946981a055f479"
+        h.update(np.asarray(Image.open(f)).tobytes())
+    assert h.hexdigest() == "b30354073a8fc04b18fcdf44103e8cd52dfb0f4f130fc375c31da2a5e994b8d2"
 
 
 def test_the_shifted_world_is_another_valid_world_still_hard_for_a_bag_of_words(tmp_path):
@@ -112,3 +115,19 @@ def test_the_shifted_world_is_another_valid_world_still_hard_for_a_bag_of_words(
     r = evaluate(np.eye(len(test), dtype=np.float32), bow_scores(caps, [im["scene"] for im in test], SHIFTED),
                  owner)
     assert r.t2i[5] > 60 and r.t2i[1] < 65  # finds the pair, cannot pick its scene
+
+
+def test_a_long_shifted_caption_names_each_object_of_its_relation_so_that_only_one_fits():
+    from dsmd.world import Obj
+    from dsmd.world_captions import _s_name
+    from dsmd.world_specs import SHIFTED
+
+    rng = np.random.default_rng(0)
+    a, b = Obj("circle", "red", "small", 0, 0), Obj("circle", "red", "large", 2, 2)
+    c, d = Obj("circle", "blue", "small", 1, 1), Obj("star", "red", "small", 3, 3)
+    same = Obj("circle", "red", "small", 3, 0)  # a twin of a but for its place
+    name = lambda o, scene: set(_s_name(o, scene, rng, SHIFTED).split())  # noqa: E731
+    assert name(d, [a, d]) & set(SHIFTED.shapes["star"]) and len(name(d, [a, d])) == 1  # the shape alone
+    assert len(name(a, [a, c])) == 2  # another circle: its colour too
+    assert name(a, [a, b]) & set(SHIFTED.sizes["small"][1])  # another red circle: its size too
+    assert {"top", "leftmost"} <= name(a, [a, same])  # another small red circle: its place too
