@@ -452,15 +452,19 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny_world, tiny_store, finish
 
 @pytest.mark.slow
 def test_two_process_torchrun_training_gathers_queues(tiny_world, tiny_store, tmp_path):
+    """Half the pairs, and unpaired images beside them: each rank's image rows outnumber its text rows."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dsmd.cli",
-           "distill", *_cli_args(tiny_world, tiny_store, out), "--set", "optim.epochs=1"]
+           "distill", *_cli_args(tiny_world, tiny_store, out), "--set", "optim.epochs=1",
+           "--set", "data.pairs_fraction=0.5", "--set", 'data.unpaired=["images"]']
     done = subprocess.run(cmd, env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["world_size"] == 2 and manifest["steps"] == 30
-    state = torch.load(out / "checkpoints" / "step-00000030" / "train_state.pt", weights_only=True)
-    # 30 steps x 16 pairs from both ranks went through a queue of 64: full, pointer at 480 mod 64
-    assert state["queues"]["image"]["ptr"] == 480 % 64 and (state["queues"]["text"]["ids"] >= 0).all()
+    assert manifest["world_size"] == 2 and manifest["steps"] == 15  # 240 pairs / 16
+    state = torch.load(out / "checkpoints" / "step-00000015" / "train_state.pt", weights_only=True)
+    # 15 steps through queues of 64, from both ranks: 16 pairs and 16 unpaired images a step into the
+    # image queue (pointer at 480 mod 64), the 16 captions into the text queue (240 mod 64)
+    assert state["queues"]["image"]["ptr"] == 480 % 64 and state["queues"]["text"]["ptr"] == 240 % 64
+    assert (state["queues"]["text"]["ids"] >= 0).all()
     assert "1 process" not in done.stdout and "2 process(es) x 1 accumulation x 8" in done.stdout
