@@ -117,6 +117,7 @@ class AugmentConfig:
 @dataclass
 class RunConfig:
     seed: int = 0
+    init_seed: int = -1  # the student's initial weights' seed when >= 0 (else `seed`): what varies between seeds
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "auto"  # auto | bf16 | fp16 | off (auto: bf16 on GPUs that have it and on CPUs with native bf16)
     threads: int = 0  # CPU threads per process; 0 = cores / processes
@@ -143,7 +144,8 @@ RESUMABLE_CHANGES = ("run.workers", "run.threads", "run.eval_batch", "run.checkp
 # run whose saved config lacks one ran with that value. Add a key here whenever one is added.
 ADDED_SETTINGS = {"optim.schedule": "step", "balancer.window": 0, "optim.steps": 0, "data.pairs_fraction": 1.0,
                   "data.unpaired": [], "data.unpaired_ratio": 1.0,
-                  "loss.clip_temperature": 0.07}
+                  "loss.clip_temperature": 0.07,
+                  "run.init_seed": -1}
 
 
 def _positive(section: str, **values) -> None:

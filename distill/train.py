@@ -168,7 +168,8 @@ def _train(cfg: DistillConfig, out: Path, restart: bool, dist: Dist, device_kind
                                  sizes.vocab_size, sizes.max_tokens)
             tok.save(str(shared))
         dist.barrier()
-        torch.manual_seed(cfg.run.seed)  # the initial weights are a function of the seed too
+        # the initial weights are a function of the seed too (or of their own, to tell apart what varies)
+        torch.manual_seed(cfg.run.seed if cfg.run.init_seed < 0 else cfg.run.init_seed)
         model, tok = create_student(cfg.student.preset, store.dim, cfg.student.image_init, cfg.student.text_init,
                                     tokenizer=Tokenizer.from_file(str(shared)), log=log,
                                     logit_scale=cfg.method == "clip", **cfg.student.overrides)

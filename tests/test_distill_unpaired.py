@@ -170,3 +170,23 @@ def test_training_images_may_come_without_captions_but_evaluation_images_may_not
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(UserError, match="1 val/test images have no captions.*only training images may have none"):
         load_dataset(tmp_path / "d.jsonl")
+
+
+def test_the_initial_weights_can_have_a_seed_of_their_own(tiny_world, tiny_store, tmp_path, monkeypatch):
+    """run.init_seed separates the weights a run starts from from its data order (to tell apart what
+    varies between seeds); without it they follow run.seed, as before."""
+    starts = []
+
+    def create_and_note(*args, **kwargs):
+        model, tok = create_student(*args, **kwargs)
+        starts.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return model, tok
+
+    monkeypatch.setattr(train_module, "create_student", create_and_note)
+    for i, (seed, init) in enumerate([(1, 5), (2, 5), (1, -1), (1, 1)]):
+        train(tiny_cfg(tiny_world, tiny_store, **{"run.seed": seed, "run.init_seed": init, "optim.steps": 1}),
+              tmp_path / f"run{i}")
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert same(starts[0], starts[1])  # one init seed, two data orders
+    assert not same(starts[0], starts[2])
+    assert same(starts[2], starts[3])  # -1: the run's seed
