@@ -213,7 +213,7 @@ def chart(records: list[dict], path: Path) -> None:
     ax.axvline(teacher, color="black", linestyle="--", label=f"teacher {teacher:.1f}")
     ax.axvline(600, color="grey", linewidth=0.5)
     ax.set(xlabel="test RSUM (max 600); bars: mean ± sample sd over seeds",
-           title="Ablation on the demo world, same student and budget")
+           title=f"Same student and budget: {path.parent.name}")
     ax.invert_yaxis()
     ax.legend(loc="lower right")
     fig.tight_layout()
