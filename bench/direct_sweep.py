@@ -2,8 +2,8 @@
 
 Direct training (method=clip: the same student on the pairs alone, no teacher) gets its own small
 grid at the same budget as DSMD (the config's steps): learning rate (1.25e-4 to 1e-3) x starting
-temperature (0.07, 0.03) with the config's cosine schedule, then the paper's step schedule at the best of those. Every run is judged
-by its best val RSUM (never test); the winner's settings go to best.json, which
+temperature (0.07, 0.03) with the config's cosine schedule, then the paper's step schedule at the
+best of those. Every run is judged by its best val RSUM (never test); the winner's settings go to best.json, which
 `bench/ablation.py --tuned-direct OUT/best.json --only clip-tuned ...` trains at more seeds and
 tests beside DSMD.
 
