@@ -143,9 +143,7 @@ RESUMABLE_CHANGES = ("run.workers", "run.threads", "run.eval_batch", "run.checkp
 # Settings added after runs had been started, with the value that gives the earlier behaviour: a
 # run whose saved config lacks one ran with that value. Add a key here whenever one is added.
 ADDED_SETTINGS = {"optim.schedule": "step", "balancer.window": 0, "optim.steps": 0, "data.pairs_fraction": 1.0,
-                  "data.unpaired": [], "data.unpaired_ratio": 1.0,
-                  "loss.clip_temperature": 0.07,
-                  "run.init_seed": -1}
+                  "data.unpaired": [], "data.unpaired_ratio": 1.0, "loss.clip_temperature": 0.07, "run.init_seed": -1}
 
 
 def _positive(section: str, **values) -> None:

@@ -59,7 +59,7 @@ def split_pairs(items: list[Item], fraction: float, unpaired: list[str]) -> tupl
     n = min(len(captioned), n + n % 2)
     paired = {it.image_id for it in captioned[:n]}
     rest = [it for it in items if it.image_id not in paired]
-    return [it for it in captioned[:n]], Unpaired(
+    return captioned[:n], Unpaired(
         images=rest if "images" in unpaired else [],
         captions=[(it, c) for it in rest for c in range(len(it.captions))] if "captions" in unpaired else [])
 
@@ -155,7 +155,7 @@ class TrainBatches(torch.utils.data.Dataset):
                     image_ids.append(it.image_id)
             if captions:
                 for r in unpaired_rows(len(captions), self.seed, start, min(self.unpaired_per, len(captions)), kind=1):
-                    it, c = self.unpaired.captions[r]
+                    it, c = captions[r]
                     texts.append(it.captions[c])
                     caption_ids.append(it.caption_ids[c])
                     caption_image_ids.append(it.image_id)

@@ -145,6 +145,12 @@ def _train(cfg: DistillConfig, out: Path, restart: bool, dist: Dist, device_kind
     train_items = usable_items(ds, cfg.data.train_split, train_feats)
     val_items = usable_items(ds, cfg.data.val_split, val_feats)
     train_items, unpaired = split_pairs(train_items, cfg.data.pairs_fraction, cfg.data.unpaired)
+    missing = [k for k in cfg.data.unpaired if not getattr(unpaired, k)]
+    if missing:
+        raise UserError(f"data.unpaired asks for {' and '.join(missing)}, but the training split has none to spare: "
+                        f"every captioned image is a pair (lower data.pairs_fraction) and "
+                        f"{'no image lacks captions' if 'images' in missing else 'no caption is left over'}")
+    unpaired_per = max(1, round(cfg.data.unpaired_ratio * micro)) if unpaired.images or unpaired.captions else 0
     pairs = Pairs.of(train_items)
     steps_per_epoch = len(pairs) // o.batch_size
     if steps_per_epoch == 0:
@@ -215,12 +221,6 @@ def _train(cfg: DistillConfig, out: Path, restart: bool, dist: Dist, device_kind
 
     writer = tensorboard(out / "tb") if dist.main else None
     step_log = open(out / "steps.jsonl", "a") if dist.main else None
-    missing = [k for k in cfg.data.unpaired if not getattr(unpaired, k)]
-    if missing:
-        raise UserError(f"data.unpaired asks for {' and '.join(missing)}, but the training split has none to spare: "
-                        f"every captioned image is a pair (lower data.pairs_fraction) and "
-                        f"{'no image lacks captions' if 'images' in missing else 'no caption is left over'}")
-    unpaired_per = max(1, round(cfg.data.unpaired_ratio * micro)) if unpaired.images or unpaired.captions else 0
     log(f"{len(train_items)} train images, {len(pairs)} pairs"
         + (f", unpaired {len(unpaired.images)} images and {len(unpaired.captions)} captions ({unpaired_per} of each "
            f"kind a micro-batch)" if unpaired_per else "")
